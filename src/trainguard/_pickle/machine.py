@@ -1,0 +1,468 @@
+"""A symbolic pickle machine.
+
+It follows the unpickler's stack, mark stack and memo exactly, opcode by opcode, but where
+an unpickler would import or call something it records an `Event` instead. Nothing from the
+artifact is ever imported or called. A stream the real unpickler would reject stops the
+machine at the same opcode, with everything before it already recorded: code in a "broken"
+pickle runs before the error, so it must be seen before the error.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import dataclasses
+from collections.abc import Callable
+
+from trainguard._pickle.reader import Blob, Buffer, PickleSyntaxError, read_op
+from trainguard._pickle.values import Call, Dct, Global, Opaque, PersRef, Seq, Value, describe
+
+
+@dataclasses.dataclass(frozen=True)
+class PickleLimits:
+    """Bounds that keep a hostile pickle from exhausting time or memory."""
+
+    max_ops: int = 50_000_000
+    max_memo: int = 4_000_000
+    max_stack: int = 4_000_000
+    max_marks: int = 100_000
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) <= 0:
+                raise ValueError(f"{field.name} must be positive")
+
+
+class LimitError(PickleSyntaxError):
+    """A resource limit stopped the machine."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """Something the unpickler would have done that can run code or change global state.
+
+    kind is one of: import, call, unresolved-import, non-constant-call, global-attribute-write,
+    global-mutation, extension.
+    """
+
+    kind: str
+    pos: int
+    module: str = ""
+    name: str = ""
+    detail: str = ""
+    written_as: str = ""  # the name in the stream, when the Python 2 compatibility map renamed it
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}" if self.module else self.name
+
+
+@dataclasses.dataclass
+class MachineResult:
+    start: int
+    end: int  # position after STOP, or where the error was found
+    value: Value
+    events: list[Event]
+    persistent_ids: list[PersRef]
+    ops: int
+    error: PickleSyntaxError | None
+    protocol: int
+
+
+BuildHook = Callable[["Machine", Call, Value], None]
+
+
+class Machine:
+    """Runs one pickle (up to its STOP) symbolically."""
+
+    def __init__(
+        self,
+        data: Buffer,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        limits: PickleLimits | None = None,
+        build_hook: BuildHook | None = None,
+    ) -> None:
+        self.data = data
+        self.start = start
+        self.pos = start
+        self.end = len(data) if end is None else end
+        self.limits = limits or PickleLimits()
+        self.build_hook = build_hook
+        self.stack: list[Value] = []
+        self.metastack: list[list[Value]] = []
+        self.memo: dict[int, Value] = {}
+        self.proto = 0
+        self.events: list[Event] = []
+        self.persistent_ids: list[PersRef] = []
+        self.ops = 0
+        self._depth = 0  # items held in outer (marked) stacks
+
+    # -- stack helpers, raising exactly where the unpickler raises
+    def _pop(self, op_pos: int) -> Value:
+        if not self.stack:
+            raise PickleSyntaxError("unpickling stack underflow", op_pos)
+        return self.stack.pop()
+
+    def _top(self, op_pos: int) -> Value:
+        if not self.stack:
+            raise PickleSyntaxError("unpickling stack underflow", op_pos)
+        return self.stack[-1]
+
+    def _pop_mark(self, op_pos: int) -> list[Value]:
+        if not self.metastack:
+            raise PickleSyntaxError("could not find MARK", op_pos)
+        items = self.stack
+        self.stack = self.metastack.pop()
+        self._depth -= len(self.stack)
+        return items
+
+    def _push(self, value: Value) -> None:
+        self.stack.append(value)
+
+    def _event(self, kind: str, pos: int, **fields: str) -> None:
+        self.events.append(Event(kind, pos, **fields))
+
+    # -- imports and calls
+    def _find_class(self, module: str, name: str, pos: int, how: str) -> Global:
+        written = f"{module}.{name}"
+        # Pickles below protocol 3 are read with the Python 2 name map, as pickle.load does by default.
+        if self.proto < 3:
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
+        renamed = written if f"{module}.{name}" != written else ""
+        self._event("import", pos, module=module, name=name, detail=how, written_as=renamed)
+        return Global(module, name, pos)
+
+    def _call(self, func: Value, args: Value, pos: int, op: str, kwargs: Value = None) -> Call:
+        if isinstance(func, Global):
+            self._event("call", pos, module=func.module, name=func.name, detail=op)
+        elif isinstance(func, (Call, PersRef, Opaque)):
+            self._event("non-constant-call", pos, detail=f"{op} calls {describe(func)}")
+        return Call(func, args, pos, op, kwargs)
+
+    def _mutate(self, target: Value, pos: int, op: str) -> None:
+        if isinstance(target, Global):
+            self._event(
+                "global-mutation", pos, module=target.module, name=target.name, detail=f"{op} on an import"
+            )
+
+    # -- the run loop
+    def run(self) -> MachineResult:
+        error: PickleSyntaxError | None = None
+        value: Value = None
+        try:
+            value = self._loop()
+        except PickleSyntaxError as exc:
+            error = exc
+        return MachineResult(
+            start=self.start,
+            end=self.pos,
+            value=value,
+            events=self.events,
+            persistent_ids=self.persistent_ids,
+            ops=self.ops,
+            error=error,
+            protocol=self.proto,
+        )
+
+    def _loop(self) -> Value:
+        limits = self.limits
+        data, end = self.data, self.end
+        dispatch = _DISPATCH
+        while True:
+            op_pos = self.pos
+            code, arg, self.pos = read_op(data, op_pos, end)
+            self.ops += 1
+            if self.ops > limits.max_ops:
+                raise LimitError(f"more than {limits.max_ops} opcodes", op_pos)
+            if code == 0x2E:  # STOP
+                return self._pop(op_pos)
+            handler = dispatch.get(code)
+            if handler is None:  # a constant-pushing opcode
+                self.stack.append(_const(code, arg))
+            else:
+                handler(self, arg, op_pos)
+            if len(self.stack) + self._depth > limits.max_stack:
+                raise LimitError(f"more than {limits.max_stack} stack items", op_pos)
+
+    # -- opcode handlers
+    def op_mark(self, arg: object, pos: int) -> None:
+        if len(self.metastack) >= self.limits.max_marks:
+            raise LimitError(f"more than {self.limits.max_marks} nested MARKs", pos)
+        self.metastack.append(self.stack)
+        self._depth += len(self.stack)
+        self.stack = []
+
+    def op_pop(self, arg: object, pos: int) -> None:
+        if self.stack:
+            self.stack.pop()
+        else:
+            self._pop_mark(pos)
+
+    def op_pop_mark(self, arg: object, pos: int) -> None:
+        self._pop_mark(pos)
+
+    def op_dup(self, arg: object, pos: int) -> None:
+        self._push(self._top(pos))
+
+    def op_proto(self, arg: object, pos: int) -> None:
+        assert isinstance(arg, int)
+        self.proto = arg
+
+    def op_frame(self, arg: object, pos: int) -> None:
+        assert isinstance(arg, int)
+        if arg > self.end - self.pos:
+            raise PickleSyntaxError(f"FRAME declares {arg} bytes but only {self.end - self.pos} remain", pos)
+
+    def op_persid(self, arg: object, pos: int) -> None:
+        assert isinstance(arg, str)
+        ref = PersRef(arg, pos)
+        self.persistent_ids.append(ref)
+        self._push(ref)
+
+    def op_binpersid(self, arg: object, pos: int) -> None:
+        ref = PersRef(self._pop(pos), pos)
+        self.persistent_ids.append(ref)
+        self._push(ref)
+
+    def op_reduce(self, arg: object, pos: int) -> None:
+        args = self._pop(pos)
+        func = self._pop(pos)
+        self._push(self._call(func, args, pos, "REDUCE"))
+
+    def op_newobj(self, arg: object, pos: int) -> None:
+        args = self._pop(pos)
+        cls = self._pop(pos)
+        self._push(self._call(cls, args, pos, "NEWOBJ"))
+
+    def op_newobj_ex(self, arg: object, pos: int) -> None:
+        kwargs = self._pop(pos)
+        args = self._pop(pos)
+        cls = self._pop(pos)
+        self._push(self._call(cls, args, pos, "NEWOBJ_EX", kwargs))
+
+    def op_global(self, arg: object, pos: int) -> None:
+        assert isinstance(arg, tuple)
+        self._push(self._find_class(arg[0], arg[1], pos, "GLOBAL"))
+
+    def op_stack_global(self, arg: object, pos: int) -> None:
+        name = self._pop(pos)
+        module = self._pop(pos)
+        if isinstance(module, str) and isinstance(name, str):
+            self._push(self._find_class(module, name, pos, "STACK_GLOBAL"))
+            return
+        # The unpickler accepts only str here; anything we cannot pin down is a finding.
+        self._event(
+            "unresolved-import", pos, detail=f"STACK_GLOBAL of {describe(module)} and {describe(name)}"
+        )
+        self._push(Opaque("an unresolved import"))
+
+    def op_inst(self, arg: object, pos: int) -> None:
+        assert isinstance(arg, tuple)
+        cls = self._find_class(arg[0], arg[1], pos, "INST")
+        args = self._pop_mark(pos)
+        self._push(self._call(cls, Seq("tuple", args), pos, "INST"))
+
+    def op_obj(self, arg: object, pos: int) -> None:
+        items = self._pop_mark(pos)
+        if not items:
+            raise PickleSyntaxError("OBJ without a class", pos)
+        cls = items.pop(0)
+        self._push(self._call(cls, Seq("tuple", items), pos, "OBJ"))
+
+    def op_ext(self, arg: object, pos: int) -> None:
+        assert isinstance(arg, int)
+        # The extension registry lives in the loading process; what a code means cannot be known here.
+        self._event("extension", pos, detail=f"extension code {arg}")
+        self._push(Opaque(f"extension code {arg}"))
+
+    def op_build(self, arg: object, pos: int) -> None:
+        state = self._pop(pos)
+        target = self._top(pos)
+        if isinstance(target, Global):
+            self._event(
+                "global-attribute-write",
+                pos,
+                module=target.module,
+                name=target.name,
+                detail="BUILD sets attributes on an imported object",
+            )
+        elif isinstance(target, Call):
+            if len(target.states) < 8:
+                target.states.append(state)
+            if self.build_hook is not None:
+                self.build_hook(self, target, state)
+
+    def op_append(self, arg: object, pos: int) -> None:
+        value = self._pop(pos)
+        target = self._top(pos)
+        self._mutate(target, pos, "APPEND")
+        if isinstance(target, Seq):
+            target.extend([value])
+
+    def op_appends(self, arg: object, pos: int) -> None:
+        items = self._pop_mark(pos)
+        target = self._top(pos)
+        self._mutate(target, pos, "APPENDS")
+        if isinstance(target, Seq):
+            target.extend(items)
+
+    def op_additems(self, arg: object, pos: int) -> None:
+        items = self._pop_mark(pos)
+        target = self._top(pos)
+        self._mutate(target, pos, "ADDITEMS")
+        if isinstance(target, Seq):
+            target.extend(items)
+
+    def op_setitem(self, arg: object, pos: int) -> None:
+        value = self._pop(pos)
+        key = self._pop(pos)
+        target = self._top(pos)
+        self._mutate(target, pos, "SETITEM")
+        if isinstance(target, Dct):
+            target.extend([(key, value)])
+
+    def op_setitems(self, arg: object, pos: int) -> None:
+        items = self._pop_mark(pos)
+        if len(items) % 2:
+            raise PickleSyntaxError("odd number of items for SETITEMS", pos)
+        target = self._top(pos)
+        self._mutate(target, pos, "SETITEMS")
+        if isinstance(target, Dct):
+            target.extend(list(zip(items[::2], items[1::2])))
+
+    def op_dict(self, arg: object, pos: int) -> None:
+        items = self._pop_mark(pos)
+        if len(items) % 2:
+            raise PickleSyntaxError("odd number of items for DICT", pos)
+        self._push(Dct(list(zip(items[::2], items[1::2]))))
+
+    def op_empty_dict(self, arg: object, pos: int) -> None:
+        self._push(Dct([]))
+
+    def op_list(self, arg: object, pos: int) -> None:
+        self._push(Seq("list", self._pop_mark(pos)))
+
+    def op_empty_list(self, arg: object, pos: int) -> None:
+        self._push(Seq("list", []))
+
+    def op_tuple(self, arg: object, pos: int) -> None:
+        self._push(Seq("tuple", self._pop_mark(pos)))
+
+    def op_empty_tuple(self, arg: object, pos: int) -> None:
+        self._push(Seq("tuple", []))
+
+    def op_tuple_n(self, n: int, pos: int) -> None:
+        if len(self.stack) < n:
+            raise PickleSyntaxError("unpickling stack underflow", pos)
+        items = self.stack[len(self.stack) - n :]
+        del self.stack[len(self.stack) - n :]
+        self._push(Seq("tuple", items))
+
+    def op_empty_set(self, arg: object, pos: int) -> None:
+        self._push(Seq("set", []))
+
+    def op_frozenset(self, arg: object, pos: int) -> None:
+        self._push(Seq("frozenset", self._pop_mark(pos)))
+
+    def op_put(self, arg: object, pos: int) -> None:
+        assert isinstance(arg, int)
+        if arg < 0:
+            raise PickleSyntaxError("negative PUT argument", pos)
+        self._memoize(arg, pos)
+
+    def op_memoize(self, arg: object, pos: int) -> None:
+        self._memoize(len(self.memo), pos)
+
+    def _memoize(self, index: int, pos: int) -> None:
+        value = self._top(pos)
+        if index not in self.memo and len(self.memo) >= self.limits.max_memo:
+            raise LimitError(f"more than {self.limits.max_memo} memo entries", pos)
+        self.memo[index] = value
+
+    def op_get(self, arg: object, pos: int) -> None:
+        assert isinstance(arg, int)
+        try:
+            self._push(self.memo[arg])
+        except KeyError:
+            raise PickleSyntaxError(f"memo value not found at index {arg}", pos) from None
+
+    def op_next_buffer(self, arg: object, pos: int) -> None:
+        self._push(Opaque("an out-of-band buffer"))
+
+    def op_readonly_buffer(self, arg: object, pos: int) -> None:
+        self._top(pos)
+
+
+def _const(code: int, arg: object) -> Value:
+    if code == 0x4E:  # NONE
+        return None
+    if code == 0x88:  # NEWTRUE
+        return True
+    if code == 0x89:  # NEWFALSE
+        return False
+    if code == 0x96:  # BYTEARRAY8
+        return Opaque("a bytearray")
+    assert isinstance(arg, (bool, int, float, str, bytes, Blob))
+    return arg
+
+
+_HANDLERS: dict[str, Callable[[Machine, object, int], None]] = {
+    "MARK": Machine.op_mark,
+    "POP": Machine.op_pop,
+    "POP_MARK": Machine.op_pop_mark,
+    "DUP": Machine.op_dup,
+    "PROTO": Machine.op_proto,
+    "FRAME": Machine.op_frame,
+    "PERSID": Machine.op_persid,
+    "BINPERSID": Machine.op_binpersid,
+    "REDUCE": Machine.op_reduce,
+    "NEWOBJ": Machine.op_newobj,
+    "NEWOBJ_EX": Machine.op_newobj_ex,
+    "GLOBAL": Machine.op_global,
+    "STACK_GLOBAL": Machine.op_stack_global,
+    "INST": Machine.op_inst,
+    "OBJ": Machine.op_obj,
+    "EXT1": Machine.op_ext,
+    "EXT2": Machine.op_ext,
+    "EXT4": Machine.op_ext,
+    "BUILD": Machine.op_build,
+    "APPEND": Machine.op_append,
+    "APPENDS": Machine.op_appends,
+    "ADDITEMS": Machine.op_additems,
+    "SETITEM": Machine.op_setitem,
+    "SETITEMS": Machine.op_setitems,
+    "DICT": Machine.op_dict,
+    "EMPTY_DICT": Machine.op_empty_dict,
+    "LIST": Machine.op_list,
+    "EMPTY_LIST": Machine.op_empty_list,
+    "TUPLE": Machine.op_tuple,
+    "EMPTY_TUPLE": Machine.op_empty_tuple,
+    "TUPLE1": lambda m, a, p: m.op_tuple_n(1, p),
+    "TUPLE2": lambda m, a, p: m.op_tuple_n(2, p),
+    "TUPLE3": lambda m, a, p: m.op_tuple_n(3, p),
+    "EMPTY_SET": Machine.op_empty_set,
+    "FROZENSET": Machine.op_frozenset,
+    "PUT": Machine.op_put,
+    "BINPUT": Machine.op_put,
+    "LONG_BINPUT": Machine.op_put,
+    "MEMOIZE": Machine.op_memoize,
+    "GET": Machine.op_get,
+    "BINGET": Machine.op_get,
+    "LONG_BINGET": Machine.op_get,
+    "NEXT_BUFFER": Machine.op_next_buffer,
+    "READONLY_BUFFER": Machine.op_readonly_buffer,
+}
+
+
+def _build_dispatch() -> dict[int, Callable[[Machine, object, int], None]]:
+    from trainguard._pickle.opcodes import OPCODES
+
+    by_name = {name: code for code, (name, _) in OPCODES.items()}
+    return {by_name[name]: handler for name, handler in _HANDLERS.items()}
+
+
+_DISPATCH = _build_dispatch()

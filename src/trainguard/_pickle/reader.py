@@ -1,0 +1,235 @@
+"""A bounded reader of pickle opcodes.
+
+It decodes one opcode and its argument at a time from a byte buffer (bytes, bytearray or
+mmap), checking every declared length against the bytes that remain before touching them,
+so a 70 GB length in a 1 KB file is an error, not an allocation. Large byte arguments come
+back as a `Blob` (offset and length) instead of a copy.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import struct
+from collections.abc import Iterator
+from typing import Protocol
+
+from trainguard._pickle.opcodes import HIGHEST_PROTOCOL, OPCODES, Arg
+
+# Byte arguments longer than this are not copied out of the buffer.
+INLINE_BYTES = 4096
+# A text line (GLOBAL names, INT digits...) longer than this is refused.
+MAX_LINE = 1 << 20
+
+_UNPACK_U2 = struct.Struct("<H").unpack_from
+_UNPACK_U4 = struct.Struct("<I").unpack_from
+_UNPACK_I4 = struct.Struct("<i").unpack_from
+_UNPACK_U8 = struct.Struct("<Q").unpack_from
+_UNPACK_F8 = struct.Struct(">d").unpack_from
+
+
+class Buffer(Protocol):
+    """What the reader needs from its input: bytes, bytearray and mmap all qualify."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, key: slice, /) -> bytes: ...
+    def find(self, sub: bytes, start: int = ..., end: int = ..., /) -> int: ...
+
+
+class PickleSyntaxError(Exception):
+    """The stream is not a valid pickle at `offset`; a real unpickler stops there too."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(f"{message} at offset {offset}")
+        self.reason = message
+        self.offset = offset
+
+
+class LengthError(PickleSyntaxError):
+    """A declared length runs past the end of the data (truncation or a hostile length)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Blob:
+    """A byte argument too large to copy: where it lies in the buffer."""
+
+    offset: int
+    length: int
+
+
+ArgValue = int | float | str | bytes | bool | Blob | tuple[str, str] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One decoded opcode."""
+
+    pos: int
+    code: int
+    arg: ArgValue
+
+    @property
+    def name(self) -> str:
+        return OPCODES[self.code][0]
+
+
+def _line(data: Buffer, pos: int, end: int) -> tuple[bytes, int]:
+    limit = min(end, pos + MAX_LINE)
+    nl = data.find(b"\n", pos, limit)
+    if nl < 0:
+        if limit < end:
+            raise PickleSyntaxError(f"line longer than {MAX_LINE} bytes", pos)
+        raise LengthError("unterminated line", pos)
+    return data[pos:nl], nl + 1
+
+
+def _need(pos: int, n: int, end: int, what: str) -> None:
+    if n < 0:
+        raise PickleSyntaxError(f"negative length for {what}", pos)
+    if n > end - pos:
+        raise LengthError(f"{what} declares {n} bytes but only {end - pos} remain", pos)
+
+
+def _decode_long(raw: bytes) -> int:
+    return int.from_bytes(raw, "little", signed=True)
+
+
+def _parse_int(text: bytes, pos: int) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise PickleSyntaxError(f"invalid integer literal {text[:40]!r}", pos) from None
+
+
+def _bytes_arg(data: Buffer, pos: int, n: int, end: int, what: str) -> tuple[bytes | Blob, int]:
+    _need(pos, n, end, what)
+    if n > INLINE_BYTES:
+        return Blob(pos, n), pos + n
+    return data[pos : pos + n], pos + n
+
+
+def _text_arg(data: Buffer, pos: int, n: int, end: int, what: str, encoding: str) -> tuple[str, int]:
+    _need(pos, n, end, what)
+    raw = data[pos : pos + n]
+    try:
+        return raw.decode(encoding, "surrogatepass"), pos + n
+    except UnicodeDecodeError:
+        raise PickleSyntaxError(f"{what} is not valid {encoding}", pos) from None
+
+
+def read_op(data: Buffer, pos: int, end: int) -> tuple[int, ArgValue, int]:
+    """Decode the opcode at `pos`; return (code, argument, position after it)."""
+    if pos >= end:
+        raise LengthError("pickle ends without STOP", pos)
+    code = data[pos : pos + 1][0]
+    spec = OPCODES.get(code)
+    if spec is None:
+        raise PickleSyntaxError(f"invalid opcode 0x{code:02x}", pos)
+    kind = spec[1]
+    p = pos + 1
+    if kind is Arg.NONE:
+        return code, None, p
+    if kind is Arg.UINT1:
+        _need(p, 1, end, spec[0])
+        value = data[p : p + 1][0]
+        if code == 0x80 and value > HIGHEST_PROTOCOL:
+            raise PickleSyntaxError(f"unsupported pickle protocol {value}", pos)
+        return code, value, p + 1
+    if kind is Arg.UINT2:
+        _need(p, 2, end, spec[0])
+        return code, _UNPACK_U2(data[p : p + 2])[0], p + 2
+    if kind is Arg.UINT4:
+        _need(p, 4, end, spec[0])
+        return code, _UNPACK_U4(data[p : p + 4])[0], p + 4
+    if kind is Arg.INT4:
+        _need(p, 4, end, spec[0])
+        return code, _UNPACK_I4(data[p : p + 4])[0], p + 4
+    if kind is Arg.UINT8:
+        _need(p, 8, end, spec[0])
+        return code, _UNPACK_U8(data[p : p + 8])[0], p + 8
+    if kind is Arg.FLOAT8:
+        _need(p, 8, end, spec[0])
+        return code, _UNPACK_F8(data[p : p + 8])[0], p + 8
+    return _read_variable(data, code, kind, p, end)
+
+
+def _read_variable(data: Buffer, code: int, kind: Arg, p: int, end: int) -> tuple[int, ArgValue, int]:
+    name = OPCODES[code][0]
+    if kind is Arg.DECIMALNL_SHORT:
+        text, p2 = _line(data, p, end)
+        if code == ord("I") and text in (b"00", b"01"):
+            return code, text == b"01", p2
+        return code, _parse_int(text, p), p2
+    if kind is Arg.DECIMALNL_LONG:
+        text, p2 = _line(data, p, end)
+        if text.endswith(b"L"):
+            text = text[:-1]
+        return code, _parse_int(text, p), p2
+    if kind is Arg.FLOATNL:
+        text, p2 = _line(data, p, end)
+        try:
+            return code, float(text), p2
+        except ValueError:
+            raise PickleSyntaxError(f"invalid float literal {text[:40]!r}", p) from None
+    if kind is Arg.STRINGNL:
+        text, p2 = _line(data, p, end)
+        if len(text) < 2 or text[0] != text[-1] or text[:1] not in (b"'", b'"'):
+            raise PickleSyntaxError("the STRING opcode argument must be quoted", p)
+        try:
+            raw = codecs.escape_decode(text[1:-1])[0]
+        except ValueError:
+            raise PickleSyntaxError("invalid escape in STRING", p) from None
+        return code, raw.decode("latin-1"), p2
+    if kind is Arg.STRINGNL_NOESCAPE:
+        text, p2 = _line(data, p, end)
+        return code, text.decode("latin-1"), p2
+    if kind is Arg.STRINGNL_NOESCAPE_PAIR:
+        module, p2 = _line(data, p, end)
+        qualname, p3 = _line(data, p2, end)
+        try:
+            return code, (module.decode("utf-8"), qualname.decode("utf-8")), p3
+        except UnicodeDecodeError:
+            raise PickleSyntaxError(f"{name} names are not valid UTF-8", p) from None
+    if kind is Arg.UNICODESTRINGNL:
+        text, p2 = _line(data, p, end)
+        try:
+            return code, text.decode("raw-unicode-escape"), p2
+        except UnicodeDecodeError:
+            raise PickleSyntaxError("invalid UNICODE argument", p) from None
+    return _read_counted(data, code, kind, p, end)
+
+
+def _read_counted(data: Buffer, code: int, kind: Arg, p: int, end: int) -> tuple[int, ArgValue, int]:
+    name = OPCODES[code][0]
+    if kind in (Arg.LONG1, Arg.STRING1, Arg.BYTES1, Arg.UNICODESTRING1):
+        _need(p, 1, end, name)
+        n, p = data[p : p + 1][0], p + 1
+    elif kind in (Arg.LONG4, Arg.STRING4):
+        _need(p, 4, end, name)
+        n, p = _UNPACK_I4(data[p : p + 4])[0], p + 4
+    elif kind in (Arg.BYTES4, Arg.UNICODESTRING4):
+        _need(p, 4, end, name)
+        n, p = _UNPACK_U4(data[p : p + 4])[0], p + 4
+    else:  # BYTES8, BYTEARRAY8, UNICODESTRING8
+        _need(p, 8, end, name)
+        n, p = _UNPACK_U8(data[p : p + 8])[0], p + 8
+    if kind in (Arg.LONG1, Arg.LONG4):
+        _need(p, n, end, name)
+        return code, _decode_long(data[p : p + n]), p + n
+    if kind in (Arg.STRING1, Arg.STRING4):
+        return (code, *_text_arg(data, p, n, end, name, "latin-1"))
+    if kind in (Arg.UNICODESTRING1, Arg.UNICODESTRING4, Arg.UNICODESTRING8):
+        return (code, *_text_arg(data, p, n, end, name, "utf-8"))
+    return (code, *_bytes_arg(data, p, n, end, name))
+
+
+def iter_ops(data: Buffer, start: int = 0, end: int | None = None) -> Iterator[Op]:
+    """Yield the opcodes of one pickle from `start` up to and including its STOP."""
+    stop = len(data) if end is None else end
+    pos = start
+    while True:
+        code, arg, nxt = read_op(data, pos, stop)
+        yield Op(pos, code, arg)
+        if code == 0x2E:  # STOP
+            return
+        pos = nxt

@@ -1,0 +1,87 @@
+"""The trainguard error tree and the exit codes every command shares.
+
+    TrainguardError                  root; diagnostics() says what to do next
+    ├── UsageError                   bad flags, bad policy file, missing path (exit 2)
+    │   └── PolicyError              a policy file that cannot be read or is malformed
+    ├── MissingExtraError            an optional dependency is not installed (exit 2)
+    └── UndecidableError             the input could not be fully analysed (exit 3, fail closed)
+        ├── LimitExceeded            a size, depth, count or ratio limit was reached
+        ├── MalformedArtifact        truncated or structurally invalid bytes
+        └── UnsupportedFormat        a format or feature we cannot analyse
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes are API: scripts and CI gates depend on them."""
+
+    CLEAN = 0
+    FINDINGS = 1
+    USAGE = 2
+    UNDECIDED = 3
+
+
+class TrainguardError(Exception):
+    """Root of every error trainguard raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.USAGE
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def diagnostics(self) -> str:
+        """A message for a person: what went wrong and, where known, what to do."""
+        if self.hint:
+            return f"{self.message}\n  hint: {self.hint}"
+        return self.message
+
+
+class UsageError(TrainguardError):
+    """The command line or its configuration cannot be used as given."""
+
+    exit_code = ExitCode.USAGE
+
+
+class PolicyError(UsageError):
+    """A policy file that cannot be read or does not follow the schema."""
+
+
+class MissingExtraError(TrainguardError):
+    """An optional dependency needed for this operation is not installed."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
+        super().__init__(
+            f"{purpose} needs the '{package}' package, which is not installed",
+            hint=f"pip install 'trainguard[{extra}]'",
+        )
+        self.package = package
+        self.extra = extra
+
+
+class UndecidableError(TrainguardError):
+    """The input could not be analysed completely; the verdict fails closed."""
+
+    exit_code = ExitCode.UNDECIDED
+
+    def __init__(self, message: str, *, offset: int | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.offset = offset
+
+
+class LimitExceeded(UndecidableError):
+    """A resource limit was reached before the analysis could finish."""
+
+
+class MalformedArtifact(UndecidableError):
+    """The bytes are truncated or violate the format's structure."""
+
+
+class UnsupportedFormat(UndecidableError):
+    """A format, compression method or feature that cannot be analysed."""

@@ -1,0 +1,153 @@
+"""Scanning files and folders: the library entry point."""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import multiprocessing
+import os
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from trainguard.errors import UsageError
+from trainguard.findings import Problem, Verdict
+from trainguard.scan.artifact import Artifact, Scan
+from trainguard.scan.dispatch import analyse
+from trainguard.scan.limits import ScanLimits
+from trainguard.scan.policy import Policy, load_policy_file
+from trainguard.scan.result import FileResult, ScanReport
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanOptions:
+    """How to scan. `allow` adds `module.name` (or `module.*`) entries to the built-in allowlist;
+    `policy_file` is a TOML policy given explicitly (never one found next to an artifact)."""
+
+    allow: tuple[str, ...] = ()
+    policy_file: Path | None = None
+    limits: ScanLimits = dataclasses.field(default_factory=ScanLimits)
+    jobs: int | None = None  # worker processes; None uses every core
+    progress: Progress | None = None
+
+    def policy(self) -> Policy:
+        policy = Policy.default()
+        if self.policy_file is not None:
+            policy = policy.extended(load_policy_file(Path(self.policy_file)))
+        return policy.with_allowed(self.allow)
+
+
+def scan_path(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+              options: ScanOptions | None = None) -> ScanReport:
+    """Scan files and folders (recursively) and return a typed report. Never executes the artifacts."""
+    options = options or ScanOptions()
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    roots = [Path(p) for p in paths]
+    for root in roots:
+        if not root.exists() and not root.is_symlink():
+            raise UsageError(f"{root}: no such file or directory")
+    policy = options.policy()
+    files, errors = _collect(roots)
+    results = _run(files, policy, options)
+    return ScanReport(tuple(sorted(results, key=lambda r: r.path)), tuple(errors))
+
+
+def _collect(roots: list[Path]) -> tuple[list[str], list[str]]:
+    files: list[str] = []
+    errors: list[str] = []
+    for root in roots:
+        if root.is_dir() and not root.is_symlink():
+            for path in _walk(root, errors):
+                files.append(str(path))
+        else:
+            files.append(str(root))
+    return sorted(set(files)), errors
+
+
+def _walk(root: Path, errors: list[str]) -> Iterator[Path]:
+    def onerror(exc: OSError) -> None:
+        errors.append(f"{exc.filename}: {exc.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield Path(dirpath, name)
+
+
+def _run(files: list[str], policy: Policy, options: ScanOptions) -> list[FileResult]:
+    jobs = options.jobs or os.cpu_count() or 1
+    total = len(files)
+    results: list[FileResult] = []
+    if jobs <= 1 or total < 8:
+        for done, path in enumerate(files, 1):
+            results.append(scan_file(path, policy, options.limits))
+            if options.progress:
+                options.progress(done, total, path)
+        return results
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    context = multiprocessing.get_context(method)
+    chunk = max(1, min(32, total // (jobs * 8)))
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        work = pool.map(scan_file, files, [policy] * total, [options.limits] * total, chunksize=chunk)
+        for done, result in enumerate(work, 1):
+            results.append(result)
+            if options.progress:
+                options.progress(done, total, result.path)
+    return results
+
+
+def scan_file(path: str, policy: Policy | None = None, limits: ScanLimits | None = None) -> FileResult:
+    """Scan one file on disk. Any failure becomes an "undecided" result, never an exception."""
+    policy = policy or Policy.default()
+    limits = limits or ScanLimits()
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below, after the mapping
+    except OSError as exc:
+        return _unreadable(path, exc.strerror or str(exc))
+    with handle:
+        try:
+            info = os.fstat(handle.fileno())
+        except OSError as exc:
+            return _unreadable(path, exc.strerror or str(exc))
+        if not stat.S_ISREG(info.st_mode):
+            return FileResult(path, (), Verdict.SKIPPED, note="not a regular file")
+        size = info.st_size
+        data: bytes | mmap.mmap = b""
+        if size:
+            try:
+                data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as exc:
+                return _unreadable(path, str(exc))
+        scan = Scan(path, policy, limits)
+        try:
+            analyse(scan, Artifact(data, 0, size, path))
+        finally:
+            scan.close()
+            if isinstance(data, mmap.mmap):
+                data.close()
+    return _result(scan, size)
+
+
+def _unreadable(path: str, reason: str) -> FileResult:
+    problem = Problem("Unreadable", f"{path}: cannot read ({reason})", path)
+    return FileResult(path, (), Verdict.UNDECIDED, problems=(problem,))
+
+
+def _result(scan: Scan, size: int) -> FileResult:
+    findings = tuple(sorted(set(scan.findings), key=lambda f: f.sort_key()))
+    problems = tuple(scan.problems)
+    formats = tuple(scan.formats)
+    if findings:
+        verdict = Verdict.FINDINGS
+    elif problems:
+        verdict = Verdict.UNDECIDED
+    elif set(formats) <= {"other", "empty"}:
+        note = "empty file" if formats == ("empty",) else "not a format any model loader deserialises"
+        return FileResult(scan.path, formats, Verdict.SKIPPED, size=size, note=note)
+    else:
+        verdict = Verdict.CLEAN
+    return FileResult(scan.path, formats, verdict, findings, problems, size)

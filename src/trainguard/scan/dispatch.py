@@ -1,0 +1,98 @@
+"""Recognise an artifact by its bytes and hand it to its format's analysis."""
+
+from __future__ import annotations
+
+import logging
+
+from trainguard.errors import LimitExceeded, MissingExtraError, UndecidableError
+from trainguard.scan.artifact import Artifact, Scan
+from trainguard.scan.formats import containers, npy, pickles, safetensors, zips
+from trainguard.scan.formats.zipread import find_eocd
+
+log = logging.getLogger(__name__)
+
+
+def sniff(head: bytes, size: int) -> str:
+    """The format the bytes announce; never the file name."""
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if head.startswith(npy.MAGIC):
+        return "npy"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    if head.startswith(b"BZh"):
+        return "bz2"
+    if head.startswith((b"\xfd7zXZ\x00", b"\x5d\x00\x00")):
+        return "xz"
+    if head.startswith(b"7z\xbc\xaf\x27\x1c"):
+        return "7z"
+    if head.startswith(b"\x04\x22\x4d\x18"):
+        return "lz4"
+    if head.startswith(b"ZF") and len(head) > 21 and head[2:4] == b"0x":
+        return "joblib-zfile"
+    if len(head) >= 2 and head[0] == 0x78 and (head[0] << 8 | head[1]) % 31 == 0:
+        return "zlib"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    if safetensors.looks_like_safetensors(head, size):
+        return "safetensors"
+    return "pickle"
+
+
+def analyse(scan: Scan, art: Artifact) -> None:
+    """Analyse one artifact, recording any reason it could not be finished as a problem."""
+    try:
+        if art.depth > scan.limits.max_depth:
+            raise LimitExceeded(f"{art.location}: nested more than {scan.limits.max_depth} levels deep",
+                                hint="raise --max-depth if this nesting is genuine")
+        _analyse(scan, art)
+    except UndecidableError as exc:
+        scan.problem(type(exc).__name__, exc.diagnostics(), art.location, exc.offset)
+    except MissingExtraError as exc:
+        scan.problem("MissingExtra", exc.diagnostics(), art.location)
+    except (OSError, ValueError, MemoryError, RecursionError) as exc:
+        log.debug("analysis of %s failed", art.location, exc_info=True)
+        scan.problem("Error", f"{art.location}: analysis failed ({type(exc).__name__}: {exc})", art.location)
+
+
+def _analyse(scan: Scan, art: Artifact) -> None:
+    if art.size == 0:
+        scan.label("empty")
+        return
+    fmt = sniff(art.head(512), art.size)
+    if fmt == "pickle":
+        if not pickles.scan_pickle_file(scan, art):
+            _maybe_zip_with_prefix(scan, art)
+        return
+    # pickle.load reads any file as a pickle; a polyglot may be both a container and a pickle.
+    pickles.run_pickle(scan, art, art.start, strict=False, joblib=False, prefix="read as a pickle: ")
+    if fmt == "zip":
+        zips.scan_zip(scan, art, analyse)
+    elif fmt == "npy":
+        npy.scan_npy(scan, art)
+    elif fmt == "safetensors":
+        safetensors.scan_safetensors(scan, art)
+    elif fmt == "gzip":
+        containers.scan_gzip(scan, art, analyse)
+    elif fmt == "bz2":
+        containers.scan_bz2(scan, art, analyse)
+    elif fmt == "xz":
+        containers.scan_xz(scan, art, analyse)
+    elif fmt == "zlib":
+        containers.scan_zlib(scan, art, analyse)
+    elif fmt == "joblib-zfile":
+        containers.scan_joblib_zfile(scan, art, analyse)
+    elif fmt == "tar":
+        containers.scan_tar(scan, art, analyse)
+    elif fmt == "7z":
+        containers.scan_7z(scan, art, analyse)
+    elif fmt == "lz4":
+        raise MissingExtraError("lz4", "archives", f"{art.location}: reading an LZ4-compressed joblib file")
+
+
+def _maybe_zip_with_prefix(scan: Scan, art: Artifact) -> None:
+    """Not a pickle at the start; but a ZIP archive may sit after other data."""
+    if art.size >= 22 and find_eocd(art) is not None:
+        zips.scan_zip(scan, art, analyse)
+        return
+    scan.label("other")

@@ -1,0 +1,1 @@
+"""Artifact formats, each recognised by its bytes and analysed without executing anything."""

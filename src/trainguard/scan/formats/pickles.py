@@ -1,0 +1,269 @@
+"""Raw pickle streams: one or several pickles, joblib files and the legacy PyTorch stream format."""
+
+from __future__ import annotations
+
+import struct
+
+from trainguard._pickle.machine import Machine, MachineResult
+from trainguard._pickle.reader import PickleSyntaxError
+from trainguard._pickle.values import Call, Global, Opaque, PersRef, Seq, Value, const_tuple
+from trainguard.findings import Severity
+from trainguard.scan.artifact import Artifact, Scan
+from trainguard.scan.formats.dtypes import pickled_numpy_dtype, storage_element_size
+from trainguard.scan.policy import is_importable_name
+
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_JOBLIB_WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
+
+
+def run_pickle(
+    scan: Scan,
+    art: Artifact,
+    start: int,
+    *,
+    strict: bool = True,
+    joblib: bool = True,
+    prefix: str = "",
+) -> MachineResult:
+    """Run one pickle from absolute offset `start` and turn its events into findings.
+
+    With strict=False the bytes are only possibly a pickle (another interpretation of a file):
+    imports that `__import__` would reject are dropped, since the load would stop there.
+    """
+    hook = _JoblibArrays(scan, art, prefix).on_build if joblib else None
+    machine = Machine(art.data, start, art.end, limits=scan.limits.pickle, build_hook=hook)
+    result = machine.run()
+    judge_events(scan, art, result, strict=strict, prefix=prefix)
+    return result
+
+
+def judge_events(scan: Scan, art: Artifact, result: MachineResult, *, strict: bool, prefix: str) -> None:
+    seen: set[tuple[str, str, str]] = set()
+    for event in result.events:
+        if not strict and event.kind == "import" and not is_importable_name(event.module, event.name):
+            continue
+        key = (event.kind, event.qualname, event.detail if event.kind != "import" else "")
+        if key in seen:
+            continue  # one finding per distinct import or anomaly per pickle
+        seen.add(key)
+        finding = scan.policy.judge(event, art.location, prefix=prefix)
+        if finding is not None:
+            offset = event.pos - art.start
+            scan.add(finding.rule, finding.severity, finding.message, art.location, offset)
+
+
+class _JoblibArrays:
+    """joblib writes each array's bytes straight into the pickle stream after its wrapper's BUILD.
+
+    joblib.load skips them (or, for object arrays, unpickles them as a nested pickle); follow it.
+    """
+
+    def __init__(self, scan: Scan, art: Artifact, prefix: str) -> None:
+        self.scan = scan
+        self.art = art
+        self.prefix = prefix
+
+    def on_build(self, machine: Machine, target: Call, state: Value) -> None:
+        func = target.func
+        if not (isinstance(func, Global) and func.qualname == _JOBLIB_WRAPPER):
+            return
+        self.scan.label("joblib")
+        layout = _wrapper_layout(target)
+        if layout is None:
+            raise PickleSyntaxError("joblib array header whose layout cannot be determined", machine.pos)
+        count, itemsize, hasobject, aligned = layout
+        if hasobject:
+            nested = run_pickle(self.scan, self.art, machine.pos, prefix=self.prefix)
+            if nested.error is not None:
+                raise nested.error
+            machine.pos = nested.end
+        else:
+            pos = machine.pos
+            if aligned:
+                if pos >= machine.end:
+                    raise PickleSyntaxError("joblib array padding runs past the end", pos)
+                pos += 1 + machine.data[pos : pos + 1][0]
+            nbytes = count * itemsize
+            if nbytes > machine.end - pos:
+                raise PickleSyntaxError(f"joblib array of {nbytes} bytes runs past the end", pos)
+            machine.pos = pos + nbytes
+        machine.stack[-1] = Opaque("a joblib array")
+
+
+def _wrapper_layout(wrapper: Call) -> tuple[int, int, bool, bool] | None:
+    """(element count, itemsize, hasobject, padded) from a NumpyArrayWrapper's state."""
+    if wrapper.op not in ("NEWOBJ", "NEWOBJ_EX") or len(wrapper.states) != 1:
+        return None
+    state = wrapper.states[0]
+    from trainguard._pickle.values import Dct
+
+    if not isinstance(state, Dct) or state.dropped:
+        return None
+    shape = const_tuple(state.get("shape"))
+    if shape is None or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        return None
+    dtype = pickled_numpy_dtype(state.get("dtype"))
+    if dtype is None:
+        return None
+    count = 1
+    for n in shape:
+        assert isinstance(n, int)
+        count *= n
+    padded = state.has("numpy_array_alignment_bytes") and state.get("numpy_array_alignment_bytes") is not None
+    return count, dtype[0], dtype[1], padded
+
+
+def scan_pickle_file(scan: Scan, art: Artifact) -> bool:
+    """Scan a raw pickle stream; False if the bytes are not a pickle at all."""
+    first = run_pickle(scan, art, art.start, strict=True)
+    starts_with_proto = art.head(1) == b"\x80"
+    if first.error is not None and not first.events and not starts_with_proto:
+        return False
+    scan.label("pickle")
+    if first.error is not None:
+        _broken(scan, art, first)
+        return True
+    if _is_legacy_magic(first.value):
+        scan.label("pytorch-legacy")
+        _scan_torch_legacy_stream(scan, art, first.end)
+        return True
+    if "joblib" in scan.formats:
+        # pickle.load instead of joblib.load would read the array bytes as opcodes.
+        plain = Machine(art.data, art.start, art.end, limits=scan.limits.pickle).run()
+        judge_events(scan, art, plain, strict=False, prefix="if read by pickle.load instead of joblib.load: ")
+    _scan_following_pickles(scan, art, first.end)
+    return True
+
+
+def _broken(scan: Scan, art: Artifact, result: MachineResult) -> None:
+    error = result.error
+    assert error is not None
+    scan.problem(
+        "malformed-pickle",
+        f"{art.location}: pickle stops with an error ({error.reason}); everything before it was checked",
+        art.location,
+        error.offset - art.start,
+    )
+
+
+def _scan_following_pickles(scan: Scan, art: Artifact, pos: int) -> None:
+    """pickle.load called again on the same file reads the next pickle; scan every one."""
+    while pos < art.end:
+        result = run_pickle(scan, art, pos, strict=False)
+        if result.error is not None:
+            if result.ops > 1:
+                scan.add(
+                    "trailing-data",
+                    Severity.LOW,
+                    f"{art.end - pos} bytes after the last complete pickle are not a pickle",
+                    art.location,
+                    pos - art.start,
+                )
+            return
+        pos = result.end
+
+
+def _is_legacy_magic(value: Value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value == TORCH_LEGACY_MAGIC
+
+
+def _scan_torch_legacy_stream(scan: Scan, art: Artifact, pos: int) -> None:
+    """torch.save(..., _use_new_zipfile_serialization=False): five pickles, then raw storages."""
+    results: list[MachineResult] = []
+    for _ in range(4):  # protocol version, sys_info, the object, the storage keys
+        result = run_pickle(scan, art, pos)
+        if result.error is not None:
+            _broken(scan, art, result)
+            return
+        results.append(result)
+        pos = result.end
+    sizes = _legacy_storage_sizes(results[2].persistent_ids)
+    keys = results[3].value
+    if sizes is None or not isinstance(keys, Seq) or not keys.complete:
+        scan.problem("malformed-legacy", "legacy PyTorch storage table cannot be read", art.location, pos)
+        return
+    for key in keys.items:
+        elsize = sizes.get(key) if isinstance(key, str) else None
+        if elsize is None or pos + 8 > art.end:
+            scan.problem("malformed-legacy", f"legacy PyTorch storage {key!r} is not described", art.location)
+            return
+        (count,) = struct.unpack("<q", art.data[pos : pos + 8])
+        nbytes = count * elsize
+        if count < 0 or nbytes > art.end - pos - 8:
+            scan.problem("malformed-legacy", f"legacy PyTorch storage {key!r} runs past the end", art.location)
+            return
+        pos += 8 + nbytes
+    if pos < art.end:
+        scan.add(
+            "trailing-data",
+            Severity.MEDIUM,
+            f"{art.end - pos} bytes after the last storage that torch.load never reads",
+            art.location,
+            pos - art.start,
+        )
+        _scan_following_pickles(scan, art, pos)
+
+
+def _legacy_storage_sizes(pids: list[PersRef]) -> dict[str, int] | None:
+    sizes: dict[str, int] = {}
+    for ref in pids:
+        items = const_tuple(ref.pid)
+        if not items or items[0] != "storage" or len(items) < 5:
+            if items and items[0] == "module":
+                continue
+            return None
+        elsize = storage_element_size(items[1])
+        if elsize is None or not isinstance(items[2], str):
+            return None
+        sizes[items[2]] = elsize
+    return sizes
+
+
+def scan_torch_legacy_tar(scan: Scan, members: dict[str, Artifact]) -> None:
+    """The pre-1.0 tar format: 'pickle' is the object, 'storages' and 'tensors' mix pickles with raw data."""
+    scan.label("pytorch-legacy-tar")
+    main = members["pickle"]
+    result = run_pickle(scan, main, main.start)
+    if result.error is not None:
+        _broken(scan, main, result)
+    if "storages" in members:
+        _legacy_records(scan, members["storages"], _storage_record)
+    if "tensors" in members:
+        _legacy_records(scan, members["tensors"], _tensor_record)
+
+
+def _storage_record(art: Artifact, header: Value, pos: int) -> int | None:
+    items = const_tuple(header)
+    if items is None or len(items) != 3:
+        return None
+    elsize = storage_element_size(items[2])
+    if elsize is None or pos + 8 > art.end:
+        return None
+    (count,) = struct.unpack("<q", art.data[pos : pos + 8])
+    return pos + 8 + count * elsize if count >= 0 else None
+
+
+def _tensor_record(art: Artifact, header: Value, pos: int) -> int | None:
+    if pos + 8 > art.end:
+        return None
+    (ndim,) = struct.unpack("<i", art.data[pos : pos + 4])
+    return pos + 8 + 16 * ndim + 8 if ndim >= 0 else None
+
+
+def _legacy_records(scan: Scan, art: Artifact, record: object) -> None:
+    count_result = run_pickle(scan, art, art.start)
+    count = count_result.value
+    if count_result.error is not None or not isinstance(count, int) or count < 0:
+        scan.problem("malformed-legacy", "legacy PyTorch record count cannot be read", art.location)
+        return
+    pos = count_result.end
+    assert callable(record)
+    for _ in range(count):
+        header = run_pickle(scan, art, pos)
+        next_pos = None if header.error is not None else record(art, header.value, header.end)
+        if next_pos is None or next_pos > art.end:
+            scan.problem("malformed-legacy", "legacy PyTorch record cannot be read", art.location, pos - art.start)
+            return
+        pos = next_pos
+    if pos < art.end:
+        _scan_following_pickles(scan, art, pos)
