@@ -1,13 +1,13 @@
 """The trainguard error tree and the exit codes every command shares.
 
-    TrainguardError                  root; diagnostics() says what to do next
-    ├── UsageError                   bad flags, bad policy file, missing path (exit 2)
-    │   └── PolicyError              a policy file that cannot be read or is malformed
-    ├── MissingExtraError            an optional dependency is not installed (exit 2)
-    └── UndecidableError             the input could not be fully analysed (exit 3, fail closed)
-        ├── LimitExceeded            a size, depth, count or ratio limit was reached
-        ├── MalformedArtifact        truncated or structurally invalid bytes
-        └── UnsupportedFormat        a format or feature we cannot analyse
+TrainguardError                  root; diagnostics() says what to do next
+├── UsageError                   bad flags, bad policy file, missing path (exit 2)
+│   └── PolicyError              a policy file that cannot be read or is malformed
+├── MissingExtraError            an optional dependency is not installed (exit 2)
+└── UndecidableError             the input could not be fully analysed (exit 3, fail closed)
+    ├── LimitExceeded            a size, depth, count or ratio limit was reached
+    ├── MalformedArtifact        truncated or structurally invalid bytes
+    └── UnsupportedFormat        a format or feature we cannot analyse
 """
 
 from __future__ import annotations

@@ -332,13 +332,13 @@ class Machine:
         target = self._top(pos)
         self._mutate(target, pos, "SETITEMS")
         if isinstance(target, Dct):
-            target.extend(list(zip(items[::2], items[1::2])))
+            target.extend(list(zip(items[::2], items[1::2], strict=True)))
 
     def op_dict(self, arg: object, pos: int) -> None:
         items = self._pop_mark(pos)
         if len(items) % 2:
             raise PickleSyntaxError("odd number of items for DICT", pos)
-        self._push(Dct(list(zip(items[::2], items[1::2]))))
+        self._push(Dct(list(zip(items[::2], items[1::2], strict=True))))
 
     def op_empty_dict(self, arg: object, pos: int) -> None:
         self._push(Dct([]))

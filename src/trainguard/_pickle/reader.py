@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import mmap
 import struct
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Union
 
 from trainguard._pickle.opcodes import HIGHEST_PROTOCOL, OPCODES, Arg
 
@@ -28,12 +29,8 @@ _UNPACK_U8 = struct.Struct("<Q").unpack_from
 _UNPACK_F8 = struct.Struct(">d").unpack_from
 
 
-class Buffer(Protocol):
-    """What the reader needs from its input: bytes, bytearray and mmap all qualify."""
-
-    def __len__(self) -> int: ...
-    def __getitem__(self, key: slice, /) -> bytes: ...
-    def find(self, sub: bytes, start: int = ..., end: int = ..., /) -> int: ...
+# What the reader reads: a whole file mapped into memory, or bytes already in memory.
+Buffer = Union[bytes, mmap.mmap]  # noqa: UP007
 
 
 class PickleSyntaxError(Exception):

@@ -5,5 +5,13 @@ from trainguard.scan.limits import ScanLimits
 from trainguard.scan.policy import Policy
 from trainguard.scan.result import SCHEMA_VERSION, FileResult, ScanReport
 
-__all__ = ["SCHEMA_VERSION", "FileResult", "Policy", "ScanLimits", "ScanOptions", "ScanReport", "scan_file",
-           "scan_path"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "FileResult",
+    "Policy",
+    "ScanLimits",
+    "ScanOptions",
+    "ScanReport",
+    "scan_file",
+    "scan_path",
+]

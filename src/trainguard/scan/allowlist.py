@@ -6,30 +6,106 @@ this against the installed torch). Everything not listed here is a finding.
 
 from __future__ import annotations
 
-_TORCH_STORAGE_TYPES = (
-    "BFloat16Storage BoolStorage ByteStorage CharStorage ComplexDoubleStorage ComplexFloatStorage "
-    "DoubleStorage FloatStorage HalfStorage IntStorage LongStorage QInt32Storage QInt8Storage "
-    "QUInt2x4Storage QUInt4x2Storage QUInt8Storage ShortStorage"
-).split()
-_TORCH_TENSOR_TYPES = (
-    "BFloat16Tensor BoolTensor ByteTensor CharTensor DoubleTensor FloatTensor HalfTensor IntTensor "
-    "LongTensor ShortTensor"
-).split()
-_TORCH_DTYPES = (
-    "bfloat16 bool complex128 complex32 complex64 float16 float32 float64 float8_e4m3fn float8_e4m3fnuz "
-    "float8_e5m2 float8_e5m2fnuz float8_e8m0fnu float4_e2m1fn_x2 int8 int16 int32 int64 uint8 uint16 "
-    "uint32 uint64 qint8 qint32 quint8 quint4x2 quint2x4 bits1x8 bits2x4 bits4x2 bits8 bits16 "
-    "int1 int2 int3 int4 int5 int6 int7 uint1 uint2 uint3 uint4 uint5 uint6 uint7"
-).split()
-_TORCH_QSCHEMES = (
-    "per_tensor_affine per_tensor_symmetric per_channel_affine per_channel_symmetric "
-    "per_channel_affine_float_qparams"
-).split()
-_TORCH_REBUILDERS = (
-    "_rebuild_tensor _rebuild_tensor_v2 _rebuild_tensor_v3 _rebuild_parameter _rebuild_parameter_with_state "
-    "_rebuild_qtensor _rebuild_sparse_tensor _rebuild_nested_tensor _rebuild_meta_tensor_no_storage "
-    "_rebuild_wrapper_subclass _rebuild_device_tensor_from_cpu_tensor _rebuild_device_tensor_from_numpy"
-).split()
+_TORCH_STORAGE_TYPES = [
+    "BFloat16Storage",
+    "BoolStorage",
+    "ByteStorage",
+    "CharStorage",
+    "ComplexDoubleStorage",
+    "ComplexFloatStorage",
+    "DoubleStorage",
+    "FloatStorage",
+    "HalfStorage",
+    "IntStorage",
+    "LongStorage",
+    "QInt32Storage",
+    "QInt8Storage",
+    "QUInt2x4Storage",
+    "QUInt4x2Storage",
+    "QUInt8Storage",
+    "ShortStorage",
+]
+_TORCH_TENSOR_TYPES = [
+    "BFloat16Tensor",
+    "BoolTensor",
+    "ByteTensor",
+    "CharTensor",
+    "DoubleTensor",
+    "FloatTensor",
+    "HalfTensor",
+    "IntTensor",
+    "LongTensor",
+    "ShortTensor",
+]
+_TORCH_DTYPES = [
+    "bfloat16",
+    "bool",
+    "complex128",
+    "complex32",
+    "complex64",
+    "float16",
+    "float32",
+    "float64",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "qint8",
+    "qint32",
+    "quint8",
+    "quint4x2",
+    "quint2x4",
+    "bits1x8",
+    "bits2x4",
+    "bits4x2",
+    "bits8",
+    "bits16",
+    "int1",
+    "int2",
+    "int3",
+    "int4",
+    "int5",
+    "int6",
+    "int7",
+    "uint1",
+    "uint2",
+    "uint3",
+    "uint4",
+    "uint5",
+    "uint6",
+    "uint7",
+]
+_TORCH_QSCHEMES = [
+    "per_tensor_affine",
+    "per_tensor_symmetric",
+    "per_channel_affine",
+    "per_channel_symmetric",
+    "per_channel_affine_float_qparams",
+]
+_TORCH_REBUILDERS = [
+    "_rebuild_tensor",
+    "_rebuild_tensor_v2",
+    "_rebuild_tensor_v3",
+    "_rebuild_parameter",
+    "_rebuild_parameter_with_state",
+    "_rebuild_qtensor",
+    "_rebuild_sparse_tensor",
+    "_rebuild_nested_tensor",
+    "_rebuild_meta_tensor_no_storage",
+    "_rebuild_wrapper_subclass",
+    "_rebuild_device_tensor_from_cpu_tensor",
+    "_rebuild_device_tensor_from_numpy",
+]
 
 
 def _build() -> dict[str, str]:
@@ -80,9 +156,30 @@ def _build() -> dict[str, str]:
         allowed[f"torch.{name}"] = "quantization scheme constant"
     for name in _TORCH_REBUILDERS:
         allowed[f"torch._utils.{name}"] = "rebuilds a tensor from a storage, offset, shape and stride"
-    for dtype in ("Bool", "Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64",
-                  "Float16", "Float32", "Float64", "LongDouble", "Complex64", "Complex128", "CLongDouble",
-                  "Bytes", "Str", "Void", "Object", "DateTime64", "TimeDelta64"):
+    for dtype in (
+        "Bool",
+        "Int8",
+        "UInt8",
+        "Int16",
+        "UInt16",
+        "Int32",
+        "UInt32",
+        "Int64",
+        "UInt64",
+        "Float16",
+        "Float32",
+        "Float64",
+        "LongDouble",
+        "Complex64",
+        "Complex128",
+        "CLongDouble",
+        "Bytes",
+        "Str",
+        "Void",
+        "Object",
+        "DateTime64",
+        "TimeDelta64",
+    ):
         allowed[f"numpy.dtypes.{dtype}DType"] = "NumPy 2 dtype class"
     return allowed
 

@@ -40,8 +40,9 @@ class ScanOptions:
         return policy.with_allowed(self.allow)
 
 
-def scan_path(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
-              options: ScanOptions | None = None) -> ScanReport:
+def scan_path(
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], options: ScanOptions | None = None
+) -> ScanReport:
     """Scan files and folders (recursively) and return a typed report. Never executes the artifacts."""
     options = options or ScanOptions()
     if isinstance(paths, (str, os.PathLike)):
@@ -61,8 +62,7 @@ def _collect(roots: list[Path]) -> tuple[list[str], list[str]]:
     errors: list[str] = []
     for root in roots:
         if root.is_dir() and not root.is_symlink():
-            for path in _walk(root, errors):
-                files.append(str(path))
+            files.extend(str(path) for path in _walk(root, errors))
         else:
             files.append(str(root))
     return sorted(set(files)), errors
@@ -105,7 +105,7 @@ def scan_file(path: str, policy: Policy | None = None, limits: ScanLimits | None
     policy = policy or Policy.default()
     limits = limits or ScanLimits()
     try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed below, after the mapping
+        handle = Path(path).open("rb")  # noqa: SIM115 - closed below, after the mapping
     except OSError as exc:
         return _unreadable(path, exc.strerror or str(exc))
     with handle:

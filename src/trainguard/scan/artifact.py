@@ -14,7 +14,7 @@ from trainguard.findings import Finding, Problem, Severity
 from trainguard.scan.limits import ScanLimits
 from trainguard.scan.policy import Policy
 
-Data = Union[bytes, bytearray, mmap.mmap]  # noqa: UP007
+Data = Union[bytes, mmap.mmap]  # noqa: UP007
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,9 @@ class Artifact:
 
     def child(self, start: int, end: int, name: str) -> Artifact:
         """A member stored uncompressed inside this artifact: no copy."""
-        return Artifact(self.data, self.start + start, self.start + end, f"{self.location}!/{name}", self.depth + 1)
+        return Artifact(
+            self.data, self.start + start, self.start + end, f"{self.location}!/{name}", self.depth + 1
+        )
 
     @property
     def buffer(self) -> Buffer:
@@ -62,7 +64,9 @@ class Scan:
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._spills: list[tuple[object, mmap.mmap | None]] = []
 
-    def add(self, rule: str, severity: Severity, message: str, location: str, offset: int | None = None) -> None:
+    def add(
+        self, rule: str, severity: Severity, message: str, location: str, offset: int | None = None
+    ) -> None:
         self.findings.append(Finding(rule, severity, message, location, offset))
 
     def problem(self, kind: str, message: str, location: str, offset: int | None = None) -> None:
@@ -94,7 +98,7 @@ class Scan:
         return Path(self._workdir.name)
 
     def spill_file(self) -> tempfile._TemporaryFileWrapper[bytes]:
-        handle = tempfile.NamedTemporaryFile(dir=self.spill_dir, prefix="member-", delete=True)
+        handle = tempfile.NamedTemporaryFile(dir=self.spill_dir, prefix="member-", delete=True)  # noqa: SIM115 - closed in close()
         self._spills.append((handle, None))
         return handle
 

@@ -43,8 +43,10 @@ def analyse(scan: Scan, art: Artifact) -> None:
     """Analyse one artifact, recording any reason it could not be finished as a problem."""
     try:
         if art.depth > scan.limits.max_depth:
-            raise LimitExceeded(f"{art.location}: nested more than {scan.limits.max_depth} levels deep",
-                                hint="raise --max-depth if this nesting is genuine")
+            raise LimitExceeded(
+                f"{art.location}: nested more than {scan.limits.max_depth} levels deep",
+                hint="raise --max-depth if this nesting is genuine",
+            )
         _analyse(scan, art)
     except UndecidableError as exc:
         scan.problem(type(exc).__name__, exc.diagnostics(), art.location, exc.offset)

@@ -25,8 +25,14 @@ class ScanLimits:
     pickle: PickleLimits = dataclasses.field(default_factory=PickleLimits)
 
     def __post_init__(self) -> None:
-        for name in ("max_depth", "max_expanded_bytes", "max_members", "max_safetensors_header",
-                     "max_npy_header", "spool_in_memory"):
+        for name in (
+            "max_depth",
+            "max_expanded_bytes",
+            "max_members",
+            "max_safetensors_header",
+            "max_npy_header",
+            "spool_in_memory",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_ratio <= 1:

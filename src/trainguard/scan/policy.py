@@ -50,7 +50,7 @@ class Policy:
             if not _PATTERN.match(pattern) or "." not in pattern:
                 raise PolicyError(
                     f"invalid allow entry {pattern!r}",
-                    hint="use module.name (e.g. sklearn.linear_model._logistic.LogisticRegression) or module.*",
+                    hint="use module.name (e.g. sklearn.svm._classes.SVC) or module.*",
                 )
             if pattern.endswith(".*"):
                 wildcards[pattern[:-2]] = reason
@@ -59,7 +59,7 @@ class Policy:
         return Policy(allowed, wildcards)
 
     def with_allowed(self, names: Iterable[str]) -> Policy:
-        return self.extended({name: "allowed on the command line" for name in names})
+        return self.extended(dict.fromkeys(names, "allowed on the command line"))
 
     def allows(self, module: str, name: str) -> bool:
         if f"{module}.{name}" in self.allowed:
@@ -82,8 +82,16 @@ class Policy:
 
 
 _STRUCTURAL: dict[str, tuple[Severity, str, str]] = {
-    "unresolved-import": (Severity.CRITICAL, "unresolved-import", "import whose name is computed at load time"),
-    "non-constant-call": (Severity.HIGH, "non-constant-call", "call of a callable that is not a plain import"),
+    "unresolved-import": (
+        Severity.CRITICAL,
+        "unresolved-import",
+        "import whose name is computed at load time",
+    ),
+    "non-constant-call": (
+        Severity.HIGH,
+        "non-constant-call",
+        "call of a callable that is not a plain import",
+    ),
     "global-attribute-write": (Severity.CRITICAL, "global-attribute-write", "attribute write on import"),
     "global-mutation": (Severity.HIGH, "global-mutation", "in-place change of an imported object"),
     "extension": (Severity.HIGH, "extension-code", "import through the copyreg extension registry"),
@@ -94,7 +102,9 @@ def _import_finding(event: Event, location: str, prefix: str) -> Finding:
     qualname = event.qualname
     spelled = f" (written as {event.written_as})" if event.written_as else ""
     if is_critical(event.module, event.name):
-        message = f"{prefix}dangerous import {qualname}{spelled}: can run code or reach an importer when loaded"
+        message = (
+            f"{prefix}dangerous import {qualname}{spelled}: can run code or reach an importer when loaded"
+        )
         return Finding("dangerous-import", Severity.CRITICAL, message, location, event.pos)
     message = (
         f"{prefix}unknown import {qualname}{spelled}: not on the allowlist; "
@@ -116,10 +126,10 @@ def load_policy_file(path: Path) -> dict[str, str]:
     scan = doc.get("scan", {})
     allow = scan.get("allow", {}) if isinstance(scan, dict) else None
     if isinstance(allow, list) and all(isinstance(x, str) for x in allow):
-        return {name: f"allowed by {path}" for name in allow}
+        return dict.fromkeys(allow, f"allowed by {path}")
     if isinstance(allow, dict) and all(isinstance(v, str) for v in allow.values()):
         return {str(k): str(v) for k, v in allow.items()}
     raise PolicyError(
-        f"policy file {path}: [scan] allow must be a table of name = \"reason\" or a list of names",
-        hint='example:\n[scan.allow]\n"sklearn.linear_model._logistic.LogisticRegression" = "our baseline model"',
+        f'policy file {path}: [scan] allow must be a table of name = "reason" or a list of names',
+        hint='example:\n[scan.allow]\n"sklearn.svm._classes.SVC" = "our baseline model"',
     )

@@ -93,7 +93,9 @@ def _chunks(art: Artifact, offset: int = 0) -> Iterator[bytes]:
         yield chunk
 
 
-def _expand_zlib(scan: Scan, art: Artifact, wbits: int, name: str, *, multi: bool, offset: int = 0) -> Artifact:
+def _expand_zlib(
+    scan: Scan, art: Artifact, wbits: int, name: str, *, multi: bool, offset: int = 0
+) -> Artifact:
     location = f"{art.location}!/{name}"
     sink = _Sink(scan, location)
     dec = zlib.decompressobj(wbits)
@@ -115,8 +117,9 @@ def _expand_zlib(scan: Scan, art: Artifact, wbits: int, name: str, *, multi: boo
     return Artifact(sink.data(), 0, sink.size, location, art.depth + 1)
 
 
-def _expand_stream(scan: Scan, art: Artifact, make: Callable[[], bz2.BZ2Decompressor | lzma.LZMADecompressor],
-                   name: str) -> Artifact:
+def _expand_stream(
+    scan: Scan, art: Artifact, make: Callable[[], bz2.BZ2Decompressor | lzma.LZMADecompressor], name: str
+) -> Artifact:
     location = f"{art.location}!/{name}"
     sink = _Sink(scan, location)
     dec = make()
@@ -227,7 +230,7 @@ def scan_7z(scan: Scan, art: Artifact, analyse: Analyse) -> None:
         raise MissingExtraError("py7zr", "archives", f"{art.location}: reading a 7z archive") from None
     with tempfile.TemporaryDirectory(dir=scan.spill_dir, prefix="7z-") as out:
         try:
-            with py7zr.SevenZipFile(_Window(art), mode="r") as archive:
+            with py7zr.SevenZipFile(io.BufferedReader(_Window(art)), mode="r") as archive:
                 infos = archive.list()
                 if len(infos) > scan.limits.max_members:
                     raise LimitExceeded(f"{art.location}: more than {scan.limits.max_members} 7z members")

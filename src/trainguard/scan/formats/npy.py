@@ -55,7 +55,9 @@ def scan_npy(scan: Scan, art: Artifact) -> None:
     else:
         raise MalformedArtifact(f"{art.location}: unknown .npy version {major}")
     if hlen > scan.limits.max_npy_header:
-        raise LimitExceeded(f"{art.location}: .npy header of {hlen} bytes (limit {scan.limits.max_npy_header})")
+        raise LimitExceeded(
+            f"{art.location}: .npy header of {hlen} bytes (limit {scan.limits.max_npy_header})"
+        )
     raw = art.read(start, hlen)
     if len(raw) != hlen:
         raise MalformedArtifact(f"{art.location}: truncated .npy header")
@@ -75,8 +77,12 @@ def scan_npy(scan: Scan, art: Artifact) -> None:
         scan.label("pickle")
         result = run_pickle(scan, art, art.start + data_start)
         if result.error is not None:
-            scan.problem("malformed-pickle", f"object array pickle stops: {result.error.reason}", art.location,
-                         result.error.offset - art.start)
+            scan.problem(
+                "malformed-pickle",
+                f"object array pickle stops: {result.error.reason}",
+                art.location,
+                result.error.offset - art.start,
+            )
         return
     count = 1
     for n in shape:
@@ -86,5 +92,10 @@ def scan_npy(scan: Scan, art: Artifact) -> None:
     if actual < expected:
         raise MalformedArtifact(f"{art.location}: .npy data is {actual} bytes, header promises {expected}")
     if actual > expected:
-        scan.add("trailing-data", Severity.LOW, f"{actual - expected} bytes after the array data",
-                 art.location, data_start + expected)
+        scan.add(
+            "trailing-data",
+            Severity.LOW,
+            f"{actual - expected} bytes after the array data",
+            art.location,
+            data_start + expected,
+        )

@@ -115,10 +115,16 @@ def _wrapper_layout(wrapper: Call) -> tuple[int, int, bool, bool] | None:
 
 def scan_pickle_file(scan: Scan, art: Artifact) -> bool:
     """Scan a raw pickle stream; False if the bytes are not a pickle at all."""
-    first = run_pickle(scan, art, art.start, strict=True)
-    starts_with_proto = art.head(1) == b"\x80"
-    if first.error is not None and not first.events and not starts_with_proto:
+    hook = _JoblibArrays(scan, art, "").on_build
+    first = Machine(art.data, art.start, art.end, limits=scan.limits.pickle, build_hook=hook).run()
+    proven = first.error is None or art.head(1) == b"\x80"
+    # Text or binary data that merely starts with an opcode: pickle.load would stop at the
+    # first import of a name Python cannot import, so only importable names count.
+    if not proven and not any(
+        e.kind == "import" and is_importable_name(e.module, e.name) for e in first.events
+    ):
         return False
+    judge_events(scan, art, first, strict=proven, prefix="")
     scan.label("pickle")
     if first.error is not None:
         _broken(scan, art, first)
@@ -190,7 +196,9 @@ def _scan_torch_legacy_stream(scan: Scan, art: Artifact, pos: int) -> None:
         (count,) = struct.unpack("<q", art.data[pos : pos + 8])
         nbytes = count * elsize
         if count < 0 or nbytes > art.end - pos - 8:
-            scan.problem("malformed-legacy", f"legacy PyTorch storage {key!r} runs past the end", art.location)
+            scan.problem(
+                "malformed-legacy", f"legacy PyTorch storage {key!r} runs past the end", art.location
+            )
             return
         pos += 8 + nbytes
     if pos < art.end:
@@ -262,7 +270,9 @@ def _legacy_records(scan: Scan, art: Artifact, record: object) -> None:
         header = run_pickle(scan, art, pos)
         next_pos = None if header.error is not None else record(art, header.value, header.end)
         if next_pos is None or next_pos > art.end:
-            scan.problem("malformed-legacy", "legacy PyTorch record cannot be read", art.location, pos - art.start)
+            scan.problem(
+                "malformed-legacy", "legacy PyTorch record cannot be read", art.location, pos - art.start
+            )
             return
         pos = next_pos
     if pos < art.end:

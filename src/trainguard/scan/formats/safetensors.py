@@ -11,8 +11,25 @@ from trainguard.findings import Severity
 from trainguard.scan.artifact import Artifact, Scan
 
 _DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
-    "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "F64": 64, "I64": 64, "U64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
     "F6_E3M2": 6,
 }
 
@@ -28,8 +45,10 @@ def scan_safetensors(scan: Scan, art: Artifact) -> None:
     scan.label("safetensors")
     (n,) = struct.unpack("<Q", art.read(0, 8))
     if n > scan.limits.max_safetensors_header:
-        raise LimitExceeded(f"{art.location}: safetensors header declares {n} bytes "
-                            f"(limit {scan.limits.max_safetensors_header})")
+        raise LimitExceeded(
+            f"{art.location}: safetensors header declares {n} bytes "
+            f"(limit {scan.limits.max_safetensors_header})"
+        )
     if n > art.size - 8:
         raise MalformedArtifact(f"{art.location}: safetensors header of {n} bytes runs past the end")
     try:
@@ -61,8 +80,12 @@ def _validate(header: dict[str, object], data_len: int) -> list[str]:
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             problems.append(f"tensor {name!r}: shape must be a list of non-negative integers")
             continue
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
             problems.append(f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end")
             continue
         begin, end = offsets
@@ -71,7 +94,9 @@ def _validate(header: dict[str, object], data_len: int) -> list[str]:
             count *= d
         bits = count * _DTYPE_BITS[dtype]
         if bits % 8 or bits // 8 != end - begin:
-            problems.append(f"tensor {name!r}: {dtype} x {shape} needs {bits / 8:g} bytes, offsets span {end - begin}")
+            problems.append(
+                f"tensor {name!r}: {dtype} x {shape} needs {bits / 8:g} bytes, offsets span {end - begin}"
+            )
         if end > data_len:
             problems.append(f"tensor {name!r}: data_offsets end {end} past the data ({data_len} bytes)")
         spans.append((begin, end, name))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections import Counter
 
+from trainguard._pickle.values import const_tuple
 from trainguard.errors import MalformedArtifact, UndecidableError, UnsupportedFormat
 from trainguard.findings import Severity
 from trainguard.scan.artifact import Artifact, Scan
@@ -12,11 +14,16 @@ from trainguard.scan.formats.containers import Analyse, inflate_member
 from trainguard.scan.formats.dtypes import storage_element_size
 from trainguard.scan.formats.pickles import run_pickle
 from trainguard.scan.formats.zipread import ZipDirectory, ZipEntry, read_directory
-from trainguard._pickle.values import const_tuple
 
 # Members a PyTorch archive holds besides data.pkl and its storages; they are small text records.
-_TORCH_RECORDS = {"version", ".format_version", ".storage_alignment", "byteorder", ".data/version",
-                  ".data/serialization_id"}
+_TORCH_RECORDS = {
+    "version",
+    ".format_version",
+    ".storage_alignment",
+    "byteorder",
+    ".data/version",
+    ".data/serialization_id",
+}
 
 
 def scan_zip(scan: Scan, art: Artifact, analyse: Analyse) -> None:
@@ -24,9 +31,14 @@ def scan_zip(scan: Scan, art: Artifact, analyse: Analyse) -> None:
     directory = read_directory(art, scan.limits.max_members)
     _structure_findings(scan, art, directory)
     if directory.prefix:
-        scan.add("data-before-archive", Severity.HIGH,
-                 f"{directory.prefix} bytes precede the ZIP archive; loaders that read from the start "
-                 "(torch.load's legacy path, pickle.load) see them instead of the archive", art.location, 0)
+        scan.add(
+            "data-before-archive",
+            Severity.HIGH,
+            f"{directory.prefix} bytes precede the ZIP archive; loaders that read from the start "
+            "(torch.load's legacy path, pickle.load) see them instead of the archive",
+            art.location,
+            0,
+        )
         analyse(scan, art.child(0, directory.prefix, "<data before archive>"))
     entries = [e for e in directory.entries if not e.name.endswith("/")]
     torch_root = _torch_root(entries)
@@ -51,20 +63,27 @@ def _structure_findings(scan: Scan, art: Artifact, directory: ZipDirectory) -> N
     counts = Counter(e.name for e in directory.entries)
     for name, n in counts.items():
         if n > 1:
-            scan.add("zip-duplicate-name", Severity.HIGH,
-                     f"member {name!r} appears {n} times; readers disagree on which copy they load",
-                     art.location)
+            scan.add(
+                "zip-duplicate-name",
+                Severity.HIGH,
+                f"member {name!r} appears {n} times; readers disagree on which copy they load",
+                art.location,
+            )
     spans = sorted((e.header_offset, e.data_offset + e.compressed_size, e.name) for e in directory.entries)
-    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+    for (_, end, name), (begin, _, other) in itertools.pairwise(spans):
         if begin < end:
             raise UndecidableError(
                 f"{art.location}: members {name!r} and {other!r} overlap (a decompression-bomb construction)"
             )
     for entry in directory.entries:
         if entry.local_name != entry.name:
-            scan.add("zip-name-mismatch", Severity.MEDIUM,
-                     f"member {entry.name!r} is called {entry.local_name!r} in its local header",
-                     art.location, entry.header_offset)
+            scan.add(
+                "zip-name-mismatch",
+                Severity.MEDIUM,
+                f"member {entry.name!r} is called {entry.local_name!r} in its local header",
+                art.location,
+                entry.header_offset,
+            )
         if entry.data_offset + entry.compressed_size > art.size:
             raise MalformedArtifact(f"{art.location}!/{entry.name}: member runs past the end of the archive")
 
@@ -89,21 +108,31 @@ def _member(scan: Scan, art: Artifact, entry: ZipEntry) -> Artifact:
         child = inflate_member(scan, art, entry.data_offset, entry.compressed_size, entry.method, entry.name)
     if zlib.crc32(child.data[child.start : child.end]) != entry.crc:
         # zipfile refuses such a member, miniz (torch.load) reads it: a known scanner bypass.
-        scan.add("zip-crc-mismatch", Severity.MEDIUM,
-                 f"member {entry.name!r} does not match its CRC-32; some readers refuse it, torch.load does not",
-                 art.location, entry.header_offset)
+        scan.add(
+            "zip-crc-mismatch",
+            Severity.MEDIUM,
+            f"member {entry.name!r} does not match its CRC-32; some readers refuse it, torch.load does not",
+            art.location,
+            entry.header_offset,
+        )
     return child
 
 
-def _scan_torch(scan: Scan, art: Artifact, entries: list[ZipEntry], root: str) -> tuple[dict[str, tuple[int, int]], set[int]]:
+def _scan_torch(
+    scan: Scan, art: Artifact, entries: list[ZipEntry], root: str
+) -> tuple[dict[str, tuple[int, int]], set[int]]:
     """Scan data.pkl with PyTorch's persistent ids; return storage sizes by key and the indexes done."""
     storages: dict[str, tuple[int, int]] = {}
     done: set[int] = set()
     names = {e.name for e in entries}
     if f"{root}/constants.pkl" in names or any(e.name.startswith(f"{root}/code/") for e in entries):
-        scan.add("torchscript-code", Severity.HIGH,
-                 "TorchScript archive: its code/ runs when loaded with torch.jit.load (and torch.load hands "
-                 "such files to torch.jit.load); only load TorchScript you built", art.location)
+        scan.add(
+            "torchscript-code",
+            Severity.HIGH,
+            "TorchScript archive: its code/ runs when loaded with torch.jit.load (and torch.load hands "
+            "such files to torch.jit.load); only load TorchScript you built",
+            art.location,
+        )
     for index, entry in enumerate(entries):
         if entry.name != f"{root}/data.pkl":
             continue
@@ -112,17 +141,30 @@ def _scan_torch(scan: Scan, art: Artifact, entries: list[ZipEntry], root: str) -
         scan.label("pickle")
         result = run_pickle(scan, member, member.start)
         if result.error is not None:
-            scan.problem("malformed-pickle", f"{member.location}: pickle stops ({result.error.reason})",
-                         member.location, result.error.offset - member.start)
+            scan.problem(
+                "malformed-pickle",
+                f"{member.location}: pickle stops ({result.error.reason})",
+                member.location,
+                result.error.offset - member.start,
+            )
         for ref in result.persistent_ids:
             items = const_tuple(ref.pid)
             valid = items is not None and len(items) == 5 and items[0] == "storage"
             elsize = storage_element_size(items[1]) if items is not None and valid else None
-            if items is None or not valid or elsize is None or not isinstance(items[2], str) \
-                    or not isinstance(items[4], int):
-                scan.add("unexpected-persistent-id", Severity.HIGH,
-                         "data.pkl asks torch.load's persistent_load for something other than a storage",
-                         member.location, ref.pos - member.start)
+            if (
+                items is None
+                or not valid
+                or elsize is None
+                or not isinstance(items[2], str)
+                or not isinstance(items[4], int)
+            ):
+                scan.add(
+                    "unexpected-persistent-id",
+                    Severity.HIGH,
+                    "data.pkl asks torch.load's persistent_load for something other than a storage",
+                    member.location,
+                    ref.pos - member.start,
+                )
                 continue
             storages[items[2]] = (elsize, items[4])
     return storages, done
@@ -130,12 +172,20 @@ def _scan_torch(scan: Scan, art: Artifact, entries: list[ZipEntry], root: str) -
 
 def _check_storage(scan: Scan, art: Artifact, entry: ZipEntry, spec: tuple[int, int]) -> None:
     if entry.method != 0 or entry.encrypted:
-        scan.add("storage-compressed", Severity.MEDIUM,
-                 f"tensor storage {entry.name!r} is compressed or encrypted; torch.save never writes that",
-                 art.location, entry.header_offset)
+        scan.add(
+            "storage-compressed",
+            Severity.MEDIUM,
+            f"tensor storage {entry.name!r} is compressed or encrypted; torch.save never writes that",
+            art.location,
+            entry.header_offset,
+        )
         return
     elsize, numel = spec
     if entry.size < elsize * numel:
-        scan.add("storage-size-mismatch", Severity.MEDIUM,
-                 f"tensor storage {entry.name!r} holds {entry.size} bytes, data.pkl promises {elsize * numel}",
-                 art.location, entry.header_offset)
+        scan.add(
+            "storage-size-mismatch",
+            Severity.MEDIUM,
+            f"tensor storage {entry.name!r} holds {entry.size} bytes, data.pkl promises {elsize * numel}",
+            art.location,
+            entry.header_offset,
+        )

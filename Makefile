@@ -1,0 +1,42 @@
+# Two commands from a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SAMPLES ?= samples
+
+.PHONY: dev demo test lint typecheck unit reformat clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch is pinned first so that nothing later can pull a multi-gigabyte CUDA build.
+dev: $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+demo: dev
+	rm -rf $(SAMPLES)
+	$(BIN)/python examples/make_samples.py $(SAMPLES)
+	$(BIN)/trainguard scan $(SAMPLES) ; status=$$? ; \
+	  if [ $$status -eq 1 ]; then echo "demo: the planted samples were caught (exit 1), the genuine ones passed"; \
+	  else echo "demo: unexpected exit $$status" ; exit 1 ; fi
+
+lint:
+	$(BIN)/ruff check src tests examples bench
+	$(BIN)/ruff format --check src
+
+typecheck:
+	$(BIN)/mypy
+
+unit:
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2
+
+test: dev lint typecheck unit
+
+reformat:
+	$(BIN)/ruff format src
+	$(BIN)/ruff check --fix src tests
+
+clean:
+	rm -rf $(VENV) $(SAMPLES) .mypy_cache .ruff_cache .pytest_cache
