@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     scan.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (scanned recursively)")
     scan.add_argument("--format", choices=("text", "json", "sarif"), default="text", help="output format")
-    scan.add_argument("-o", "--output", type=Path, help="write the report to this file instead of stdout")
+    scan.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write the report to this file instead of stdout"
+    )
     scan.add_argument(
         "--allow",
         action="append",
@@ -71,23 +73,30 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--policy",
         type=Path,
+        metavar="FILE",
         default=os.environ.get("TRAINGUARD_POLICY") or None,
         help="TOML policy file with [scan.allow] entries (env: TRAINGUARD_POLICY)",
     )
     scan.add_argument(
         "--jobs",
         type=_positive_int,
+        metavar="N",
         default=os.environ.get("TRAINGUARD_JOBS") or None,
         help="worker processes (default: every core; env: TRAINGUARD_JOBS)",
     )
     scan.add_argument("--no-progress", action="store_true", help="no progress line on a terminal")
-    scan.add_argument("--max-depth", type=_positive_int, help="containers nested inside each other (16)")
+    scan.add_argument(
+        "--max-depth", type=_positive_int, metavar="N", help="containers nested inside each other (16)"
+    )
     scan.add_argument(
         "--max-expanded-bytes",
         type=_positive_int,
+        metavar="BYTES",
         help="bytes decompressed from one file's containers (8 GiB)",
     )
-    scan.add_argument("--max-ratio", type=_ratio, help="compression ratio that counts as a bomb (1100)")
+    scan.add_argument(
+        "--max-ratio", type=_ratio, metavar="RATIO", help="compression ratio that counts as a bomb (1100)"
+    )
     scan.set_defaults(run=_cmd_scan)
     return parser
 

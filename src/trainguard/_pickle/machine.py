@@ -41,7 +41,7 @@ class Event:
     """Something the unpickler would have done that can run code or change global state.
 
     kind is one of: import, call, unresolved-import, non-constant-call, global-attribute-write,
-    global-mutation, extension.
+    global-mutation, container-misuse, extension.
     """
 
     kind: str
@@ -143,11 +143,19 @@ class Machine:
             self._event("non-constant-call", pos, detail=f"{op} calls {describe(func)}")
         return Call(func, args, pos, op, kwargs)
 
-    def _mutate(self, target: Value, pos: int, op: str) -> None:
+    def _mutate(self, target: Value, pos: int, op: str, fits: tuple[str, ...]) -> None:
+        """Record container opcodes applied to an import, or to a value no pickler applies them to."""
         if isinstance(target, Global):
             self._event(
                 "global-mutation", pos, module=target.module, name=target.name, detail=f"{op} on an import"
             )
+        elif isinstance(target, (Call, PersRef, Opaque)):
+            return  # an object built by an allowed call may implement the protocol itself
+        elif not (isinstance(target, Seq) and target.kind in fits) and not (
+            isinstance(target, Dct) and "dict" in fits
+        ):
+            # Loaders have corrupted memory on such streams (CVE-2026-24747); no pickler writes them.
+            self._event("container-misuse", pos, detail=f"{op} applied to {describe(target)}")
 
     # -- the run loop
     def run(self) -> MachineResult:
@@ -299,21 +307,21 @@ class Machine:
     def op_append(self, arg: object, pos: int) -> None:
         value = self._pop(pos)
         target = self._top(pos)
-        self._mutate(target, pos, "APPEND")
+        self._mutate(target, pos, "APPEND", ("list",))
         if isinstance(target, Seq):
             target.extend([value])
 
     def op_appends(self, arg: object, pos: int) -> None:
         items = self._pop_mark(pos)
         target = self._top(pos)
-        self._mutate(target, pos, "APPENDS")
+        self._mutate(target, pos, "APPENDS", ("list",))
         if isinstance(target, Seq):
             target.extend(items)
 
     def op_additems(self, arg: object, pos: int) -> None:
         items = self._pop_mark(pos)
         target = self._top(pos)
-        self._mutate(target, pos, "ADDITEMS")
+        self._mutate(target, pos, "ADDITEMS", ("set",))
         if isinstance(target, Seq):
             target.extend(items)
 
@@ -321,7 +329,7 @@ class Machine:
         value = self._pop(pos)
         key = self._pop(pos)
         target = self._top(pos)
-        self._mutate(target, pos, "SETITEM")
+        self._mutate(target, pos, "SETITEM", ("dict",))
         if isinstance(target, Dct):
             target.extend([(key, value)])
 
@@ -330,7 +338,7 @@ class Machine:
         if len(items) % 2:
             raise PickleSyntaxError("odd number of items for SETITEMS", pos)
         target = self._top(pos)
-        self._mutate(target, pos, "SETITEMS")
+        self._mutate(target, pos, "SETITEMS", ("dict",))
         if isinstance(target, Dct):
             target.extend(list(zip(items[::2], items[1::2], strict=True)))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import mmap
+import re
 import struct
 from collections.abc import Iterator
 from typing import Union
@@ -91,11 +92,34 @@ def _decode_long(raw: bytes) -> int:
     return int.from_bytes(raw, "little", signed=True)
 
 
-def _parse_int(text: bytes, pos: int) -> int:
+def _parse_int(text: bytes, pos: int, base: int) -> int:
+    """Python's int(): surrounding whitespace, a sign and underscores between digits are accepted."""
     try:
-        return int(text, 0)
+        return int(text, base)
     except ValueError:
         raise PickleSyntaxError(f"invalid integer literal {text[:40]!r}", pos) from None
+
+
+_STRTOL = re.compile(rb"^[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def _parse_int_opcode(text: bytes, pos: int) -> int | bool:
+    """INT as CPython's C unpickler reads it: strtol(s, 0) (so "010" is 8), else int(s, 0)."""
+    match = _STRTOL.match(text)
+    if match is not None and match.end() in (len(text), len(text) - 1) and text[match.end() :] in (b"", b" "):
+        digits = match.group(2)
+        if digits[:2] in (b"0x", b"0X"):
+            value = int(digits[2:], 16)
+        elif digits.startswith(b"0") and len(digits) > 1:
+            value = int(digits[1:], 8)
+        else:
+            value = int(digits, 10)
+        value = -value if match.group(1) == b"-" else value
+        if -(1 << 63) <= value < (1 << 63):
+            if len(text) == 2 and value in (0, 1):
+                return value == 1  # "00" and "01" are False and True
+            return value
+    return _parse_int(text, pos, 0)
 
 
 def _bytes_arg(data: Buffer, pos: int, n: int, end: int, what: str) -> tuple[bytes | Blob, int]:
@@ -154,14 +178,14 @@ def _read_variable(data: Buffer, code: int, kind: Arg, p: int, end: int) -> tupl
     name = OPCODES[code][0]
     if kind is Arg.DECIMALNL_SHORT:
         text, p2 = _line(data, p, end)
-        if code == ord("I") and text in (b"00", b"01"):
-            return code, text == b"01", p2
-        return code, _parse_int(text, p), p2
+        if code == ord("I"):
+            return code, _parse_int_opcode(text, p), p2
+        return code, _parse_int(text, p, 10), p2
     if kind is Arg.DECIMALNL_LONG:
         text, p2 = _line(data, p, end)
         if text.endswith(b"L"):
             text = text[:-1]
-        return code, _parse_int(text, p), p2
+        return code, _parse_int(text, p, 0), p2
     if kind is Arg.FLOATNL:
         text, p2 = _line(data, p, end)
         try:

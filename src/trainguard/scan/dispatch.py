@@ -97,4 +97,5 @@ def _maybe_zip_with_prefix(scan: Scan, art: Artifact) -> None:
     if art.size >= 22 and find_eocd(art) is not None:
         zips.scan_zip(scan, art, analyse)
         return
-    scan.label("other")
+    if art.depth == 0:
+        scan.label("other")

@@ -95,6 +95,7 @@ _STRUCTURAL: dict[str, tuple[Severity, str, str]] = {
     "global-attribute-write": (Severity.CRITICAL, "global-attribute-write", "attribute write on import"),
     "global-mutation": (Severity.HIGH, "global-mutation", "in-place change of an imported object"),
     "extension": (Severity.HIGH, "extension-code", "import through the copyreg extension registry"),
+    "container-misuse": (Severity.MEDIUM, "container-misuse", "container opcode on the wrong kind of value"),
 }
 
 

@@ -53,11 +53,34 @@ TORCH_STORAGE_ELEMENT_SIZE: dict[str, int] = {
 }
 
 
+# Type names numpy.dtype() also accepts in a header's descr.
+_NUMPY_NAMES = {
+    "object": (8, True),
+    "O": (8, True),
+    "bool": (1, False),
+    "float64": (8, False),
+    "float32": (4, False),
+    "float16": (2, False),
+    "int64": (8, False),
+    "int32": (4, False),
+    "int16": (2, False),
+    "int8": (1, False),
+    "uint64": (8, False),
+    "uint32": (4, False),
+    "uint16": (2, False),
+    "uint8": (1, False),
+    "complex64": (8, False),
+    "complex128": (16, False),
+}
+
+
 def numpy_typestr(text: str, *, npy_header: bool) -> tuple[int, bool] | None:
     """(itemsize, holds Python objects) for a simple type string like '<f4', or None if unknown.
 
     In .npy headers 'U5' counts characters (4 bytes each); in pickled dtypes it counts bytes.
     """
+    if text in _NUMPY_NAMES:
+        return _NUMPY_NAMES[text]
     match = _NUMPY_TYPESTR.match(text)
     if match is None:
         return None

@@ -15,16 +15,6 @@ from trainguard.scan.formats.dtypes import storage_element_size
 from trainguard.scan.formats.pickles import run_pickle
 from trainguard.scan.formats.zipread import ZipDirectory, ZipEntry, read_directory
 
-# Members a PyTorch archive holds besides data.pkl and its storages; they are small text records.
-_TORCH_RECORDS = {
-    "version",
-    ".format_version",
-    ".storage_alignment",
-    "byteorder",
-    ".data/version",
-    ".data/serialization_id",
-}
-
 
 def scan_zip(scan: Scan, art: Artifact, analyse: Analyse) -> None:
     scan.label("zip")
@@ -54,9 +44,18 @@ def scan_zip(scan: Scan, art: Artifact, analyse: Analyse) -> None:
         if rel is not None and rel.startswith("data/") and rel[5:] in storages:
             _check_storage(scan, art, entry, storages[rel[5:]])
             continue
-        if rel in _TORCH_RECORDS and entry.size <= 64:
-            continue
         analyse(scan, _member(scan, art, entry))
+    if torch_root is not None:
+        present = {e.name for e in entries}
+        missing = sorted(k for k in storages if f"{torch_root}/data/{k}" not in present)
+        if missing:
+            scan.add(
+                "missing-storage",
+                Severity.MEDIUM,
+                f"data.pkl refers to {len(missing)} tensor storage(s) absent from the archive "
+                f"(first: data/{missing[0]}); torch.load fails on this file",
+                art.location,
+            )
 
 
 def _structure_findings(scan: Scan, art: Artifact, directory: ZipDirectory) -> None:
