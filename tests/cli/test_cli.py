@@ -200,3 +200,21 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme
     assert ci.strip().splitlines()[-1] == "make test"
+
+
+def test_fifo_in_a_folder_is_skipped_without_hanging(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    os.mkfifo(tmp_path / "pipe.pt")
+    (tmp_path / "ok.pkl").write_bytes(CLEAN)
+    assert main(["scan", "--format", "json", str(tmp_path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    verdicts = {Path(r["path"]).name: (r["verdict"], r["note"]) for r in doc["results"]}
+    assert verdicts["pipe.pt"] == ("skipped", "not a regular file")
+
+
+def test_unreadable_file_is_undecided(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "loop.pt"
+    target.symlink_to(target)
+    assert main(["scan", str(target)]) == 3
+    assert "cannot read" in capsys.readouterr().out

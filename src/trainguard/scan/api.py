@@ -105,10 +105,11 @@ def scan_file(path: str, policy: Policy | None = None, limits: ScanLimits | None
     policy = policy or Policy.default()
     limits = limits or ScanLimits()
     try:
-        handle = Path(path).open("rb")  # noqa: SIM115 - closed below, after the mapping
+        # O_NONBLOCK: opening a FIFO planted in a checkpoint folder must not hang the scan.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         return _unreadable(path, exc.strerror or str(exc))
-    with handle:
+    with os.fdopen(fd, "rb") as handle:
         try:
             info = os.fstat(handle.fileno())
         except OSError as exc:
