@@ -24,17 +24,28 @@ def run_pickle(
     strict: bool = True,
     joblib: bool = True,
     prefix: str = "",
+    judge: bool = True,
 ) -> MachineResult:
     """Run one pickle from absolute offset `start` and turn its events into findings.
 
     With strict=False the bytes are only possibly a pickle (another interpretation of a file):
     imports that `__import__` would reject are dropped, since the load would stop there.
+    With judge=False the caller judges the events of the returned result itself.
     """
-    hook = _JoblibArrays(scan, art, prefix).on_build if joblib else None
-    machine = Machine(art.data, start, art.end, limits=scan.limits.pickle, build_hook=hook)
-    result = machine.run()
-    judge_events(scan, art, result, strict=strict, prefix=prefix)
+    arrays = _JoblibArrays(scan, art, prefix) if joblib else None
+    hook = arrays.on_build if arrays is not None else None
+    result = Machine(art.data, start, art.end, limits=scan.limits.pickle, build_hook=hook).run()
+    if judge:
+        judge_events(scan, art, result, strict=strict, prefix=prefix)
+    if arrays is not None and arrays.fired:
+        # joblib.load skips the bytes after each array header; every other unpickler reads them
+        # as opcodes. Judge that reading too, or a payload hides in the "array data".
+        plain = Machine(art.data, start, art.end, limits=scan.limits.pickle).run()
+        judge_events(scan, art, plain, strict=False, prefix=f"{prefix}{_PLAIN_READING}")
     return result
+
+
+_PLAIN_READING = "read by any unpickler but joblib.load: "
 
 
 def judge_events(scan: Scan, art: Artifact, result: MachineResult, *, strict: bool, prefix: str) -> None:
@@ -62,12 +73,14 @@ class _JoblibArrays:
         self.scan = scan
         self.art = art
         self.prefix = prefix
+        self.fired = False
 
     def on_build(self, machine: Machine, target: Call, state: Value) -> None:
         func = target.func
         if not (isinstance(func, Global) and func.qualname == _JOBLIB_WRAPPER):
             return
         self.scan.label("joblib")
+        self.fired = True
         layout = _wrapper_layout(target)
         if layout is None:
             raise PickleSyntaxError("joblib array header whose layout cannot be determined", machine.pos)
@@ -115,8 +128,7 @@ def _wrapper_layout(wrapper: Call) -> tuple[int, int, bool, bool] | None:
 
 def scan_pickle_file(scan: Scan, art: Artifact) -> bool:
     """Scan a raw pickle stream; False if the bytes are not a pickle at all."""
-    hook = _JoblibArrays(scan, art, "").on_build
-    first = Machine(art.data, art.start, art.end, limits=scan.limits.pickle, build_hook=hook).run()
+    first = run_pickle(scan, art, art.start, judge=False)
     proven = first.error is None or art.head(1) == b"\x80"
     # Text or binary data that merely starts with an opcode: pickle.load would stop at the
     # first import of a name Python cannot import, so only importable names count.
@@ -133,10 +145,6 @@ def scan_pickle_file(scan: Scan, art: Artifact) -> bool:
         scan.label("pytorch-legacy")
         _scan_torch_legacy_stream(scan, art, first.end)
         return True
-    if "joblib" in scan.formats:
-        # pickle.load instead of joblib.load would read the array bytes as opcodes.
-        plain = Machine(art.data, art.start, art.end, limits=scan.limits.pickle).run()
-        judge_events(scan, art, plain, strict=False, prefix="if read by pickle.load instead of joblib.load: ")
     _scan_following_pickles(scan, art, first.end)
     return True
 
