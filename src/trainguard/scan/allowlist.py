@@ -122,6 +122,7 @@ def _build() -> dict[str, str]:
         "torch.device": "device name for a tensor; parses a string",
         "torch.nn.parameter.Parameter": "wraps a tensor as a parameter",
         "torch.serialization._get_layout": "maps a layout name to torch.strided etc.; dictionary lookup",
+        "torch.tensor._rebuild_from_type_v2": "old module name that torch.load maps to torch._tensor",
         "torch._tensor._rebuild_from_type_v2": "rebuilds tensor subclasses; its callable argument is itself"
         " an import checked against this list",
         "torch.storage.TypedStorage": "storage class named by persistent ids",

@@ -180,11 +180,12 @@ _CRITICAL_QUALNAMES = frozenset(
 
 def is_critical(module: str, name: str) -> bool:
     """True when importing `module`.`name` can run code or reach an importer."""
-    root = module.split(".", 1)[0]
-    if root in _CRITICAL_MODULES or module in _CRITICAL_MODULES:
+    # Dotted names walk attributes (protocol 4+), so every component counts: pkg._sys.modules
+    # reaches sys, and any dunder (__builtins__, __globals__, __setstate__) reaches interpreter internals.
+    parts = module.split(".") + name.split(".")
+    if any(part in _CRITICAL_MODULES or part.lstrip("_") in _CRITICAL_MODULES for part in parts):
         return True
-    parts = name.split(".")
-    if any(part in _CRITICAL_NAMES for part in parts):
+    if any(part in _CRITICAL_NAMES or (part.startswith("__") and part.endswith("__")) for part in parts):
         return True
     full = f"{module}.{name}"
     return any(full == q or full.startswith(q + ".") for q in _CRITICAL_QUALNAMES)

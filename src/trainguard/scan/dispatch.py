@@ -52,7 +52,7 @@ def analyse(scan: Scan, art: Artifact) -> None:
         scan.problem(type(exc).__name__, exc.diagnostics(), art.location, exc.offset)
     except MissingExtraError as exc:
         scan.problem("MissingExtra", exc.diagnostics(), art.location)
-    except (OSError, ValueError, MemoryError, RecursionError) as exc:
+    except Exception as exc:  # a bug or an unforeseen input must end as "undecided", never as a crash
         log.debug("analysis of %s failed", art.location, exc_info=True)
         scan.problem("Error", f"{art.location}: analysis failed ({type(exc).__name__}: {exc})", art.location)
 
@@ -89,7 +89,7 @@ def _analyse(scan: Scan, art: Artifact) -> None:
     elif fmt == "7z":
         containers.scan_7z(scan, art, analyse)
     elif fmt == "lz4":
-        raise MissingExtraError("lz4", "archives", f"{art.location}: reading an LZ4-compressed joblib file")
+        containers.scan_lz4(scan, art, analyse)
 
 
 def _maybe_zip_with_prefix(scan: Scan, art: Artifact) -> None:

@@ -78,11 +78,16 @@ class _Sink:
         return bytes(self.memory)
 
 
-class _Decompressor(Protocol):
+class _Streaming(Protocol):
+    """What the bz2, lzma and lz4.frame decompressors share."""
+
     @property
     def eof(self) -> bool: ...
     @property
     def unused_data(self) -> bytes: ...
+    @property
+    def needs_input(self) -> bool: ...
+    def decompress(self, data: bytes, max_length: int = ..., /) -> bytes: ...
 
 
 def _chunks(art: Artifact, offset: int = 0) -> Iterator[bytes]:
@@ -117,9 +122,7 @@ def _expand_zlib(
     return Artifact(sink.data(), 0, sink.size, location, art.depth + 1)
 
 
-def _expand_stream(
-    scan: Scan, art: Artifact, make: Callable[[], bz2.BZ2Decompressor | lzma.LZMADecompressor], name: str
-) -> Artifact:
+def _expand_stream(scan: Scan, art: Artifact, make: Callable[[], _Streaming], name: str) -> Artifact:
     location = f"{art.location}!/{name}"
     sink = _Sink(scan, location)
     dec = make()
@@ -134,7 +137,7 @@ def _expand_stream(
                 raise MalformedArtifact(f"{location}: {exc}") from None
             data = b""
             if dec.eof:
-                rest = dec.unused_data
+                rest = dec.unused_data or b""
                 if not rest.strip(b"\x00"):
                     return Artifact(sink.data(), 0, sink.size, location, art.depth + 1)
                 dec = make()
@@ -143,6 +146,22 @@ def _expand_stream(
             if dec.needs_input:
                 break
     raise MalformedArtifact(f"{location}: compressed stream is truncated")
+
+
+def scan_lz4(scan: Scan, art: Artifact, analyse: Analyse) -> None:
+    """LZ4 frames, as joblib writes them with compress="lz4"."""
+    scan.label("lz4")
+    try:
+        import lz4.frame
+    except ImportError:
+        raise MissingExtraError(
+            "lz4", "archives", f"{art.location}: reading an LZ4-compressed file"
+        ) from None
+    try:
+        child = _expand_stream(scan, art, lz4.frame.LZ4FrameDecompressor, "<lz4>")
+    except RuntimeError as exc:
+        raise MalformedArtifact(f"{art.location}: invalid LZ4 data ({exc})") from None
+    analyse(scan, child)
 
 
 def scan_gzip(scan: Scan, art: Artifact, analyse: Analyse) -> None:

@@ -7,7 +7,7 @@ import zlib
 from collections import Counter
 
 from trainguard._pickle.values import const_tuple
-from trainguard.errors import MalformedArtifact, UndecidableError, UnsupportedFormat
+from trainguard.errors import MalformedArtifact, UndecidableError
 from trainguard.findings import Severity
 from trainguard.scan.artifact import Artifact, Scan
 from trainguard.scan.formats.containers import Analyse, inflate_member
@@ -98,7 +98,13 @@ def _torch_root(entries: list[ZipEntry]) -> str | None:
 
 def _member(scan: Scan, art: Artifact, entry: ZipEntry) -> Artifact:
     if entry.encrypted:
-        raise UnsupportedFormat(f"{art.location}!/{entry.name}: encrypted ZIP member cannot be analysed")
+        # Undecided unless the bytes are readable anyway: the flag alone encrypts nothing.
+        scan.problem(
+            "UnsupportedFormat",
+            f"{art.location}!/{entry.name}: member is marked encrypted; read as plain data only",
+            art.location,
+            entry.header_offset,
+        )
     if entry.method == 0:
         if entry.compressed_size != entry.size:
             raise MalformedArtifact(f"{art.location}!/{entry.name}: stored member with two different sizes")
