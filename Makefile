@@ -23,8 +23,8 @@ demo: dev
 	  else echo "demo: unexpected exit $$status" ; exit 1 ; fi
 
 lint:
-	$(BIN)/ruff check src tests examples bench
-	$(BIN)/ruff format --check src
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck:
 	$(BIN)/mypy
@@ -35,8 +35,8 @@ unit:
 test: dev lint typecheck unit
 
 reformat:
-	$(BIN)/ruff format src
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) $(SAMPLES) .mypy_cache .ruff_cache .pytest_cache
