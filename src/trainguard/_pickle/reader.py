@@ -23,11 +23,17 @@ INLINE_BYTES = 4096
 # A text line (GLOBAL names, INT digits...) longer than this is refused.
 MAX_LINE = 1 << 20
 
-_UNPACK_U2 = struct.Struct("<H").unpack_from
 _UNPACK_U4 = struct.Struct("<I").unpack_from
 _UNPACK_I4 = struct.Struct("<i").unpack_from
 _UNPACK_U8 = struct.Struct("<Q").unpack_from
-_UNPACK_F8 = struct.Struct(">d").unpack_from
+# Fixed-width arguments: byte count and decoder.
+_FIXED = {
+    Arg.UINT2: (2, struct.Struct("<H").unpack_from),
+    Arg.UINT4: (4, _UNPACK_U4),
+    Arg.INT4: (4, _UNPACK_I4),
+    Arg.UINT8: (8, _UNPACK_U8),
+    Arg.FLOAT8: (8, struct.Struct(">d").unpack_from),
+}
 
 
 # What the reader reads: a whole file mapped into memory, or bytes already in memory.
@@ -156,21 +162,11 @@ def read_op(data: Buffer, pos: int, end: int) -> tuple[int, ArgValue, int]:
         if code == 0x80 and value > HIGHEST_PROTOCOL:
             raise PickleSyntaxError(f"unsupported pickle protocol {value}", pos)
         return code, value, p + 1
-    if kind is Arg.UINT2:
-        _need(p, 2, end, spec[0])
-        return code, _UNPACK_U2(data[p : p + 2])[0], p + 2
-    if kind is Arg.UINT4:
-        _need(p, 4, end, spec[0])
-        return code, _UNPACK_U4(data[p : p + 4])[0], p + 4
-    if kind is Arg.INT4:
-        _need(p, 4, end, spec[0])
-        return code, _UNPACK_I4(data[p : p + 4])[0], p + 4
-    if kind is Arg.UINT8:
-        _need(p, 8, end, spec[0])
-        return code, _UNPACK_U8(data[p : p + 8])[0], p + 8
-    if kind is Arg.FLOAT8:
-        _need(p, 8, end, spec[0])
-        return code, _UNPACK_F8(data[p : p + 8])[0], p + 8
+    fixed = _FIXED.get(kind)
+    if fixed is not None:
+        width, unpack = fixed
+        _need(p, width, end, spec[0])
+        return code, unpack(data[p : p + width])[0], p + width
     return _read_variable(data, code, kind, p, end)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from trainguard.errors import LimitExceeded, MissingExtraError, UndecidableError
 from trainguard.scan.artifact import Artifact, Scan
@@ -68,28 +69,28 @@ def _analyse(scan: Scan, art: Artifact) -> None:
         return
     # pickle.load reads any file as a pickle; a polyglot may be both a container and a pickle.
     pickles.run_pickle(scan, art, art.start, strict=False, joblib=False, prefix="read as a pickle: ")
-    if fmt == "zip":
-        zips.scan_zip(scan, art, analyse)
-    elif fmt == "npy":
-        npy.scan_npy(scan, art)
-    elif fmt == "safetensors":
-        safetensors.scan_safetensors(scan, art)
-    elif fmt == "gzip":
-        containers.scan_gzip(scan, art, analyse)
-    elif fmt == "bz2":
-        containers.scan_bz2(scan, art, analyse)
-    elif fmt == "xz":
-        containers.scan_xz(scan, art, analyse)
-    elif fmt == "zlib":
-        containers.scan_zlib(scan, art, analyse)
-    elif fmt == "joblib-zfile":
-        containers.scan_joblib_zfile(scan, art, analyse)
-    elif fmt == "tar":
-        containers.scan_tar(scan, art, analyse)
-    elif fmt == "7z":
-        containers.scan_7z(scan, art, analyse)
-    elif fmt == "lz4":
-        containers.scan_lz4(scan, art, analyse)
+    if fmt in _LEAVES:
+        _LEAVES[fmt](scan, art)
+    else:
+        _CONTAINERS[fmt](scan, art, analyse)
+
+
+# Formats whose content is analysed in place, and formats that hold further artifacts.
+_LEAVES: dict[str, Callable[[Scan, Artifact], None]] = {
+    "npy": npy.scan_npy,
+    "safetensors": safetensors.scan_safetensors,
+}
+_CONTAINERS: dict[str, Callable[[Scan, Artifact, containers.Analyse], None]] = {
+    "zip": zips.scan_zip,
+    "gzip": containers.scan_gzip,
+    "bz2": containers.scan_bz2,
+    "xz": containers.scan_xz,
+    "zlib": containers.scan_zlib,
+    "joblib-zfile": containers.scan_joblib_zfile,
+    "tar": containers.scan_tar,
+    "7z": containers.scan_7z,
+    "lz4": containers.scan_lz4,
+}
 
 
 def _maybe_zip_with_prefix(scan: Scan, art: Artifact) -> None:

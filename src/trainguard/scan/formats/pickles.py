@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from trainguard._pickle.machine import Machine, MachineResult
 from trainguard._pickle.reader import PickleSyntaxError
-from trainguard._pickle.values import Call, Global, Opaque, PersRef, Seq, Value, const_tuple
+from trainguard._pickle.values import Call, Dct, Global, Opaque, PersRef, Seq, Value, const_tuple
 from trainguard.findings import Severity
 from trainguard.scan.artifact import Artifact, Scan
 from trainguard.scan.formats.dtypes import pickled_numpy_dtype, storage_element_size
@@ -108,8 +109,6 @@ def _wrapper_layout(wrapper: Call) -> tuple[int, int, bool, bool] | None:
     if wrapper.op not in ("NEWOBJ", "NEWOBJ_EX") or len(wrapper.states) != 1:
         return None
     state = wrapper.states[0]
-    from trainguard._pickle.values import Dct
-
     if not isinstance(state, Dct) or state.dropped:
         return None
     shape = const_tuple(state.get("shape"))
@@ -266,14 +265,16 @@ def _tensor_record(art: Artifact, header: Value, pos: int) -> int | None:
     return pos + 8 + 16 * ndim + 8 if ndim >= 0 else None
 
 
-def _legacy_records(scan: Scan, art: Artifact, record: object) -> None:
+RecordReader = Callable[[Artifact, Value, int], "int | None"]
+
+
+def _legacy_records(scan: Scan, art: Artifact, record: RecordReader) -> None:
     count_result = run_pickle(scan, art, art.start)
     count = count_result.value
     if count_result.error is not None or not isinstance(count, int) or count < 0:
         scan.problem("malformed-legacy", "legacy PyTorch record count cannot be read", art.location)
         return
     pos = count_result.end
-    assert callable(record)
     for _ in range(count):
         header = run_pickle(scan, art, pos)
         next_pos = None if header.error is not None else record(art, header.value, header.end)
