@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         help="bytes decompressed from one file's containers (8 GiB)",
     )
     scan.add_argument(
-        "--max-ratio", type=_ratio, metavar="RATIO", help="compression ratio that counts as a bomb (1100)"
+        "--max-ratio", type=_ratio, metavar="RATIO", help="compression ratio that counts as a bomb (200)"
     )
     scan.set_defaults(run=_cmd_scan)
     return parser

@@ -76,15 +76,19 @@ class Scan:
         if fmt not in self.formats:
             self.formats.append(fmt)
 
-    def account_expansion(self, produced: int, consumed: int, location: str) -> None:
-        """Charge decompressed bytes against the file's limits (zip bombs end here)."""
+    def account_expansion(
+        self, produced: int, consumed: int, location: str, *, stream_total: int = 0
+    ) -> None:
+        """Charge `produced` new bytes of a stream that has now expanded `stream_total` bytes from
+        `consumed` compressed ones against the file's limits: decompression bombs end here."""
         limits = self.limits
+        stream_total = max(stream_total, produced)
         if self.expanded + produced > limits.max_expanded_bytes:
             raise LimitExceeded(
                 f"{location}: expands past {limits.max_expanded_bytes} bytes (possible decompression bomb)",
                 hint="raise --max-expanded-bytes if this archive is genuine",
             )
-        if produced > limits.ratio_floor and produced > limits.max_ratio * max(consumed, 1):
+        if stream_total > limits.ratio_floor and stream_total > limits.max_ratio * max(consumed, 1):
             raise LimitExceeded(
                 f"{location}: compression ratio above {limits.max_ratio:.0f}:1 (possible decompression bomb)",
                 hint="raise --max-ratio if this archive is genuine",

@@ -16,8 +16,10 @@ class ScanLimits:
 
     max_depth: int = 16  # containers inside containers
     max_expanded_bytes: int = 8 * GiB  # bytes decompressed from all containers of one file
-    max_ratio: float = 1100.0  # decompressed/compressed, checked once past ratio_floor bytes
-    ratio_floor: int = 32 * MiB
+    # Decompressed/compressed, checked once past ratio_floor bytes. Deflate tops out near 1030:1,
+    # so a bomb limit must sit well below that; real checkpoints compress 1-10x.
+    max_ratio: float = 200.0
+    ratio_floor: int = 64 * MiB
     max_members: int = 100_000  # entries in one archive
     max_safetensors_header: int = 100 * MiB  # the same bound the safetensors library applies
     max_npy_header: int = 1 * MiB

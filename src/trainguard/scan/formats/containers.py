@@ -61,7 +61,7 @@ class _Sink:
     def write(self, chunk: bytes, consumed: int) -> None:
         if not chunk:
             return
-        self.scan.account_expansion(len(chunk), consumed, self.location)
+        self.scan.account_expansion(len(chunk), consumed, self.location, stream_total=self.size + len(chunk))
         self.size += len(chunk)
         if self.file is None and len(self.memory) + len(chunk) > self.scan.limits.spool_in_memory:
             self.file = self.scan.spill_file()
@@ -109,8 +109,9 @@ def _expand_zlib(
         consumed += len(chunk)
         data = chunk
         while data:
-            sink.write(dec.decompress(data, _CHUNK), consumed)
+            out = dec.decompress(data, _CHUNK)
             data = dec.unconsumed_tail
+            sink.write(out, consumed - len(data))
             if dec.eof:
                 data = dec.unused_data
                 if not multi or not data.strip(b"\x00"):
