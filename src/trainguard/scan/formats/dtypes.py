@@ -121,6 +121,8 @@ def pickled_numpy_dtype(value: Value) -> tuple[int, bool] | None:
         if not isinstance(elsize, int) or not isinstance(flags, int):
             return None
         if elsize != -1:
+            if elsize < 0:
+                return None
             info = (elsize, info[1])
         if flags & 1:  # NPY_ITEM_REFCOUNT: the dtype holds objects
             info = (info[0], True)

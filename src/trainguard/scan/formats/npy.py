@@ -46,6 +46,8 @@ def scan_npy(scan: Scan, art: Artifact) -> None:
     if len(head) < 10:
         raise MalformedArtifact(f"{art.location}: truncated .npy header")
     major = head[6]
+    if major in (2, 3) and len(head) < 12:
+        raise MalformedArtifact(f"{art.location}: truncated .npy header")
     if major == 1:
         (hlen,) = struct.unpack_from("<H", head, 8)
         start = 10

@@ -98,7 +98,7 @@ class _JoblibArrays:
                     raise PickleSyntaxError("joblib array padding runs past the end", pos)
                 pos += 1 + machine.data[pos : pos + 1][0]
             nbytes = count * itemsize
-            if nbytes > machine.end - pos:
+            if nbytes < 0 or nbytes > machine.end - pos:
                 raise PickleSyntaxError(f"joblib array of {nbytes} bytes runs past the end", pos)
             machine.pos = pos + nbytes
         machine.stack[-1] = Opaque("a joblib array")
