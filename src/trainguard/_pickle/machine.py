@@ -22,8 +22,10 @@ class PickleLimits:
     """Bounds that keep a hostile pickle from exhausting time or memory."""
 
     max_ops: int = 50_000_000
-    max_memo: int = 4_000_000
-    max_stack: int = 4_000_000
+    # Each symbolic value costs ~150 bytes; these bounds keep a hostile pickle near 300 MiB at
+    # worst while leaving room for the largest real state dicts (a few hundred thousand tensors).
+    max_memo: int = 2_000_000
+    max_stack: int = 1_000_000
     max_marks: int = 100_000
 
     def __post_init__(self) -> None:

@@ -115,6 +115,7 @@ def _build() -> dict[str, str]:
         "builtins.set": "set literal written by protocol 2 pickles",
         "builtins.frozenset": "frozenset literal written by protocol 2 pickles",
         "builtins.bytearray": "bytearray literal; copies bytes only",
+        "builtins.bytes": "how protocols 0-2 write an empty bytes literal (bytes())",
         "builtins.complex": "complex number literal",
         "_codecs.encode": "how protocol 2 pickles spell bytes; encodes a str, calls nothing else",
         "torch.Size": "tensor shape tuple",
@@ -122,7 +123,6 @@ def _build() -> dict[str, str]:
         "torch.device": "device name for a tensor; parses a string",
         "torch.nn.parameter.Parameter": "wraps a tensor as a parameter",
         "torch.serialization._get_layout": "maps a layout name to torch.strided etc.; dictionary lookup",
-        "torch.tensor._rebuild_from_type_v2": "old module name that torch.load maps to torch._tensor",
         "torch._tensor._rebuild_from_type_v2": "rebuilds tensor subclasses; its callable argument is itself"
         " an import checked against this list",
         "torch.storage.TypedStorage": "storage class named by persistent ids",
@@ -148,7 +148,8 @@ def _build() -> dict[str, str]:
     }
     for name in _TORCH_STORAGE_TYPES:
         allowed[f"torch.{name}"] = "legacy storage type named by persistent ids"
-        allowed[f"torch.cuda.{name}"] = "legacy CUDA storage type named by persistent ids"
+        if not name.startswith("QU") and not name.startswith("QInt"):  # torch has no CUDA quantized ones
+            allowed[f"torch.cuda.{name}"] = "legacy CUDA storage type named by persistent ids"
     for name in _TORCH_TENSOR_TYPES:
         allowed[f"torch.{name}"] = "legacy tensor type"
     for name in _TORCH_DTYPES:

@@ -118,14 +118,16 @@ def pickled_numpy_dtype(value: Value) -> tuple[int, bool] | None:
         names, fields, elsize, flags = state[3], state[4], state[5], state[7]
         if names is not None or fields is not None:
             return None  # structured dtypes are not analysed
-        if not isinstance(elsize, int) or not isinstance(flags, int):
+        if not isinstance(elsize, int) or isinstance(elsize, bool) or not isinstance(flags, int):
             return None
-        if elsize != -1:
+        # Like NumPy's __setstate__: only flexible types (bytes, str, void) take their size from
+        # the state, and whether the dtype holds objects comes from the flags alone.
+        size = info[0]
+        if args[0].lstrip("<>|=")[:1] in ("S", "U", "V") and elsize != -1:
             if elsize < 0:
                 return None
-            info = (elsize, info[1])
-        if flags & 1:  # NPY_ITEM_REFCOUNT: the dtype holds objects
-            info = (info[0], True)
+            size = elsize
+        info = (size, bool(flags & 1))  # NPY_ITEM_REFCOUNT
     return info
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from trainguard._pickle.machine import Machine, MachineResult
+from trainguard._pickle.machine import Event, Machine, MachineResult
 from trainguard._pickle.reader import PickleSyntaxError
 from trainguard._pickle.values import Call, Dct, Global, Opaque, PersRef, Seq, Value, const_tuple
 from trainguard.findings import Severity
@@ -52,7 +52,7 @@ _PLAIN_READING = "read by any unpickler but joblib.load: "
 def judge_events(scan: Scan, art: Artifact, result: MachineResult, *, strict: bool, prefix: str) -> None:
     seen: set[tuple[str, str, str]] = set()
     for event in result.events:
-        if not strict and event.kind == "import" and not is_importable_name(event.module, event.name):
+        if not strict and not _can_run_code(event):
             continue
         key = (event.kind, event.qualname, event.detail if event.kind != "import" else "")
         if key in seen:
@@ -62,6 +62,17 @@ def judge_events(scan: Scan, art: Artifact, result: MachineResult, *, strict: bo
         if finding is not None:
             offset = event.pos - art.start
             scan.add(finding.rule, finding.severity, finding.message, art.location, offset)
+
+
+# In a reading that is merely possible (array bytes, another format's header read as opcodes), only
+# what could run code counts: an import Python can perform, or a write on an imported object. The
+# rest (a STACK_GLOBAL of non-strings, a call of a non-callable, EXT with an empty registry) makes the
+# real unpickler raise, and random bytes produce it all the time.
+_POSSIBLE_READING_KINDS = ("import", "global-attribute-write", "global-mutation")
+
+
+def _can_run_code(event: Event) -> bool:
+    return event.kind in _POSSIBLE_READING_KINDS and is_importable_name(event.module, event.name)
 
 
 class _JoblibArrays:
