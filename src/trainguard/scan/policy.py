@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -26,6 +28,22 @@ _IDENTIFIER_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*
 def is_importable_name(module: str, name: str) -> bool:
     """False when `__import__`/getattr would fail on these names before anything could run."""
     return bool(_IDENTIFIER_PATH.match(module) and _IDENTIFIER_PATH.match(name))
+
+
+@functools.lru_cache(maxsize=4096)
+def module_can_be_found(module: str) -> bool:
+    """Whether `import module` could start here: its top-level name is in the standard library or
+    on this interpreter's path. Searching for a top-level name runs nothing; the module is not
+    imported. Used only for readings that are merely possible, where a name that cannot be
+    imported means the load stops before anything runs.
+    """
+    root = module.split(".", 1)[0]
+    if root in sys.stdlib_module_names or root in sys.builtin_module_names:
+        return True
+    try:
+        return importlib.util.find_spec(root) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ from trainguard._pickle.values import Call, Dct, Global, Opaque, PersRef, Seq, V
 from trainguard.findings import Severity
 from trainguard.scan.artifact import Artifact, Scan
 from trainguard.scan.formats.dtypes import pickled_numpy_dtype, storage_element_size
-from trainguard.scan.policy import is_importable_name
+from trainguard.scan.policy import is_importable_name, module_can_be_found
 
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _JOBLIB_WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
@@ -72,7 +72,11 @@ _POSSIBLE_READING_KINDS = ("import", "global-attribute-write", "global-mutation"
 
 
 def _can_run_code(event: Event) -> bool:
-    return event.kind in _POSSIBLE_READING_KINDS and is_importable_name(event.module, event.name)
+    return (
+        event.kind in _POSSIBLE_READING_KINDS
+        and is_importable_name(event.module, event.name)
+        and module_can_be_found(event.module)
+    )
 
 
 class _JoblibArrays:
