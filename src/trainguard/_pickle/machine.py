@@ -13,7 +13,8 @@ import _compat_pickle
 import dataclasses
 from collections.abc import Callable
 
-from trainguard._pickle.reader import Blob, Buffer, PickleSyntaxError, read_op
+from trainguard._pickle.opcodes import OPCODES, Arg
+from trainguard._pickle.reader import ARG_KIND, Buffer, PickleSyntaxError, read_op
 from trainguard._pickle.values import Call, Dct, Global, Opaque, PersRef, Seq, Value, describe
 
 
@@ -179,24 +180,38 @@ class Machine:
         )
 
     def _loop(self) -> Value:
-        limits = self.limits
+        # The hot path: locals instead of attributes, and tables indexed by opcode byte.
         data, end = self.data, self.end
-        dispatch = _DISPATCH
-        while True:
-            op_pos = self.pos
-            code, arg, self.pos = read_op(data, op_pos, end)
-            self.ops += 1
-            if self.ops > limits.max_ops:
-                raise LimitError(f"more than {limits.max_ops} opcodes", op_pos)
-            if code == 0x2E:  # STOP
-                return self._pop(op_pos)
-            handler = dispatch.get(code)
-            if handler is None:  # a constant-pushing opcode
-                self.stack.append(_const(code, arg))
-            else:
-                handler(self, arg, op_pos)
-            if len(self.stack) + self._depth > limits.max_stack:
-                raise LimitError(f"more than {limits.max_stack} stack items", op_pos)
+        dispatch, no_arg = _DISPATCH, _NO_ARG
+        max_ops, max_stack, max_memo = self.limits.max_ops, self.limits.max_stack, self.limits.max_memo
+        pos, ops = self.pos, self.ops
+        try:
+            while True:
+                op_pos = pos
+                if pos < end and no_arg[data[pos]]:
+                    code, arg = data[pos], None
+                    pos += 1
+                else:
+                    code, arg, pos = read_op(data, pos, end)
+                ops += 1
+                if code == 0x71 and self.stack and len(self.memo) < max_memo:  # BINPUT, the commonest
+                    self.memo[arg] = self.stack[-1]  # type: ignore[index]
+                    continue
+                if code == 0x2E:  # STOP
+                    return self._pop(op_pos)
+                handler = dispatch[code]
+                if handler is None:  # an opcode that pushes its argument
+                    self.stack.append(arg)  # type: ignore[arg-type]
+                else:
+                    self.pos = pos
+                    handler(self, arg, op_pos)
+                    pos = self.pos
+                if ops > max_ops:
+                    raise LimitError(f"more than {max_ops} opcodes", op_pos)
+                if len(self.stack) + self._depth > max_stack:
+                    raise LimitError(f"more than {max_stack} stack items", op_pos)
+        finally:
+            self.pos, self.ops = pos, ops
 
     # -- opcode handlers
     def op_mark(self, arg: object, pos: int) -> None:
@@ -407,19 +422,6 @@ class Machine:
         self._top(pos)
 
 
-def _const(code: int, arg: object) -> Value:
-    if code == 0x4E:  # NONE
-        return None
-    if code == 0x88:  # NEWTRUE
-        return True
-    if code == 0x89:  # NEWFALSE
-        return False
-    if code == 0x96:  # BYTEARRAY8
-        return Opaque("a bytearray")
-    assert isinstance(arg, (bool, int, float, str, bytes, Blob))
-    return arg
-
-
 _HANDLERS: dict[str, Callable[[Machine, object, int], None]] = {
     "MARK": Machine.op_mark,
     "POP": Machine.op_pop,
@@ -465,14 +467,20 @@ _HANDLERS: dict[str, Callable[[Machine, object, int], None]] = {
     "LONG_BINGET": Machine.op_get,
     "NEXT_BUFFER": Machine.op_next_buffer,
     "READONLY_BUFFER": Machine.op_readonly_buffer,
+    "NEWTRUE": lambda m, a, p: m._push(True),
+    "NEWFALSE": lambda m, a, p: m._push(False),
+    "BYTEARRAY8": lambda m, a, p: m._push(Opaque("a bytearray")),
 }
 
 
-def _build_dispatch() -> dict[int, Callable[[Machine, object, int], None]]:
-    from trainguard._pickle.opcodes import OPCODES
-
+def _build_dispatch() -> list[Callable[[Machine, object, int], None] | None]:
+    """Handlers by opcode byte; None for opcodes that push their argument (NONE pushes None)."""
     by_name = {name: code for code, (name, _) in OPCODES.items()}
-    return {by_name[name]: handler for name, handler in _HANDLERS.items()}
+    table: list[Callable[[Machine, object, int], None] | None] = [None] * 256
+    for name, handler in _HANDLERS.items():
+        table[by_name[name]] = handler
+    return table
 
 
 _DISPATCH = _build_dispatch()
+_NO_ARG = bytes(1 if kind is Arg.NONE else 0 for kind in ARG_KIND)

@@ -13,7 +13,7 @@ import dataclasses
 import mmap
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Union
 
 from trainguard._pickle.opcodes import HIGHEST_PROTOCOL, OPCODES, Arg
@@ -148,26 +148,43 @@ def read_op(data: Buffer, pos: int, end: int) -> tuple[int, ArgValue, int]:
     """Decode the opcode at `pos`; return (code, argument, position after it)."""
     if pos >= end:
         raise LengthError("pickle ends without STOP", pos)
-    code = data[pos : pos + 1][0]
-    spec = OPCODES.get(code)
-    if spec is None:
+    code = data[pos]
+    kind = ARG_KIND[code]
+    if kind is None:
         raise PickleSyntaxError(f"invalid opcode 0x{code:02x}", pos)
-    kind = spec[1]
     p = pos + 1
     if kind is Arg.NONE:
         return code, None, p
+    if code == 0x58 and p + 4 <= end:  # BINUNICODE, the commonest string form
+        n = _UNPACK_U4(data[p : p + 4])[0]
+        if n <= end - p - 4:
+            try:
+                return code, data[p + 4 : p + 4 + n].decode("utf-8", "surrogatepass"), p + 4 + n
+            except UnicodeDecodeError:
+                pass  # the general path below reports it
     if kind is Arg.UINT1:
-        _need(p, 1, end, spec[0])
-        value = data[p : p + 1][0]
+        if p >= end:
+            raise LengthError(f"{OPCODES[code][0]} declares 1 bytes but only 0 remain", p)
+        value = data[p]
         if code == 0x80 and value > HIGHEST_PROTOCOL:
             raise PickleSyntaxError(f"unsupported pickle protocol {value}", pos)
         return code, value, p + 1
-    fixed = _FIXED.get(kind)
+    fixed = _FIXED_BY_CODE[code]
     if fixed is not None:
         width, unpack = fixed
-        _need(p, width, end, spec[0])
+        if width > end - p:
+            _need(p, width, end, OPCODES[code][0])
         return code, unpack(data[p : p + width])[0], p + width
     return _read_variable(data, code, kind, p, end)
+
+
+# Per opcode byte: how its argument is encoded (None: not an opcode), and for fixed-width
+# arguments the width and decoder. Lists indexed by byte keep the hot path free of hashing.
+ARG_KIND: list[Arg | None] = [None] * 256
+_FIXED_BY_CODE: list[tuple[int, Callable[[bytes], tuple[int | float]]] | None] = [None] * 256
+for _code, (_name, _kind) in OPCODES.items():
+    ARG_KIND[_code] = _kind
+    _FIXED_BY_CODE[_code] = _FIXED.get(_kind)
 
 
 def _read_variable(data: Buffer, code: int, kind: Arg, p: int, end: int) -> tuple[int, ArgValue, int]:

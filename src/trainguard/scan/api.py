@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
-import multiprocessing
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from trainguard.errors import UsageError
@@ -88,6 +86,9 @@ def _run(files: list[str], policy: Policy, options: ScanOptions) -> list[FileRes
             if options.progress:
                 options.progress(done, total, path)
         return results
+    import multiprocessing  # only parallel scans pay for these imports
+    from concurrent.futures import ProcessPoolExecutor
+
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     context = multiprocessing.get_context(method)
     chunk = max(1, min(32, total // (jobs * 8)))

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
-import tempfile
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from trainguard._pickle.reader import Buffer
 from trainguard.errors import LimitExceeded
 from trainguard.findings import Finding, Problem, Severity
 from trainguard.scan.limits import ScanLimits
 from trainguard.scan.policy import Policy
+
+if TYPE_CHECKING:
+    import tempfile
 
 Data = Union[bytes, mmap.mmap]  # noqa: UP007
 
@@ -98,10 +100,14 @@ class Scan:
     @property
     def spill_dir(self) -> Path:
         if self._workdir is None:
+            import tempfile  # only scans that spill decompressed data need it
+
             self._workdir = tempfile.TemporaryDirectory(prefix="trainguard-")
         return Path(self._workdir.name)
 
     def spill_file(self) -> tempfile._TemporaryFileWrapper[bytes]:
+        import tempfile
+
         handle = tempfile.NamedTemporaryFile(dir=self.spill_dir, prefix="member-", delete=True)  # noqa: SIM115 - closed in close()
         self._spills.append((handle, None))
         return handle

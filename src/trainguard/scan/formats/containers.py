@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import bz2
 import io
-import lzma
 import mmap
-import tarfile
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from trainguard.errors import LimitExceeded, MalformedArtifact, MissingExtraError, UnsupportedFormat
 from trainguard.scan.artifact import Artifact, Data, Scan
+
+if TYPE_CHECKING:
+    import tempfile
 
 Analyse = Callable[[Scan, Artifact], None]
 _CHUNK = 1 << 20
@@ -133,9 +132,10 @@ def _expand_stream(scan: Scan, art: Artifact, make: Callable[[], _Streaming], na
         data = chunk
         while True:
             try:
-                sink.write(dec.decompress(data, _CHUNK), consumed)
-            except (OSError, lzma.LZMAError, EOFError) as exc:
+                out = dec.decompress(data, _CHUNK)
+            except Exception as exc:  # bz2, lzma and lz4 each raise their own error types
                 raise MalformedArtifact(f"{location}: {exc}") from None
+            sink.write(out, consumed)
             data = b""
             if dec.eof:
                 rest = dec.unused_data or b""
@@ -192,11 +192,15 @@ def scan_joblib_zfile(scan: Scan, art: Artifact, analyse: Analyse) -> None:
 
 
 def scan_bz2(scan: Scan, art: Artifact, analyse: Analyse) -> None:
+    import bz2
+
     scan.label("bz2")
     analyse(scan, _expand_stream(scan, art, bz2.BZ2Decompressor, "<bz2>"))
 
 
 def scan_xz(scan: Scan, art: Artifact, analyse: Analyse) -> None:
+    import lzma
+
     scan.label("xz")
     analyse(scan, _expand_stream(scan, art, lambda: lzma.LZMADecompressor(lzma.FORMAT_AUTO), "<xz>"))
 
@@ -211,11 +215,15 @@ def inflate_member(scan: Scan, art: Artifact, offset: int, csize: int, method: i
             raise MalformedArtifact(f"{art.location}!/{name}: invalid deflate data ({exc})") from None
         return child
     if method == 12:
+        import bz2
+
         return _expand_stream(scan, window, bz2.BZ2Decompressor, name)
     raise UnsupportedFormat(f"{art.location}!/{name}: ZIP compression method {method} is not supported")
 
 
 def scan_tar(scan: Scan, art: Artifact, analyse: Analyse) -> None:
+    import tarfile
+
     from trainguard.scan.formats.pickles import scan_torch_legacy_tar
 
     scan.label("tar")
@@ -248,6 +256,9 @@ def scan_7z(scan: Scan, art: Artifact, analyse: Analyse) -> None:
         import py7zr
     except ImportError:
         raise MissingExtraError("py7zr", "archives", f"{art.location}: reading a 7z archive") from None
+    import lzma
+    import tempfile
+
     with tempfile.TemporaryDirectory(dir=scan.spill_dir, prefix="7z-") as out:
         try:
             with py7zr.SevenZipFile(io.BufferedReader(_Window(art)), mode="r") as archive:
