@@ -12,6 +12,7 @@ from __future__ import annotations
 import _compat_pickle
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 from trainguard._pickle.opcodes import OPCODES, Arg
 from trainguard._pickle.reader import ARG_KIND, Buffer, PickleSyntaxError, read_op
@@ -39,8 +40,7 @@ class LimitError(PickleSyntaxError):
     """A resource limit stopped the machine."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
     """Something the unpickler would have done that can run code or change global state.
 
     kind is one of: import, call, unresolved-import, non-constant-call, global-attribute-write,
@@ -188,14 +188,21 @@ class Machine:
         try:
             while True:
                 op_pos = pos
-                if pos < end and no_arg[data[pos]]:
-                    code, arg = data[pos], None
+                code = data[pos] if pos < end else -1
+                if code >= 0 and no_arg[code]:
+                    arg = None
                     pos += 1
                 else:
                     code, arg, pos = read_op(data, pos, end)
                 ops += 1
-                if code == 0x71 and self.stack and len(self.memo) < max_memo:  # BINPUT, the commonest
+                # The commonest opcodes of real checkpoints, inlined; edge cases go to the handlers.
+                if code == 0x71 and self.stack and len(self.memo) < max_memo:  # BINPUT
                     self.memo[arg] = self.stack[-1]  # type: ignore[index]
+                    continue
+                if code == 0x68 and arg in self.memo:  # BINGET
+                    self.stack.append(self.memo[arg])  # type: ignore[index]
+                    if len(self.stack) + self._depth > max_stack:
+                        raise LimitError(f"more than {max_stack} stack items", op_pos)
                     continue
                 if code == 0x2E:  # STOP
                     return self._pop(op_pos)

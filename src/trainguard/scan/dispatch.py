@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from trainguard._pickle.reader import ARG_KIND
 from trainguard.errors import LimitExceeded, MissingExtraError, UndecidableError
 from trainguard.scan.artifact import Artifact, Scan
 from trainguard.scan.formats import containers, npy, pickles, safetensors, zips
@@ -62,7 +63,12 @@ def _analyse(scan: Scan, art: Artifact) -> None:
     if art.size == 0:
         scan.label("empty")
         return
-    fmt = sniff(art.head(512), art.size)
+    head = art.head(512)
+    fmt = sniff(head, art.size)
+    if fmt == "pickle" and ARG_KIND[head[0]] is None:
+        # Every unpickler stops at the first byte: not a pickle (but maybe data before a ZIP).
+        _maybe_zip_with_prefix(scan, art)
+        return
     if fmt == "pickle":
         if not pickles.scan_pickle_file(scan, art):
             _maybe_zip_with_prefix(scan, art)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from typing import NamedTuple
 
 from trainguard.errors import LimitExceeded, MalformedArtifact
 from trainguard.scan.artifact import Artifact
@@ -20,8 +21,9 @@ _CENTRAL = b"PK\x01\x02"
 _LOCAL = b"PK\x03\x04"
 
 
-@dataclasses.dataclass(frozen=True)
-class ZipEntry:
+class ZipEntry(NamedTuple):
+    """One central-directory entry (a tuple: archives can hold thousands)."""
+
     name: str
     method: int
     flags: int
@@ -138,9 +140,12 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
 
 
 def _local_header(art: Artifact, header: int) -> tuple[int, str]:
-    local = art.read(header, 30)
-    if len(local) != 30 or local[:4] != _LOCAL:
+    at = art.start + header
+    if header < 0 or header + 30 > art.size or art.data[at : at + 4] != _LOCAL:
         raise MalformedArtifact(f"{art.location}: ZIP local header missing", offset=header)
-    nlen, xlen = struct.unpack_from("<HH", local, 26)
+    nlen, xlen = _LOCAL_LENGTHS(art.data, at + 26)
     name = art.read(header + 30, nlen).decode("utf-8", "replace")
     return header + 30 + nlen + xlen, name
+
+
+_LOCAL_LENGTHS = struct.Struct("<HH").unpack_from
