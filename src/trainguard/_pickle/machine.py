@@ -92,32 +92,35 @@ class Machine:
         self.end = len(data) if end is None else end
         self.limits = limits or PickleLimits()
         self.build_hook = build_hook
+        # One flat stack and the positions of its MARKs, as CPython's C unpickler keeps them:
+        # items below `fence` belong to outer marks and cannot be popped.
         self.stack: list[Value] = []
-        self.metastack: list[list[Value]] = []
+        self.marks: list[int] = []
+        self.fence = 0
         self.memo: dict[int, Value] = {}
         self.proto = 0
         self.events: list[Event] = []
         self.persistent_ids: list[PersRef] = []
         self.ops = 0
-        self._depth = 0  # items held in outer (marked) stacks
 
     # -- stack helpers, raising exactly where the unpickler raises
     def _pop(self, op_pos: int) -> Value:
-        if not self.stack:
+        if len(self.stack) <= self.fence:
             raise PickleSyntaxError("unpickling stack underflow", op_pos)
         return self.stack.pop()
 
     def _top(self, op_pos: int) -> Value:
-        if not self.stack:
+        if len(self.stack) <= self.fence:
             raise PickleSyntaxError("unpickling stack underflow", op_pos)
         return self.stack[-1]
 
     def _pop_mark(self, op_pos: int) -> list[Value]:
-        if not self.metastack:
+        if not self.marks:
             raise PickleSyntaxError("could not find MARK", op_pos)
-        items = self.stack
-        self.stack = self.metastack.pop()
-        self._depth -= len(self.stack)
+        start = self.marks.pop()
+        self.fence = self.marks[-1] if self.marks else 0
+        items = self.stack[start:]
+        del self.stack[start:]
         return items
 
     def _push(self, value: Value) -> None:
@@ -184,6 +187,7 @@ class Machine:
         data, end = self.data, self.end
         dispatch, no_arg = _DISPATCH, _NO_ARG
         max_ops, max_stack, max_memo = self.limits.max_ops, self.limits.max_stack, self.limits.max_memo
+        stack, memo = self.stack, self.memo
         pos, ops = self.pos, self.ops
         try:
             while True:
@@ -196,43 +200,40 @@ class Machine:
                     code, arg, pos = read_op(data, pos, end)
                 ops += 1
                 # The commonest opcodes of real checkpoints, inlined; edge cases go to the handlers.
-                if code == 0x71 and self.stack and len(self.memo) < max_memo:  # BINPUT
-                    self.memo[arg] = self.stack[-1]  # type: ignore[index]
-                    continue
-                if code == 0x68 and arg in self.memo:  # BINGET
-                    self.stack.append(self.memo[arg])  # type: ignore[index]
-                    if len(self.stack) + self._depth > max_stack:
-                        raise LimitError(f"more than {max_stack} stack items", op_pos)
+                if code == 0x71 and len(stack) > self.fence and len(memo) < max_memo:  # BINPUT
+                    memo[arg] = stack[-1]  # type: ignore[index]
                     continue
                 if code == 0x2E:  # STOP
                     return self._pop(op_pos)
-                handler = dispatch[code]
-                if handler is None:  # an opcode that pushes its argument
-                    self.stack.append(arg)  # type: ignore[arg-type]
+                if code == 0x68 and arg in memo:  # BINGET
+                    stack.append(memo[arg])  # type: ignore[index]
                 else:
-                    self.pos = pos
-                    handler(self, arg, op_pos)
-                    pos = self.pos
+                    handler = dispatch[code]
+                    if handler is None:  # an opcode that pushes its argument
+                        stack.append(arg)  # type: ignore[arg-type]
+                    else:
+                        self.pos = pos
+                        handler(self, arg, op_pos)
+                        pos = self.pos
                 if ops > max_ops:
                     raise LimitError(f"more than {max_ops} opcodes", op_pos)
-                if len(self.stack) + self._depth > max_stack:
+                if len(stack) > max_stack:
                     raise LimitError(f"more than {max_stack} stack items", op_pos)
         finally:
             self.pos, self.ops = pos, ops
 
     # -- opcode handlers
     def op_mark(self, arg: object, pos: int) -> None:
-        if len(self.metastack) >= self.limits.max_marks:
+        if len(self.marks) >= self.limits.max_marks:
             raise LimitError(f"more than {self.limits.max_marks} nested MARKs", pos)
-        self.metastack.append(self.stack)
-        self._depth += len(self.stack)
-        self.stack = []
+        self.fence = len(self.stack)
+        self.marks.append(self.fence)
 
     def op_pop(self, arg: object, pos: int) -> None:
-        if self.stack:
+        if len(self.stack) > self.fence:
             self.stack.pop()
         else:
-            self._pop_mark(pos)
+            self._pop_mark(pos)  # an empty frame: POP discards its MARK, as CPython does
 
     def op_pop_mark(self, arg: object, pos: int) -> None:
         self._pop_mark(pos)
@@ -388,7 +389,7 @@ class Machine:
         self._push(Seq("tuple", []))
 
     def op_tuple_n(self, n: int, pos: int) -> None:
-        if len(self.stack) < n:
+        if len(self.stack) - self.fence < n:
             raise PickleSyntaxError("unpickling stack underflow", pos)
         items = self.stack[len(self.stack) - n :]
         del self.stack[len(self.stack) - n :]

@@ -32,7 +32,7 @@ _CRITICAL_MODULES = frozenset(
         "ctypes",
         "pickle",
         "_pickle",
-        "cPickle",
+        "cPickle",  # trainguard: reviewed (a module name in this list, not a load)
         "dill",
         "cloudpickle",
         "multiprocessing",

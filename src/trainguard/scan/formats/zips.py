@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import zlib
 from collections import Counter
 
@@ -44,7 +45,10 @@ def scan_zip(scan: Scan, art: Artifact, analyse: Analyse) -> None:
         if rel is not None and rel.startswith("data/") and rel[5:] in storages:
             _check_storage(scan, art, entry, storages[rel[5:]])
             continue
-        analyse(scan, _member(scan, art, entry))
+        member = _member(scan, art, entry)
+        if _INERT_RECORD.match(member.data[member.start : member.end]):
+            continue
+        analyse(scan, member)
     if torch_root is not None:
         present = {e.name for e in entries}
         missing = sorted(k for k in storages if f"{torch_root}/data/{k}" not in present)
@@ -56,6 +60,12 @@ def scan_zip(scan: Scan, art: Artifact, analyse: Analyse) -> None:
                 f"(first: data/{missing[0]}); torch.load fails on this file",
                 art.location,
             )
+
+
+# PyTorch's small records (version, byteorder, serialization id...) hold decimal digits or a byte
+# order. Bytes of exactly these forms are inert under every unpickler (digits 3-9 are not opcodes;
+# "little" and "big" underflow at once), so validating the content replaces a full analysis.
+_INERT_RECORD = re.compile(rb"\A(?:[0-9]{1,64}\n?|little|big)\Z")
 
 
 def _structure_findings(scan: Scan, art: Artifact, directory: ZipDirectory) -> None:
