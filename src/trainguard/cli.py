@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from trainguard import __version__
@@ -18,24 +18,23 @@ log = logging.getLogger("trainguard")
 _EPILOG = "exit codes: 0 clean, 1 findings, 2 usage error, 3 could not decide (fail closed)"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
+def _bounded(parse: type[int] | type[float], above: int, what: str) -> Callable[[str], float]:
+    """An argparse type: `parse(text)`, which must be greater than `above`."""
+
+    def convert(text: str) -> float:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value <= above:
+            raise argparse.ArgumentTypeError(f"{text!r} must be above {above}")
+        return value
+
+    return convert
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be above 1")
-    return value
+_positive_int = _bounded(int, 0, "an integer")
+_ratio = _bounded(float, 1, "a number")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,7 +7,6 @@ import mmap
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-from trainguard._pickle.reader import Buffer
 from trainguard.errors import LimitExceeded
 from trainguard.findings import Finding, Problem, Severity
 from trainguard.scan.limits import ScanLimits
@@ -46,10 +45,6 @@ class Artifact:
         return Artifact(
             self.data, self.start + start, self.start + end, f"{self.location}!/{name}", self.depth + 1
         )
-
-    @property
-    def buffer(self) -> Buffer:
-        return self.data
 
 
 class Scan:

@@ -43,7 +43,6 @@ class ZipEntry(NamedTuple):
 class ZipDirectory:
     entries: tuple[ZipEntry, ...]
     prefix: int  # bytes before the first local header (a polyglot or self-extractor)
-    comment_end: int  # where the archive ends
 
 
 def find_eocd(art: Artifact) -> int | None:
@@ -65,7 +64,7 @@ def read_directory(art: Artifact, max_members: int) -> ZipDirectory:
     if eocd is None:
         raise MalformedArtifact(f"{art.location}: no ZIP end-of-central-directory record")
     rec = art.read(eocd, 22)
-    (_, disk, cd_disk, _, count, cd_size, cd_offset, comment_len) = struct.unpack("<4sHHHHIIH", rec)
+    (_, disk, cd_disk, _, count, cd_size, cd_offset, _) = struct.unpack("<4sHHHHIIH", rec)
     if disk != 0 or cd_disk != 0:
         raise MalformedArtifact(f"{art.location}: multi-disk ZIP archives are not supported")
     cd_end = eocd
@@ -80,21 +79,19 @@ def read_directory(art: Artifact, max_members: int) -> ZipDirectory:
     if cd_start < 0 or prefix < 0:
         raise MalformedArtifact(f"{art.location}: ZIP central directory lies outside the file")
     entries = _central_entries(art, cd_start, cd_size, count, prefix)
-    return ZipDirectory(tuple(entries), prefix, eocd + 22 + comment_len)
+    return ZipDirectory(tuple(entries), prefix)
 
 
 def _zip64(art: Artifact, eocd: int) -> tuple[int, int, int, int]:
     loc = art.read(eocd - 20, 20)
     if len(loc) != 20 or loc[:4] != _EOCD64_LOCATOR:
         raise MalformedArtifact(f"{art.location}: ZIP64 locator missing")
-    (rec_offset,) = struct.unpack_from("<Q", loc, 8)
     # Like CPython, find the record just before the locator; the stored offset ignores any prefix.
     rec_pos = eocd - 20 - 56
     rec = art.read(rec_pos, 56)
     if len(rec) != 56 or rec[:4] != _EOCD64:
         raise MalformedArtifact(f"{art.location}: ZIP64 end record missing")
     count, cd_size, cd_offset = struct.unpack_from("<QQQ", rec, 32)
-    del rec_offset
     return count, cd_size, cd_offset, rec_pos
 
 
