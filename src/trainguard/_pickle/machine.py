@@ -183,40 +183,79 @@ class Machine:
         )
 
     def _loop(self) -> Value:
-        # The hot path: locals instead of attributes, and tables indexed by opcode byte.
+        # The hot path: locals instead of attributes, tables indexed by opcode byte, and the commonest
+        # opcodes of real checkpoints decoded and applied inline; edge cases go to read_op and the handlers.
         data, end = self.data, self.end
         dispatch, no_arg = _DISPATCH, _NO_ARG
-        max_ops, max_stack, max_memo = self.limits.max_ops, self.limits.max_stack, self.limits.max_memo
-        stack, memo = self.stack, self.memo
+        limits = self.limits
+        max_ops, max_stack, max_memo = limits.max_ops, limits.max_stack, limits.max_memo
+        max_marks = limits.max_marks
+        stack, memo, marks = self.stack, self.memo, self.marks
         pos, ops = self.pos, self.ops
         try:
             while True:
                 op_pos = pos
                 code = data[pos] if pos < end else -1
-                if code >= 0 and no_arg[code]:
+                if _ONE_BYTE_ARG[code] and pos + 1 < end:  # BINPUT, BINGET, BININT1
+                    arg: object = data[pos + 1]
+                    pos += 2
+                elif code >= 0 and no_arg[code]:
                     arg = None
                     pos += 1
                 else:
                     code, arg, pos = read_op(data, pos, end)
                 ops += 1
-                # The commonest opcodes of real checkpoints, inlined; edge cases go to the handlers.
-                if code == 0x71 and len(stack) > self.fence and len(memo) < max_memo:  # BINPUT
-                    memo[arg] = stack[-1]  # type: ignore[index]
-                    continue
-                if code == 0x2E:  # STOP
-                    return self._pop(op_pos)
-                if code == 0x68 and arg in memo:  # BINGET
-                    stack.append(memo[arg])  # type: ignore[index]
-                else:
-                    handler = dispatch[code]
-                    if handler is None:  # an opcode that pushes its argument
-                        stack.append(arg)  # type: ignore[arg-type]
-                    else:
-                        self.pos = pos
-                        handler(self, arg, op_pos)
-                        pos = self.pos
                 if ops > max_ops:
                     raise LimitError(f"more than {max_ops} opcodes", op_pos)
+                if code == 0x71:  # BINPUT
+                    if len(stack) > self.fence and len(memo) < max_memo:
+                        memo[arg] = stack[-1]  # type: ignore[index]
+                        continue
+                elif code == 0x94:  # MEMOIZE
+                    if len(stack) > self.fence and len(memo) < max_memo:
+                        memo[len(memo)] = stack[-1]
+                        continue
+                elif code == 0x68:  # BINGET
+                    if arg in memo and len(stack) < max_stack:
+                        stack.append(memo[arg])
+                        continue
+                elif code == 0x28:  # MARK
+                    if len(marks) < max_marks:
+                        self.fence = len(stack)
+                        marks.append(self.fence)
+                        continue
+                elif code == 0x29:  # EMPTY_TUPLE
+                    if len(stack) < max_stack:
+                        stack.append(Seq("tuple", []))
+                        continue
+                elif code in (0x88, 0x89):  # NEWTRUE, NEWFALSE
+                    if len(stack) < max_stack:
+                        stack.append(code == 0x88)
+                        continue
+                elif 0x85 <= code <= 0x87:  # TUPLE1, TUPLE2, TUPLE3
+                    n = code - 0x84
+                    if len(stack) - self.fence >= n:
+                        items = stack[-n:]
+                        del stack[-n:]
+                        stack.append(Seq("tuple", items))
+                        continue
+                elif code == 0x74:  # TUPLE
+                    if marks:
+                        start = marks.pop()
+                        self.fence = marks[-1] if marks else 0
+                        items = stack[start:]
+                        del stack[start:]
+                        stack.append(Seq("tuple", items))
+                        continue
+                elif code == 0x2E:  # STOP
+                    return self._pop(op_pos)
+                handler = dispatch[code]
+                if handler is None:  # an opcode that pushes its argument
+                    stack.append(arg)  # type: ignore[arg-type]
+                else:
+                    self.pos = pos
+                    handler(self, arg, op_pos)
+                    pos = self.pos
                 if len(stack) > max_stack:
                     raise LimitError(f"more than {max_stack} stack items", op_pos)
         finally:
@@ -492,3 +531,5 @@ def _build_dispatch() -> list[Callable[[Machine, object, int], None] | None]:
 
 _DISPATCH = _build_dispatch()
 _NO_ARG = bytes(1 if kind is Arg.NONE else 0 for kind in ARG_KIND)
+# Indexed by opcode byte, and by -1 (past the end) through the last slot, which is 0.
+_ONE_BYTE_ARG = bytes(1 if code in (0x71, 0x68, 0x4B) else 0 for code in range(256))

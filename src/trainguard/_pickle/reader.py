@@ -162,6 +162,13 @@ def read_op(data: Buffer, pos: int, end: int) -> tuple[int, ArgValue, int]:
                 return code, data[p + 4 : p + 4 + n].decode("utf-8", "surrogatepass"), p + 4 + n
             except UnicodeDecodeError:
                 pass  # the general path below reports it
+    if code == 0x8C and p < end:  # SHORT_BINUNICODE, protocol 4's string form
+        n = data[p]
+        if n <= end - p - 1:
+            try:
+                return code, data[p + 1 : p + 1 + n].decode("utf-8", "surrogatepass"), p + 1 + n
+            except UnicodeDecodeError:
+                pass
     if kind is Arg.UINT1:
         if p >= end:
             raise LengthError(f"{OPCODES[code][0]} declares 1 bytes but only 0 remain", p)

@@ -70,9 +70,12 @@ class Seq:
     __slots__ = ("dropped", "items", "kind")
 
     def __init__(self, kind: str, items: list[Value]) -> None:
+        # Callers hand over a list they no longer use; it is kept as is unless over the cap.
         self.kind = kind
-        self.items = items[:CONTAINER_CAP]
-        self.dropped = max(0, len(items) - CONTAINER_CAP)
+        if len(items) <= CONTAINER_CAP:
+            self.items, self.dropped = items, 0
+        else:
+            self.items, self.dropped = items[:CONTAINER_CAP], len(items) - CONTAINER_CAP
 
     def extend(self, items: list[Value]) -> None:
         room = CONTAINER_CAP - len(self.items)
@@ -93,8 +96,10 @@ class Dct:
     __slots__ = ("dropped", "pairs")
 
     def __init__(self, pairs: list[tuple[Value, Value]]) -> None:
-        self.pairs = pairs[:CONTAINER_CAP]
-        self.dropped = max(0, len(pairs) - CONTAINER_CAP)
+        if len(pairs) <= CONTAINER_CAP:
+            self.pairs, self.dropped = pairs, 0
+        else:
+            self.pairs, self.dropped = pairs[:CONTAINER_CAP], len(pairs) - CONTAINER_CAP
 
     def extend(self, pairs: list[tuple[Value, Value]]) -> None:
         room = CONTAINER_CAP - len(self.pairs)

@@ -16,11 +16,6 @@ from trainguard.findings import Finding, Severity
 from trainguard.scan.allowlist import BUILTIN_ALLOWLIST
 from trainguard.scan.denylist import is_critical
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
 _PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(\.\*)?$")
 _IDENTIFIER_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -134,6 +129,12 @@ def _import_finding(event: Event, location: str, prefix: str) -> Finding:
 
 def load_policy_file(path: Path) -> dict[str, str]:
     """Read `[scan.allow]` (name = "reason") from an explicitly given TOML policy file."""
+    # Imported here: most scans have no policy file, and startup time counts on folder scans.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on Python 3.10 only
+        import tomli as tomllib
+
     try:
         raw = path.read_bytes()
     except OSError as exc:
