@@ -1,4 +1,4 @@
-"""Imports run one way: errors/findings <- _pickle <- scan <- report <- cli; no framework at the core."""
+"""Imports run one way: errors/findings <- _pickle <- scan <- report <- cli, and errors <- ledger."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ FORBIDDEN = {
     "_pickle": {"scan", "report", "cli", "errors", "findings"},
     "scan": {"report", "cli"},
     "report": {"cli"},
+    # The ledger stands on errors alone: every later room writes to it, it reads none of them.
+    "ledger": {"findings", "_pickle", "scan", "report", "cli", "_cli_ledger"},
+    "_cli_ledger": {"_pickle", "scan", "report"},
 }
 FRAMEWORKS = {"torch", "numpy", "safetensors", "joblib", "transformers", "lightning", "pytorch_lightning"}
 

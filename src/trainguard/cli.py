@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from trainguard import __version__
+from trainguard._cli_ledger import add_commands as add_ledger_commands
 from trainguard.errors import ExitCode, TrainguardError, UsageError
 
 log = logging.getLogger("trainguard")
@@ -97,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-ratio", type=_ratio, metavar="RATIO", help="compression ratio that counts as a bomb (200)"
     )
     scan.set_defaults(run=_cmd_scan)
+    add_ledger_commands(commands, common)
     return parser
 
 

@@ -3,7 +3,10 @@
 TrainguardError                  root; diagnostics() says what to do next
 ├── UsageError                   bad flags, bad policy file, missing path (exit 2)
 │   └── PolicyError              a policy file that cannot be read or is malformed
+│   └── KeyFileError             a key file that is missing, malformed or readable by others
 ├── MissingExtraError            an optional dependency is not installed (exit 2)
+├── VerificationFailed           evidence does not verify: tampering or a wrong key (exit 1)
+├── StoreError                   the ledger store cannot be opened or written (exit 3)
 └── UndecidableError             the input could not be fully analysed (exit 3, fail closed)
     ├── LimitExceeded            a size, depth, count or ratio limit was reached
     ├── MalformedArtifact        truncated or structurally invalid bytes
@@ -51,6 +54,10 @@ class PolicyError(UsageError):
     """A policy file that cannot be read or does not follow the schema."""
 
 
+class KeyFileError(UsageError):
+    """A key file that is missing, malformed, of the wrong kind or readable by other users."""
+
+
 class MissingExtraError(TrainguardError):
     """An optional dependency needed for this operation is not installed."""
 
@@ -63,6 +70,22 @@ class MissingExtraError(TrainguardError):
         )
         self.package = package
         self.extra = extra
+
+
+class VerificationFailed(TrainguardError):
+    """Signed or hashed evidence does not check out; `index` names the first bad ledger entry, if known."""
+
+    exit_code = ExitCode.FINDINGS
+
+    def __init__(self, message: str, *, index: int | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.index = index
+
+
+class StoreError(TrainguardError):
+    """The ledger's database cannot be reached, opened or written; nothing is reported as verified."""
+
+    exit_code = ExitCode.UNDECIDED
 
 
 class UndecidableError(TrainguardError):

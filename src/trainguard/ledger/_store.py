@@ -1,0 +1,230 @@
+"""The ledger store interface, shared by the SQLite and PostgreSQL backends.
+
+A store holds five tables:
+
+    entries(idx, data)                  the canonical bytes of every event, indexed from 0
+    nodes(level, idx, hash)             every completed perfect subtree of the Merkle tree, leaves at level 0
+    checkpoints(size, note, created)    one signed checkpoint note per committed batch
+    cosignatures(size, witness, line)   witness cosignature lines for a checkpoint
+    meta(key, value)                    the log's origin and the verifier key its checkpoints are signed with
+
+Appends take a writer lock that spans processes and hosts (SQLite ``BEGIN IMMEDIATE``, a PostgreSQL
+transaction-level advisory lock), read the tree's right edge, and write the entries, the nodes they complete
+and the new signed checkpoint in one transaction: a crash leaves either all of a batch or none of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from trainguard.errors import KeyFileError, MissingExtraError, StoreError
+from trainguard.ledger._keys import VerifierKey
+from trainguard.ledger._merkle import Frontier, NodeKey, ProofError, leaf_hash, perfect_cover
+from trainguard.ledger._note import Checkpoint
+
+__all__ = [
+    "META_FORMAT",
+    "META_ORIGIN",
+    "META_VERIFIER",
+    "STORE_FORMAT",
+    "Batch",
+    "Signer",
+    "Store",
+    "build_batch",
+    "check_meta",
+    "completed_ranges",
+    "describe_key",
+    "frontier_hashes",
+    "is_postgres_location",
+    "missing_nodes_error",
+    "open_store",
+]
+
+META_ORIGIN = "origin"
+META_VERIFIER = "verifier"
+META_FORMAT = "format"
+# Written on init; a store whose meta table names another format is refused rather than guessed at.
+STORE_FORMAT = "trainguard-ledger/1"
+
+
+Signer = Callable[[Checkpoint], str]
+
+
+class Store(Protocol):
+    """One ledger database. Every method raises StoreError, naming the location, when the database fails."""
+
+    @property
+    def location(self) -> str:
+        """Where the store lives, fit to show a person (a PostgreSQL password is never shown)."""
+        ...
+
+    def init(self, origin: str, verifier: VerifierKey) -> None:
+        """Record the log's origin and verifier key; idempotent, refuses a different origin or key."""
+        ...
+
+    def append_batch(self, entries: Sequence[bytes], sign: Signer) -> tuple[int, str]:
+        """Append `entries` and one signed checkpoint in one transaction; returns (first index, note)."""
+        ...
+
+    def size(self) -> int:
+        """The number of entries (one past the highest index stored)."""
+        ...
+
+    def state(self) -> tuple[int, int]:
+        """(entries size, latest checkpoint size), read together in one statement."""
+        ...
+
+    def nodes(self, keys: Collection[NodeKey]) -> Mapping[NodeKey, bytes]:
+        """Stored node hashes, in one query; ProofError when one is missing."""
+        ...
+
+    def nodes_completed(self, start: int, end: int) -> dict[NodeKey, bytes]:
+        """Every stored node completed by a leaf in [start, end): the nodes `Frontier.append` returns."""
+        ...
+
+    def entries(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """(index, canonical bytes) of stored entries with start <= index < end, by index, streamed."""
+        ...
+
+    def checkpoints(self, max_size: int | None = None) -> Iterator[tuple[int, str]]:
+        """(size, note) of stored checkpoints by size, streamed; up to `max_size` when given."""
+        ...
+
+    def checkpoint(self, size: int) -> str | None:
+        """The note of the checkpoint at `size`, if one is stored."""
+        ...
+
+    def latest_checkpoint(self) -> tuple[int, str] | None:
+        """(size, note) of the largest checkpoint, or None for an empty log."""
+        ...
+
+    def add_cosignature(self, size: int, witness: str, line: str) -> None:
+        """Store (or replace) one witness's cosignature line for the checkpoint at `size`."""
+        ...
+
+    def cosignatures(self, size: int) -> list[tuple[str, str]]:
+        """(witness, line) of every cosignature stored for the checkpoint at `size`."""
+        ...
+
+    def meta(self) -> dict[str, str]:
+        """The meta table: origin and verifier key text; empty before init."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection; the store cannot be used afterwards."""
+        ...
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one append writes besides the entries: the new nodes and the new tree size and root."""
+
+    nodes: list[tuple[int, int, bytes]]
+    size: int
+    root: bytes
+
+
+def build_batch(size: int, frontier_hashes: Sequence[bytes], entries: Sequence[bytes]) -> Batch:
+    """Extend the tree of `size` leaves (given by its frontier) with `entries`; every node they complete."""
+    frontier = Frontier(size, frontier_hashes)
+    nodes: list[tuple[int, int, bytes]] = []
+    add = nodes.append
+    push = frontier.append
+    for data in entries:
+        for (level, idx), h in push(leaf_hash(data)):
+            add((level, idx, h))
+    return Batch(nodes, frontier.size, frontier.root())
+
+
+def frontier_hashes(size: int, found: Mapping[NodeKey, bytes], location: str) -> list[bytes]:
+    """The frontier of a stored tree, or StoreError when the store lacks one of its nodes."""
+    keys = perfect_cover(0, size)
+    try:
+        return [found[key] for key in keys]
+    except KeyError as exc:
+        raise StoreError(
+            f"ledger {location} is damaged: tree node {exc.args[0]} is missing, so nothing can be appended",
+            hint="run 'trainguard ledger verify' to see what was changed",
+        ) from None
+
+
+def check_meta(existing: Mapping[str, str], origin: str, verifier: VerifierKey, location: str) -> None:
+    """Refuse to re-initialise a ledger with a different origin or key (KeyFileError names both key ids)."""
+    fmt = existing.get(META_FORMAT, STORE_FORMAT)
+    if fmt != STORE_FORMAT:
+        raise StoreError(f"ledger {location} has format {fmt!r}; this trainguard reads {STORE_FORMAT!r}")
+    stored = existing.get(META_VERIFIER)
+    if stored is not None and stored != verifier.text():
+        raise KeyFileError(
+            f"ledger {location} is signed by key {describe_key(stored)}, not by {verifier.ident}",
+            hint="use the ledger's own signing key, or a new ledger for the new key",
+        )
+    if existing.get(META_ORIGIN, origin) != origin:
+        raise StoreError(
+            f"ledger {location} has origin {existing[META_ORIGIN]!r}, not {origin!r}",
+            hint="an origin is fixed when a ledger is created",
+        )
+
+
+def describe_key(text: str) -> str:
+    """``name+keyid`` of a verifier key text, or the text itself when it does not parse."""
+    try:
+        return VerifierKey.from_text(text).ident
+    except (KeyFileError, ValueError):
+        return repr(text)
+
+
+def completed_ranges(start: int, end: int) -> list[tuple[int, int, int]]:
+    """(level, first idx, last idx) of the nodes completed by leaves in [start, end), one triple per level.
+
+    Node (level, j) is completed by leaf ((j + 1) << level) - 1.
+    """
+    ranges: list[tuple[int, int, int]] = []
+    if start >= end:
+        return ranges
+    for level in range(end.bit_length()):
+        lo = ((start + (1 << level)) >> level) - 1
+        hi = (end >> level) - 1
+        if lo <= hi:
+            ranges.append((level, lo, hi))
+    return ranges
+
+
+def missing_nodes_error(
+    keys: Collection[NodeKey], found: Mapping[NodeKey, bytes], location: str
+) -> ProofError:
+    """A ProofError naming the first node asked for but not stored."""
+    missing = sorted(set(keys) - set(found))
+    return ProofError(
+        f"ledger {location} lacks tree node {missing[0]} (and {len(missing) - 1} more)"
+        if len(missing) > 1
+        else f"ledger {location} lacks tree node {missing[0]}",
+        hint="the tree size asked for may be beyond the ledger, or the node table was changed; "
+        "run 'trainguard ledger verify'",
+    )
+
+
+def is_postgres_location(location: str | Path) -> bool:
+    """Whether `location` names a PostgreSQL database rather than a SQLite file."""
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(location: str | Path, *, create: bool = True) -> Store:
+    """Open the store at `location`: a ``postgresql://`` URL, or otherwise the path of a SQLite file.
+
+    With `create` false a missing SQLite file is a StoreError instead of a new empty ledger.
+    """
+    if is_postgres_location(location):
+        try:
+            import psycopg  # noqa: F401  (only to find out whether the extra is installed)
+        except ImportError:
+            raise MissingExtraError("psycopg", "postgresql", "A PostgreSQL ledger") from None
+        from trainguard.ledger._postgres import PostgresStore
+
+        return PostgresStore(str(location))
+    from trainguard.ledger._sqlite import SqliteStore
+
+    return SqliteStore(Path(location), create=create)

@@ -1,0 +1,235 @@
+"""`trainguard keygen`, `trainguard ledger ...` and `trainguard witness serve`, run as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from trainguard.ledger._events import new_event
+from trainguard.ledger._keys import SigningKey
+from trainguard.ledger._ledger import Ledger
+from trainguard.ledger._merkle import leaf_hash
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(home: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TRAINGUARD_HOME": str(home)}
+    env.pop("TRAINGUARD_LEDGER", None)
+    return subprocess.run(
+        [sys.executable, "-m", "trainguard", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=stdin,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A TRAINGUARD_HOME whose default ledger holds five events."""
+    home = tmp_path / "home"
+    for step in range(5):
+        done = _run(home, "ledger", "append", "--type", "step", "--payload", json.dumps({"step": step}))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == str(step)
+    return home
+
+
+def test_first_append_creates_a_private_key_and_says_so(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    done = _run(home, "ledger", "append", "--type", "run.start")
+    assert done.returncode == 0, done.stderr
+    assert "created the ledger signing key" in done.stderr
+    assert (home / "keys" / "ledger.key").stat().st_mode & 0o777 == 0o600
+    assert (home / "keys" / "ledger.pub").read_text().startswith("trainguard/")
+
+
+def test_verify_head_prove_show_export(home: Path, tmp_path: Path) -> None:
+    verified = _run(home, "ledger", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "verified 5 entries" in verified.stdout
+
+    head = _run(home, "ledger", "head").stdout
+    assert head.splitlines()[1] == "5"
+
+    proof = json.loads(_run(home, "ledger", "prove", "3").stdout)
+    assert proof["index"] == 3 and proof["size"] == 5
+    assert json.loads(proof["entry"])["payload"] == {"step": 3}
+    consistency = json.loads(_run(home, "ledger", "prove", "--consistency", "2").stdout)
+    assert consistency["old_size"] == 2 and consistency["consistency"]
+
+    shown = [
+        json.loads(line)
+        for line in _run(home, "ledger", "show", "--start", "1", "--end", "3").stdout.splitlines()
+    ]
+    assert [event["payload"]["step"] for event in shown] == [1, 2]
+
+    export = tmp_path / "ledger.jsonl"
+    assert _run(home, "ledger", "export", str(export)).returncode == 0
+    public = str(home / "keys" / "ledger.pub")
+    offline = _run(home, "ledger", "verify", "--export", str(export), "--public-key", public)
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+
+    # One edited character in the export is found and located.
+    lines = export.read_text().splitlines()
+    lines[-2] = lines[-2].replace('\\"step\\":3', '\\"step\\":7')
+    export.write_text("\n".join(lines) + "\n")
+    edited = _run(home, "ledger", "verify", "--export", str(export), "--public-key", public)
+    assert edited.returncode == 1
+    assert "first bad index: 3" in edited.stdout
+
+
+def _sql(home: Path, statement: str, *params: object) -> None:
+    with sqlite3.connect(home / "ledger.db") as db:
+        db.execute(statement, params)
+
+
+def test_edited_row_exits_1_and_names_its_index(home: Path) -> None:
+    _sql(home, "UPDATE entries SET data = replace(data, '\"step\":2', '\"step\":9') WHERE idx = 2")
+    done = _run(home, "ledger", "verify", "--format", "json")
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["ok"] is False and report["first_bad_index"] == 2
+
+
+def test_edit_with_recomputed_leaf_hash_is_still_caught(home: Path) -> None:
+    with sqlite3.connect(home / "ledger.db") as db:
+        (data,) = db.execute("SELECT data FROM entries WHERE idx = 1").fetchone()
+        forged = bytes(data).replace(b'"step":1', b'"step":8')
+        db.execute("UPDATE entries SET data = ? WHERE idx = 1", (forged,))
+        db.execute("UPDATE nodes SET hash = ? WHERE level = 0 AND idx = 1", (leaf_hash(forged),))
+    done = _run(home, "ledger", "verify")
+    assert done.returncode == 1
+    assert "first bad index: 1" in done.stdout
+
+
+def test_ledger_rewritten_under_another_key_is_caught(home: Path, tmp_path: Path) -> None:
+    # The attacker builds a whole new history under the same origin with a key of their own, then puts it
+    # in place of the real database. It is self-consistent; only the key kept apart gives it away.
+    origin = (home / "keys" / "ledger.pub").read_text().split("+")[0]
+    forged_key = SigningKey.generate(origin)
+    forged = tmp_path / "forged.db"
+    with Ledger.open(forged, key=forged_key, origin=origin) as ledger:
+        ledger.append_many([new_event("step", {"step": 100 + step}) for step in range(5)])
+    (home / "ledger.db").unlink()
+    forged.rename(home / "ledger.db")
+    done = _run(home, "ledger", "verify")
+    assert done.returncode == 1
+    assert "first bad index: 0" in done.stdout
+    assert forged_key.verifier().ident in done.stdout
+
+
+def test_wrong_key_permissions_are_refused(home: Path) -> None:
+    key = home / "keys" / "ledger.key"
+    key.chmod(0o644)
+    done = _run(home, "ledger", "append", "--type", "step")
+    assert done.returncode == 2
+    assert "chmod 600" in done.stderr and str(key) in done.stderr
+
+
+def test_bad_payload_is_a_usage_error(home: Path) -> None:
+    done = _run(home, "ledger", "append", "--type", "step", "--payload", "[1, 2]")
+    assert done.returncode == 2
+    assert "must be a JSON object" in done.stderr
+
+
+def test_unreadable_store_exits_3(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 100)
+    done = _run(tmp_path, "ledger", "verify", "--store", str(junk))
+    assert done.returncode == 3
+    assert str(junk) in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_keygen_never_overwrites(tmp_path: Path) -> None:
+    key = tmp_path / "w.key"
+    first = _run(tmp_path, "keygen", str(key), "--name", "witness-a", "--witness")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("witness-a+")
+    assert key.stat().st_mode & 0o777 == 0o600
+    again = _run(tmp_path, "keygen", str(key), "--name", "witness-a", "--witness")
+    assert again.returncode == 2
+    assert key.read_text() == key.read_text()
+
+
+@pytest.fixture
+def witness(home: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    key = tmp_path / "witness.key"
+    assert _run(tmp_path, "keygen", str(key), "--name", "witness-a", "--witness").returncode == 0
+    env = {**os.environ, "TRAINGUARD_HOME": str(home)}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trainguard",
+            "witness",
+            "serve",
+            "--key",
+            str(key),
+            "--log",
+            str(home / "keys" / "ledger.pub"),
+            "--state",
+            str(tmp_path / "witness.db"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("port "), process.stderr.read() if process.stderr else line
+        yield f"http://127.0.0.1:{int(line.split()[1])}", tmp_path / "witness.key.pub"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_rollback_to_an_older_consistent_state_is_caught_only_by_the_witness(
+    home: Path, tmp_path: Path, witness: tuple[str, Path]
+) -> None:
+    url, witness_key = witness
+    db = home / "ledger.db"
+    saved = tmp_path / "saved.db"
+    with sqlite3.connect(db) as src, sqlite3.connect(saved) as dst:
+        src.backup(dst)
+    first = _run(home, "ledger", "verify", "--witness", url, "--witness-key", str(witness_key))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert _run(home, "ledger", "append", "--type", "step").returncode == 0
+    grown = _run(home, "ledger", "verify", "--witness", url, "--witness-key", str(witness_key))
+    assert grown.returncode == 0, grown.stdout + grown.stderr
+
+    # Someone with write access restores the older, self-consistent database.
+    with sqlite3.connect(saved) as src, sqlite3.connect(db) as dst:
+        src.backup(dst)
+    assert _run(home, "ledger", "verify").returncode == 0  # nothing inside the store betrays it
+    caught = _run(home, "ledger", "verify", "--witness", url, "--witness-key", str(witness_key))
+    assert caught.returncode == 1
+    assert "rollback" in caught.stdout
+    assert "first bad index: 5" in caught.stdout
+
+
+def test_help_does_not_import_the_ledger() -> None:
+    code = (
+        "import sys; from trainguard.cli import main\n"
+        "try:\n    main(['ledger', 'verify', '--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'trainguard.ledger' not in sys.modules and 'cryptography' not in sys.modules"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
