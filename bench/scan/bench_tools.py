@@ -199,8 +199,15 @@ def _classify_trainguard(rc: int, stdout: str, stderr: str, _report: Path) -> tu
     return "error", f"exit {rc}: {_tail(stderr or stdout)}"
 
 
-def trainguard_tool(repo: Path) -> Tool:
-    exe = repo / ".venv" / "bin" / "trainguard"
+def trainguard_tool(repo: Path, venvs: Path, log: Callable[[str], None]) -> Tool:
+    """trainguard installed from the working tree into its own venv, as the peers are installed from PyPI.
+
+    A regular (not editable) install compiles the bytecode, as ``pip install trainguard`` would; an
+    editable install in an environment with PYTHONDONTWRITEBYTECODE would compile every module at each
+    start, a cost no user pays.
+    """
+    venv = venvs / "trainguard"
+    exe = venv / "bin" / "trainguard"
     rule = "exit 0 clean; 1 findings and 3 could-not-decide count as flagged; 2 or anything else is an error"
     tool = Tool(
         "trainguard",
@@ -210,8 +217,17 @@ def trainguard_tool(repo: Path) -> Tool:
         _classify_trainguard,
         rule,
     )
-    if not exe.exists():
-        tool.unavailable = f"{exe} not found"
+    install_log = venvs / "trainguard-install.log"
+    try:
+        if not _venv_python(venv).exists():
+            log(f"installing trainguard's dependencies into {venv}")
+            venv.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            _pip(venv, [str(repo)], install_log)
+        # The current tree, every run: the dependencies stay, trainguard itself is rebuilt.
+        _pip(venv, ["--no-deps", "--force-reinstall", str(repo)], install_log)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        tool.unavailable = f"pip install of {repo} failed ({exc}); see {install_log}"
         return tool
     probe = subprocess.run([str(exe), "scan", "--help"], capture_output=True, text=True, check=False)
     if probe.returncode != 0:

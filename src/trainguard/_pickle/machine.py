@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from trainguard._pickle.opcodes import OPCODES, Arg
-from trainguard._pickle.reader import ARG_KIND, Buffer, PickleSyntaxError, read_op
+from trainguard._pickle.reader import ARG_KIND, FIXED_BY_CODE, Buffer, PickleSyntaxError, read_op
 from trainguard._pickle.values import Call, Dct, Global, Opaque, PersRef, Seq, Value, describe
 
 
@@ -186,11 +186,11 @@ class Machine:
         # The hot path: locals instead of attributes, tables indexed by opcode byte, and the commonest
         # opcodes of real checkpoints decoded and applied inline; edge cases go to read_op and the handlers.
         data, end = self.data, self.end
-        dispatch, no_arg = _DISPATCH, _NO_ARG
+        dispatch, no_arg, fixed_by_code = _DISPATCH, _NO_ARG, FIXED_BY_CODE
         limits = self.limits
         max_ops, max_stack, max_memo = limits.max_ops, limits.max_stack, limits.max_memo
         max_marks = limits.max_marks
-        stack, memo, marks = self.stack, self.memo, self.marks
+        stack, memo, marks, events = self.stack, self.memo, self.marks, self.events
         pos, ops = self.pos, self.ops
         try:
             while True:
@@ -202,6 +202,16 @@ class Machine:
                 elif code >= 0 and no_arg[code]:
                     arg = None
                     pos += 1
+                elif code >= 0 and (fixed := fixed_by_code[code]) is not None and pos + fixed[0] < end:
+                    arg = fixed[1](data, pos + 1)[0]  # BININT, BININT2, BINFLOAT, LONG_BINGET/PUT...
+                    pos += 1 + fixed[0]
+                elif code == 0x8C and pos + 1 < end and data[pos + 1] <= end - pos - 2:  # SHORT_BINUNICODE
+                    n = data[pos + 1]
+                    try:
+                        arg = data[pos + 2 : pos + 2 + n].decode("utf-8", "surrogatepass")
+                        pos += 2 + n
+                    except UnicodeDecodeError:
+                        code, arg, pos = read_op(data, pos, end)  # which reports it
                 else:
                     code, arg, pos = read_op(data, pos, end)
                 ops += 1
@@ -246,6 +256,18 @@ class Machine:
                         items = stack[start:]
                         del stack[start:]
                         stack.append(Seq("tuple", items))
+                        continue
+                elif code == 0x52:  # REDUCE of a plain import, as every torch tensor is rebuilt
+                    if len(stack) - self.fence >= 2:
+                        func = stack[-2]
+                        if type(func) is Global:
+                            args = stack.pop()
+                            events.append(Event("call", op_pos, func.module, func.name, "REDUCE"))
+                            stack[-1] = Call(func, args, op_pos, "REDUCE")
+                            continue
+                elif code == 0x7D:  # EMPTY_DICT
+                    if len(stack) < max_stack:
+                        stack.append(Dct([]))
                         continue
                 elif code == 0x2E:  # STOP
                     return self._pop(op_pos)

@@ -109,23 +109,38 @@ def _parse_int(text: bytes, pos: int, base: int) -> int:
 _STRTOL = re.compile(rb"^[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 
 
+def _c_string(text: bytes) -> bytes:
+    """What C's string functions see of a line: the bytes before its first NUL.
+
+    The C unpickler parses INT, LONG, FLOAT, GET and PUT lines with strtol, PyLong_FromString and
+    PyOS_string_to_double, which all stop at a NUL and accept it as the end of the number.
+    """
+    nul = text.find(b"\0")
+    return text if nul < 0 else text[:nul]
+
+
 def _parse_int_opcode(text: bytes, pos: int) -> int | bool:
-    """INT as CPython's C unpickler reads it: strtol(s, 0) (so "010" is 8), else int(s, 0)."""
-    match = _STRTOL.match(text)
-    if match is not None and match.end() in (len(text), len(text) - 1) and text[match.end() :] in (b"", b" "):
-        digits = match.group(2)
-        if digits[:2] in (b"0x", b"0X"):
-            value = int(digits[2:], 16)
-        elif digits.startswith(b"0") and len(digits) > 1:
-            value = int(digits[1:], 8)
-        else:
-            value = int(digits, 10)
-        value = -value if match.group(1) == b"-" else value
+    """INT as CPython's C unpickler reads it: strtol(s, 0) (so "010" is 8), else PyLong_FromString(s, 0)."""
+    c = _c_string(text)
+    match = _STRTOL.match(c)
+    # strtol's end pointer: after the digits, or the start when it converted nothing. The C unpickler
+    # takes its value only when the line ends (newline or NUL) right there.
+    if (match.end() if match is not None else 0) == len(c):
+        value = 0
+        if match is not None:
+            digits = match.group(2)
+            if digits[:2] in (b"0x", b"0X"):
+                value = int(digits[2:], 16)
+            elif digits.startswith(b"0") and len(digits) > 1:
+                value = int(digits[1:], 8)
+            else:
+                value = int(digits, 10)
+            value = -value if match.group(1) == b"-" else value
         if -(1 << 63) <= value < (1 << 63):
             if len(text) == 2 and value in (0, 1):
-                return value == 1  # "00" and "01" are False and True
+                return value == 1  # "00" and "01" (newline included, three bytes) are False and True
             return value
-    return _parse_int(text, pos, 0)
+    return _parse_int(c, pos, 0)
 
 
 def _bytes_arg(data: Buffer, pos: int, n: int, end: int, what: str) -> tuple[bytes | Blob, int]:
@@ -176,22 +191,22 @@ def read_op(data: Buffer, pos: int, end: int) -> tuple[int, ArgValue, int]:
         if code == 0x80 and value > HIGHEST_PROTOCOL:
             raise PickleSyntaxError(f"unsupported pickle protocol {value}", pos)
         return code, value, p + 1
-    fixed = _FIXED_BY_CODE[code]
+    fixed = FIXED_BY_CODE[code]
     if fixed is not None:
         width, unpack = fixed
         if width > end - p:
             _need(p, width, end, OPCODES[code][0])
-        return code, unpack(data[p : p + width])[0], p + width
+        return code, unpack(data, p)[0], p + width
     return _read_variable(data, code, kind, p, end)
 
 
 # Per opcode byte: how its argument is encoded (None: not an opcode), and for fixed-width
 # arguments the width and decoder. Lists indexed by byte keep the hot path free of hashing.
 ARG_KIND: list[Arg | None] = [None] * 256
-_FIXED_BY_CODE: list[tuple[int, Callable[[bytes], tuple[int | float]]] | None] = [None] * 256
+FIXED_BY_CODE: list[tuple[int, Callable[[Buffer, int], tuple[int | float]]] | None] = [None] * 256
 for _code, (_name, _kind) in OPCODES.items():
     ARG_KIND[_code] = _kind
-    _FIXED_BY_CODE[_code] = _FIXED.get(_kind)
+    FIXED_BY_CODE[_code] = _FIXED.get(_kind)
 
 
 def _read_variable(data: Buffer, code: int, kind: Arg, p: int, end: int) -> tuple[int, ArgValue, int]:
@@ -200,16 +215,16 @@ def _read_variable(data: Buffer, code: int, kind: Arg, p: int, end: int) -> tupl
         text, p2 = _line(data, p, end)
         if code == ord("I"):
             return code, _parse_int_opcode(text, p), p2
-        return code, _parse_int(text, p, 10), p2
+        return code, _parse_int(_c_string(text), p, 10), p2
     if kind is Arg.DECIMALNL_LONG:
         text, p2 = _line(data, p, end)
         if text.endswith(b"L"):
             text = text[:-1]
-        return code, _parse_int(text, p, 0), p2
+        return code, _parse_int(_c_string(text), p, 0), p2
     if kind is Arg.FLOATNL:
         text, p2 = _line(data, p, end)
         try:
-            return code, float(text), p2
+            return code, float(_c_string(text)), p2
         except ValueError:
             raise PickleSyntaxError(f"invalid float literal {text[:40]!r}", p) from None
     if kind is Arg.STRINGNL:

@@ -25,11 +25,15 @@ def _result(result: FileResult) -> dict[str, Any]:
 
 class JsonRenderer(Renderer):
     def render(self, report: ScanReport) -> str:
-        doc = {
-            "schema_version": SCHEMA_VERSION,
-            "tool": {"name": "trainguard", "version": __version__},
-            "exit_code": report.exit_code,
-            "results": [_result(r) for r in report.results],
-            "errors": list(report.errors),
-        }
-        return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+        # One result per line: readable and diffable, and each line goes through json's C encoder
+        # (indent= would route the whole document through the pure-Python one).
+        head = json.dumps(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "tool": {"name": "trainguard", "version": __version__},
+                "exit_code": report.exit_code,
+            }
+        )
+        results = ",\n".join("  " + json.dumps(_result(r)) for r in report.results)
+        body = f"[\n{results}\n]" if results else "[]"
+        return f'{head[:-1]}, "results": {body}, "errors": {json.dumps(list(report.errors))}}}\n'
