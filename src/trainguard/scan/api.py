@@ -102,10 +102,13 @@ def _run(files: list[str], policy: Policy, options: ScanOptions) -> list[FileRes
     return results
 
 
+_DEFAULT_LIMITS = ScanLimits()
+
+
 def scan_file(path: str, policy: Policy | None = None, limits: ScanLimits | None = None) -> FileResult:
     """Scan one file on disk. Any failure becomes an "undecided" result, never an exception."""
     policy = policy or Policy.default()
-    limits = limits or ScanLimits()
+    limits = limits or _DEFAULT_LIMITS
     try:
         # O_NONBLOCK: opening a FIFO planted in a checkpoint folder must not hang the scan.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import re
 import struct
+import warnings
 
 from trainguard.errors import LimitExceeded, MalformedArtifact
 from trainguard.findings import Severity
@@ -64,9 +66,9 @@ def scan_npy(scan: Scan, art: Artifact) -> None:
     if len(raw) != hlen:
         raise MalformedArtifact(f"{art.location}: truncated .npy header")
     try:
-        # literal_eval builds only literals; the header is bounded above.
-        header = ast.literal_eval(raw.decode("utf-8" if major == 3 else "latin-1"))
-    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
+        header = _parse_header(raw.decode("utf-8" if major == 3 else "latin-1"))
+    except (ValueError, TypeError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
+        # TypeError: a literal that cannot be built, such as a set holding a dict.
         raise MalformedArtifact(f"{art.location}: .npy header is not a Python literal") from None
     if not isinstance(header, dict) or {"descr", "fortran_order", "shape"} - header.keys():
         raise MalformedArtifact(f"{art.location}: .npy header lacks descr, fortran_order or shape")
@@ -101,3 +103,37 @@ def scan_npy(scan: Scan, art: Artifact) -> None:
             art.location,
             data_start + expected,
         )
+
+
+# The header numpy.save writes for a plain dtype, padded with spaces and a newline, e.g.
+#   {'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }
+# For exactly this form the values are read directly; anything else (structured dtypes, other
+# spellings) goes to ast.literal_eval, which numpy itself uses.
+_DIM = r"(?:0|[1-9][0-9]*)"
+_PLAIN_HEADER = re.compile(
+    r"\{'descr': '([^'\\\n]*)', 'fortran_order': (True|False), "
+    rf"'shape': \(((?:{_DIM}, )*{_DIM},?|)\), \}} *\n?"
+)
+
+
+def _parse_header(text: str) -> object:
+    """The header as ast.literal_eval reads it (ValueError or SyntaxError when it is no literal)."""
+    match = _PLAIN_HEADER.fullmatch(text)
+    if match is None:
+        return _literal(text)
+    descr, order, dims = match.groups()
+    parts = [p for p in dims.split(", ") if p]
+    if parts and parts[-1].endswith(","):
+        parts[-1] = parts[-1][:-1]
+    # "(3)" is the int 3, not a tuple: leave such spellings to literal_eval.
+    if len(parts) == 1 and not dims.endswith(","):
+        return _literal(text)
+    return {"descr": descr, "fortran_order": order == "True", "shape": tuple(int(p) for p in parts)}
+
+
+def _literal(text: str) -> object:
+    # literal_eval builds only literals, and the header is bounded above. Compiling a hostile header
+    # must not print SyntaxWarnings into the scan's output.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.literal_eval(text)

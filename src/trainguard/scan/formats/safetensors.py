@@ -65,34 +65,42 @@ def scan_safetensors(scan: Scan, art: Artifact) -> None:
 def _validate(header: dict[str, object], data_len: int) -> list[str]:
     problems: list[str] = []
     spans: list[tuple[int, int, str]] = []
+    bits_of = _DTYPE_BITS
+    # Exact types, not isinstance: JSON's true and false are bools, which the format does not allow.
     for name, entry in header.items():
         if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+            if type(entry) is not dict or any(type(v) is not str for v in entry.values()):
                 problems.append("__metadata__ must map strings to strings")
             continue
-        if not isinstance(entry, dict):
+        if type(entry) is not dict:
             problems.append(f"tensor {name!r}: entry is not an object")
             continue
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
+        bits_per = bits_of.get(dtype) if type(dtype) is str else None
+        if bits_per is None:
             problems.append(f"tensor {name!r}: unknown dtype {dtype!r}")
             continue
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        count = 1
+        if type(shape) is list:
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    count = -1
+                    break
+                count *= d
+        if type(shape) is not list or count < 0:
             problems.append(f"tensor {name!r}: shape must be a list of non-negative integers")
             continue
         if (
-            not isinstance(offsets, list)
+            type(offsets) is not list
             or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets)
-            or offsets[0] > offsets[1]
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
+            or not 0 <= offsets[0] <= offsets[1]
         ):
             problems.append(f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end")
             continue
         begin, end = offsets
-        count = 1
-        for d in shape:
-            count *= d
-        bits = count * _DTYPE_BITS[dtype]
+        bits = count * bits_per
         if bits % 8 or bits // 8 != end - begin:
             problems.append(
                 f"tensor {name!r}: {dtype} x {shape} needs {bits / 8:g} bytes, offsets span {end - begin}"
