@@ -25,6 +25,18 @@ def _run(name: str) -> Any:
     return handler
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    """Note keys for the ledger and witnesses; PEM keys for signing checkpoints."""
+    if not args.pem:
+        return int(_run("cmd_keygen")(args))
+    from trainguard.errors import UsageError
+    from trainguard.gate._commands import cmd_keygen_pem
+
+    if args.witness or args.name:
+        raise UsageError("--pem makes a checkpoint signing key; it takes neither --witness nor --name")
+    return int(cmd_keygen_pem(args))
+
+
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -49,16 +61,24 @@ def _add_keygen(
     keygen = commands.add_parser(
         "keygen",
         parents=[common],
-        help="create an Ed25519 signing key (ledger or witness)",
-        description="Write a private key file (mode 0600, never overwritten) and its public verifier key "
-        "next to it as FILE.pub, in the C2SP signed-note key format.",
+        help="create a signing key (ledger, witness, or checkpoint signing with --pem)",
+        description="Write a private key file (mode 0600, never overwritten) and its public key next to it "
+        "as FILE.pub: a C2SP signed-note key for the ledger or a witness, or with --pem a PEM key for "
+        "`trainguard sign`.",
     )
     keygen.add_argument("out", type=Path, metavar="FILE", help="private key file to create")
-    keygen.add_argument("--name", required=True, help="key name; for a ledger key, the ledger's origin")
+    keygen.add_argument("--name", help="key name (note keys); for a ledger key, the ledger's origin")
     keygen.add_argument(
         "--witness", action="store_true", help="a witness cosigning key (cosignature/v1) instead of a log key"
     )
-    keygen.set_defaults(run=_run("cmd_keygen"))
+    keygen.add_argument("--pem", action="store_true", help="a PEM key for signing checkpoints")
+    keygen.add_argument(
+        "--alg",
+        choices=("ed25519", "ecdsa-p256"),
+        default="ed25519",
+        help="with --pem: the algorithm (ecdsa-p256 for OMS bundles that model_signing verifies)",
+    )
+    keygen.set_defaults(run=_keygen)
 
 
 def _add_ledger(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from trainguard import __version__
 from trainguard._cli_ledger import add_commands as add_ledger_commands
+from trainguard._cli_provenance import add_commands as add_provenance_commands
 from trainguard.errors import ExitCode, TrainguardError, UsageError
 
 log = logging.getLogger("trainguard")
@@ -99,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     scan.set_defaults(run=_cmd_scan)
     add_ledger_commands(commands, common)
+    add_provenance_commands(commands, common)
     return parser
 
 

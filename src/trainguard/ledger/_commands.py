@@ -59,6 +59,8 @@ def _open(args: argparse.Namespace, *, key: SigningKey | None = None) -> Ledger:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    if not args.name:
+        raise UsageError("a ledger or witness key needs --name (for a ledger key, the ledger's origin)")
     alg = ALG_COSIGNATURE_V1 if args.witness else ALG_ED25519
     try:
         key = SigningKey.generate(args.name, alg=alg)

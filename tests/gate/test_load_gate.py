@@ -1,0 +1,372 @@
+"""The load gate: only signed, unchanged, clean bytes are loaded, and exactly those bytes.
+
+Real files, real keys, real torch/numpy/safetensors; nothing is mocked. The swap test wraps the real
+verify_path so that it replaces the file on disk at the one moment an attacker would want to.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainguard.gate import _load
+from trainguard.gate._load import LoadRefused, install_load_gate, load, load_gate
+from trainguard.gate._save import save
+from trainguard.provenance import PrivateKey, PublicKey, sign_path, verify_path
+
+torch = pytest.importorskip("torch")
+numpy = pytest.importorskip("numpy")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The verification cache lives in a fresh TRAINGUARD_HOME; no trust policy leaks in."""
+    home = tmp_path / "tg-home"
+    monkeypatch.setenv("TRAINGUARD_HOME", str(home))
+    monkeypatch.delenv("TRAINGUARD_TRUST_POLICY", raising=False)
+    return home
+
+
+@pytest.fixture(scope="module")
+def key() -> PrivateKey:
+    return PrivateKey.generate("ed25519")
+
+
+@pytest.fixture(scope="module")
+def stranger() -> PrivateKey:
+    return PrivateKey.generate("ecdsa-p256")
+
+
+@pytest.fixture
+def trusted(key: PrivateKey) -> list[PublicKey]:
+    return [key.public()]
+
+
+def _state() -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(7)
+    return {"w": torch.randn(64, 32, generator=generator), "b": torch.arange(32), "step": 3}
+
+
+def _signed_torch_file(tmp_path: Path, key: PrivateKey, name: str = "model.pt") -> Path:
+    path = tmp_path / name
+    torch.save(_state(), path)
+    sign_path(path, key)
+    return path
+
+
+def _assert_state_equal(got: dict[str, Any]) -> None:
+    want = _state()
+    assert set(got) == set(want)
+    assert torch.equal(got["w"], want["w"])
+    assert torch.equal(got["b"], want["b"])
+    assert got["step"] == 3
+
+
+def _rewrite_same_size(path: Path) -> None:
+    """Change the content in place, keeping the size (and restoring the mtime)."""
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-30] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+
+
+# --- trainguard.load ---
+
+
+def test_save_then_load_returns_the_same_state(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]
+) -> None:
+    path = tmp_path / "ckpt.pt"
+    save(_state(), path, key=key)
+    _assert_state_equal(load(path, trusted=trusted))
+
+
+def test_load_reads_safetensors_and_numpy_by_content(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]
+) -> None:
+    st_path = tmp_path / "weights.safetensors"
+    safetensors_torch.save_file({"w": torch.ones(3, 4)}, st_path)
+    sign_path(st_path, key)
+    assert torch.equal(load(st_path, trusted=trusted)["w"], torch.ones(3, 4))
+
+    np_path = tmp_path / "array.npy"
+    numpy.save(np_path, numpy.arange(10))
+    sign_path(np_path, key)
+    assert numpy.array_equal(load(np_path, trusted=trusted), numpy.arange(10))
+
+    npz_path = tmp_path / "arrays.npz"
+    numpy.savez(npz_path, a=numpy.arange(4), b=numpy.eye(2))
+    sign_path(npz_path, key)
+    with load(npz_path, trusted=trusted) as archive:
+        assert numpy.array_equal(archive["b"], numpy.eye(2))
+
+
+def test_load_a_file_covered_by_its_directory_signature(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]
+) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    torch.save(_state(), folder / "model.pt")
+    (folder / "config.json").write_text("{}")
+    sign_path(folder, key)
+    _assert_state_equal(load(folder / "model.pt", trusted=trusted))
+    (folder / "config.json").write_text('{"evil": 1}')
+    with pytest.raises(LoadRefused, match=r"config\.json"):
+        load(folder / "model.pt", trusted=trusted)
+
+
+def test_trust_policy_from_the_environment(
+    tmp_path: Path, key: PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _signed_torch_file(tmp_path, key)
+    key.public().save(tmp_path / "team.pub")
+    policy = tmp_path / "trust.toml"
+    policy.write_text('[[trust.key]]\nname = "team"\npath = "team.pub"\n')
+    _assert_state_equal(load(path, trust_policy=policy))
+    monkeypatch.setenv("TRAINGUARD_TRUST_POLICY", str(policy))
+    _assert_state_equal(load(path))
+
+
+def test_refuses_without_trusted_keys(tmp_path: Path, key: PrivateKey) -> None:
+    path = _signed_torch_file(tmp_path, key)
+    with pytest.raises(LoadRefused, match="no trusted keys") as caught:
+        load(path)
+    assert "trust_policy" in caught.value.diagnostics()
+
+
+def test_refuses_an_unsigned_file(tmp_path: Path, trusted: list[PublicKey]) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(_state(), path)
+    with pytest.raises(LoadRefused, match="not signed") as caught:
+        load(path, trusted=trusted)
+    assert str(path) in caught.value.message
+    assert "trainguard sign" in caught.value.diagnostics()
+
+
+def test_refuses_a_file_signed_by_an_untrusted_key(
+    tmp_path: Path, stranger: PrivateKey, trusted: list[PublicKey]
+) -> None:
+    path = _signed_torch_file(tmp_path, stranger)
+    with pytest.raises(LoadRefused) as caught:
+        load(path, trusted=trusted)
+    assert str(path) in caught.value.message
+    assert stranger.public().key_id in caught.value.diagnostics()
+
+
+def test_refuses_a_byte_flipped_after_signing(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]
+) -> None:
+    path = _signed_torch_file(tmp_path, key)
+    load(path, trusted=trusted)  # warms the cache
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(LoadRefused, match="modified"):
+        load(path, trusted=trusted)
+
+
+def test_refuses_same_size_rewrite_with_old_mtime_and_warm_cache(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]
+) -> None:
+    path = _signed_torch_file(tmp_path, key)
+    load(path, trusted=trusted)
+    _rewrite_same_size(path)  # the ctime still moves, so the cache cannot vouch for it
+    with pytest.raises(LoadRefused):
+        load(path, trusted=trusted)
+
+
+def test_swap_between_verification_and_read_is_caught(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TOCTOU: the file is replaced right after its signature checked out. The bytes loaded are re-hashed,
+    so the replacement is refused instead of loaded."""
+    path = _signed_torch_file(tmp_path, key)
+    (tmp_path / "attacker").mkdir()
+    evil = tmp_path / "attacker" / "model.pt"  # torch names the archive's records after the file
+    torch.save({"w": torch.zeros(64, 32), "b": torch.arange(32), "step": 4}, evil)
+    assert evil.stat().st_size == path.stat().st_size
+    real_verify = verify_path
+
+    def verify_then_swap(*args: Any, **kwargs: Any) -> Any:
+        result = real_verify(*args, **kwargs)
+        evil.replace(path)
+        return result
+
+    monkeypatch.setattr(_load, "verify_path", verify_then_swap)
+    with pytest.raises(LoadRefused, match="changed after the signature was checked"):
+        load(path, trusted=trusted)
+
+
+def _malicious_pickle(marker: Path) -> bytes:
+    class Payload:
+        def __reduce__(self) -> tuple[Any, tuple[str]]:
+            return (os.system, (f"echo pwned > {marker}",))
+
+    return pickle.dumps({"w": Payload()}, protocol=2)
+
+
+def test_refuses_a_malicious_pickle_even_when_signed_by_a_trusted_key(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]
+) -> None:
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    path.write_bytes(_malicious_pickle(marker))
+    sign_path(path, key)
+    with pytest.raises(LoadRefused, match="scan found") as caught:
+        load(path, trusted=trusted)
+    assert "signature does not make it safe" in caught.value.diagnostics()
+    assert not marker.exists()
+
+
+def test_load_rejects_options_that_would_skip_the_checks(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]
+) -> None:
+    path = _signed_torch_file(tmp_path, key)
+    with pytest.raises(Exception, match="weights_only"):
+        load(path, trusted=trusted, weights_only=False)
+
+
+# --- the gate in front of the frameworks ---
+
+
+def test_gated_torch_load(tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]) -> None:
+    signed = _signed_torch_file(tmp_path, key)
+    unsigned = tmp_path / "unsigned.pt"
+    torch.save(_state(), unsigned)
+    with load_gate(trusted=trusted):
+        _assert_state_equal(torch.load(signed, weights_only=False, map_location="cpu"))
+        _assert_state_equal(torch.load(str(signed)))
+        with pytest.raises(LoadRefused, match="not signed"):
+            torch.load(unsigned)
+        with pytest.raises(LoadRefused, match="not a path"), signed.open("rb") as handle:
+            torch.load(handle)
+        with pytest.raises(LoadRefused, match="not a path"):
+            torch.load(io.BytesIO(signed.read_bytes()))
+    _assert_state_equal(torch.load(unsigned))  # the gate is gone
+
+
+def test_gated_torch_load_refuses_a_signed_malicious_pickle(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]
+) -> None:
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    path.write_bytes(_malicious_pickle(marker))
+    sign_path(path, key)
+    with load_gate(trusted=trusted), pytest.raises(LoadRefused, match="scan found"):
+        torch.load(path, weights_only=False)
+    assert not marker.exists()
+
+
+def test_gated_numpy_load(tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]) -> None:
+    signed = tmp_path / "array.npy"
+    numpy.save(signed, numpy.arange(12).reshape(3, 4))
+    sign_path(signed, key)
+    unsigned = tmp_path / "other.npy"
+    numpy.save(unsigned, numpy.arange(3))
+    with load_gate(trusted=trusted):
+        assert numpy.array_equal(numpy.load(signed), numpy.arange(12).reshape(3, 4))
+        assert numpy.array_equal(numpy.load(signed, mmap_mode="r"), numpy.arange(12).reshape(3, 4))
+        with pytest.raises(LoadRefused, match="not signed"):
+            numpy.load(unsigned)
+        with pytest.raises(LoadRefused, match="not a path"), signed.open("rb") as handle:
+            numpy.load(handle)
+
+
+def test_gated_numpy_load_refuses_an_object_array_even_when_signed(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]
+) -> None:
+    path = tmp_path / "objects.npy"
+    numpy.save(path, numpy.array([{"a": 1}], dtype=object), allow_pickle=True)
+    sign_path(path, key)
+    with load_gate(trusted=trusted), pytest.raises((LoadRefused, ValueError)):
+        numpy.load(path, allow_pickle=True)
+
+
+def test_gated_safetensors(tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]) -> None:
+    import safetensors
+
+    signed = tmp_path / "model.safetensors"
+    safetensors_torch.save_file({"w": torch.full((2, 3), 5.0)}, signed)
+    sign_path(signed, key)
+    unsigned = tmp_path / "other.safetensors"
+    safetensors_torch.save_file({"w": torch.zeros(1)}, unsigned)
+    with load_gate(trusted=trusted):
+        assert torch.equal(safetensors_torch.load_file(signed)["w"], torch.full((2, 3), 5.0))
+        with safetensors.safe_open(signed, framework="pt") as handle:
+            assert list(handle.keys()) == ["w"]
+            assert torch.equal(handle.get_tensor("w"), torch.full((2, 3), 5.0))
+        with pytest.raises(LoadRefused, match="not signed"):
+            safetensors_torch.load_file(unsigned)
+        with pytest.raises(LoadRefused, match="not signed"):
+            safetensors.safe_open(str(unsigned), framework="pt")
+        data = bytearray(signed.read_bytes())
+        data[-1] ^= 0x01
+        signed.write_bytes(bytes(data))
+        with pytest.raises(LoadRefused, match="modified"):
+            safetensors.safe_open(signed, framework="pt")
+
+
+def test_uninstall_restores_every_original(trusted: list[PublicKey]) -> None:
+    import safetensors
+
+    originals = (torch.load, numpy.load, safetensors_torch.load_file, safetensors.safe_open)
+    uninstall = install_load_gate(trusted=trusted)
+    try:
+        assert torch.load is not originals[0]
+        assert numpy.load is not originals[1]
+        assert safetensors_torch.load_file is not originals[2]
+        assert safetensors.safe_open is not originals[3]
+        inner = install_load_gate(trusted=trusted)
+        inner()
+    finally:
+        uninstall()
+    assert (torch.load, numpy.load, safetensors_torch.load_file, safetensors.safe_open) == originals
+    uninstall()  # a second call changes nothing
+    assert torch.load is originals[0]
+
+
+def test_install_without_trusted_keys_is_refused() -> None:
+    original = torch.load
+    with pytest.raises(LoadRefused, match="no trusted keys"):
+        install_load_gate()
+    assert torch.load is original
+
+
+def test_from_pretrained_is_gated_on_local_signed_directories(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+    )
+    folder = tmp_path / "bert"
+    transformers.BertModel(config).save_pretrained(folder)
+    with load_gate(trusted=trusted):
+        with pytest.raises(LoadRefused, match="not signed"):
+            transformers.BertModel.from_pretrained(folder)
+        sign_path(folder, key)
+        assert transformers.BertModel.from_pretrained(folder).config.hidden_size == 8
+        with pytest.raises(LoadRefused, match="local"):
+            transformers.BertModel.from_pretrained("bert-base-uncased")
+
+
+def test_importing_the_gate_does_not_import_torch() -> None:
+    code = (
+        "import sys, trainguard, trainguard.gate, trainguard.gate._load, trainguard.gate._save; "
+        "bad = sorted({'torch', 'numpy', 'safetensors', 'transformers'} & set(sys.modules)); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr

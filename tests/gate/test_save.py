@@ -1,0 +1,90 @@
+"""trainguard.save: the digests taken while writing are the digests of the file on disk, and sign it."""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+from pathlib import Path
+
+import pytest
+
+from trainguard.errors import UsageError
+from trainguard.gate._load import load
+from trainguard.gate._save import save
+from trainguard.provenance import PrivateKey, build_manifest, signature_path, verify_path
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "tg-home"
+    monkeypatch.setenv("TRAINGUARD_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="module")
+def key() -> PrivateKey:
+    return PrivateKey.generate("ed25519")
+
+
+def _state(rows: int = 256) -> dict[str, object]:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "big": torch.randn(rows, 1024, generator=generator),  # rows KiB * 4: large enough for threaded writes
+        "small": torch.arange(10),
+        "meta": {"epoch": 2, "name": "run"},
+    }
+
+
+def test_saved_file_is_what_torch_save_writes_and_verifies(tmp_path: Path, key: PrivateKey) -> None:
+    path = tmp_path / "ckpt.pt"
+    result = save(_state(), path, key=key)
+    entry = result.manifest.files[0]
+    data = path.read_bytes()
+    assert entry.digest == hashlib.sha256(data).hexdigest()
+    assert entry.size == len(data)
+    assert entry.mode == stat.S_IMODE(path.stat().st_mode)
+    assert signature_path(path).exists()
+    assert build_manifest(path) == result.manifest
+    verified = verify_path(path, [key.public()])
+    assert verified.ok
+    assert verified.signer.key_id == key.public().key_id
+    loaded = load(path, trusted=[key.public()])
+    assert torch.equal(loaded["big"], _state()["big"])
+    assert loaded["meta"] == {"epoch": 2, "name": "run"}
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("shard_size", [1, 4096, 1 << 20, (1 << 20) + 7, 3 << 20])
+def test_shard_digests_match_those_of_signing_the_file(
+    tmp_path: Path, key: PrivateKey, shard_size: int
+) -> None:
+    path = tmp_path / "ckpt.pt"
+    state = _state(rows=1024) if shard_size != 1 else {"tiny": torch.arange(3)}
+    result = save(state, path, key=key, shard_size=shard_size)
+    assert build_manifest(path, shard_size=shard_size, workers=1) == result.manifest
+    if path.stat().st_size > shard_size:
+        assert len(result.manifest.files[0].shards) == -(-path.stat().st_size // shard_size)
+    assert verify_path(path, [key.public()]).ok
+
+
+def test_save_replaces_an_existing_checkpoint_and_its_signature(tmp_path: Path, key: PrivateKey) -> None:
+    path = tmp_path / "ckpt.pt"
+    save({"v": torch.zeros(3)}, path, key=key)
+    save({"v": torch.ones(3)}, path, key=key)
+    assert torch.equal(load(path, trusted=[key.public()])["v"], torch.ones(3))
+
+
+def test_save_refuses_a_directory(tmp_path: Path, key: PrivateKey) -> None:
+    with pytest.raises(UsageError):
+        save({"v": 1}, tmp_path, key=key)
+
+
+def test_a_failed_save_leaves_nothing_behind(tmp_path: Path, key: PrivateKey) -> None:
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(Exception, match="pickle"):
+        save({"f": lambda: 0}, path, key=key)
+    assert not list(tmp_path.glob("*ckpt*"))
