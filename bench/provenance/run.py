@@ -4,7 +4,7 @@
 
 Over one directory of random files (created under $TMPDIR and deleted afterwards), with a warm page cache:
 trainguard sign and verify (library calls, and the CLI when it is wired up), `sha256sum`, raw hashlib
-(one thread, and one thread per file), model_signing's CLI when /tmp/ms-venv/bin/model_signing exists;
+(one thread, and one thread per file), model_signing's CLI (1.1.1, from the dev extra) when installed;
 then the re-verification of the unchanged directory from the signed cache, and trainguard.save against
 torch.save on a state dict. Every figure is the median of the rounds, the tools interleaved round by
 round. Prints a markdown table; ratios are against the baseline named in each section.
@@ -27,7 +27,8 @@ from pathlib import Path
 
 from trainguard.provenance import PrivateKey, PublicKey, sign_path, verify_path
 
-MODEL_SIGNING = Path("/tmp/ms-venv/bin/model_signing")
+# The model_signing CLI of the project's dev environment (pyproject's dev extra pins model-signing 1.1.1).
+MODEL_SIGNING = Path(sys.executable).parent / "model_signing"
 CHUNK = 8 << 20
 
 

@@ -88,3 +88,20 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path: Path, key: PrivateKey) ->
     with pytest.raises(Exception, match="pickle"):
         save({"f": lambda: 0}, path, key=key)
     assert not list(tmp_path.glob("*ckpt*"))
+
+
+def test_save_writes_its_signature_like_trainguard_sign(tmp_path: Path, key: PrivateKey) -> None:
+    """Another key's signature over the very same bytes survives a re-save; over other bytes it does not."""
+    from trainguard.provenance import read_signature_file, sign_path
+
+    path = tmp_path / "ckpt.pt"
+    other = PrivateKey.generate("ecdsa-p256")
+    save({"v": torch.zeros(3)}, path, key=key)
+    sign_path(path, other)
+    save({"v": torch.zeros(3)}, path, key=key)
+    signers = {s.key_id for s in read_signature_file(signature_path(path)).signatures}
+    assert signers == {key.key_id, other.key_id}
+    assert verify_path(path, [other.public()]).ok
+    save({"v": torch.ones(3)}, path, key=key)
+    assert [s.key_id for s in read_signature_file(signature_path(path)).signatures] == [key.key_id]
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -19,9 +19,16 @@ from trainguard.provenance import (
     SignatureFile,
     TreeChanged,
     UnsafeTree,
+    build_manifest,
     sign_path,
     signature_path,
     verify_path,
+)
+from trainguard.provenance._signature import (
+    choose_signer,
+    read_signature_file,
+    sign_manifest,
+    verify_tree,
 )
 
 MIB = 1 << 20
@@ -317,3 +324,87 @@ def test_file_signature_does_not_verify_a_directory(tmp_path: Path, key: Private
     model = _model(tmp_path)
     with pytest.raises(VerificationFailed, match="signature is for a file"):
         verify_path(model, [key.public()], signature=tmp_path / "m.pt.trainguard.sig")
+
+
+# --- sign_manifest: the signing half of sign_path ---
+
+
+def test_sign_manifest_writes_what_sign_path_writes(tmp_path: Path, key: PrivateKey) -> None:
+    model = _model(tmp_path)
+    manifest = build_manifest(model, shard_size=MIB)
+    result = sign_manifest(model, manifest, key)
+    assert result.signature_path == model / SIGNATURE_NAME
+    assert result.root == manifest.root and result.key_id == key.key_id
+    assert verify_path(model, [key.public()]).ok
+    written = (model / SIGNATURE_NAME).read_bytes()
+    sign_path(model, key, shard_size=MIB)
+    again = SignatureFile.from_bytes((model / SIGNATURE_NAME).read_bytes(), "sig")
+    assert again.manifest == SignatureFile.from_bytes(written, "sig").manifest
+    assert not [p for p in model.iterdir() if p.name.endswith(".tmp")]
+    assert stat.S_IMODE((model / SIGNATURE_NAME).stat().st_mode) == 0o644
+
+
+def test_sign_manifest_keeps_other_keys_only_over_the_same_manifest(tmp_path: Path) -> None:
+    model = _model(tmp_path)
+    ed, p256 = PrivateKey.generate("ed25519"), PrivateKey.generate("ecdsa-p256")
+    manifest = build_manifest(model, shard_size=MIB)
+    sign_manifest(model, manifest, ed)
+    sign_manifest(model, manifest, p256)
+    sign_manifest(model, manifest, ed)  # re-signing replaces the key's own signature, once
+    ids = [s.key_id for s in read_signature_file(model / SIGNATURE_NAME).signatures]
+    assert sorted(ids) == sorted([ed.key_id, p256.key_id])
+    (model / "config.json").write_text('{"layers": 3}')
+    sign_manifest(model, build_manifest(model, shard_size=MIB), p256)
+    ids = [s.key_id for s in read_signature_file(model / SIGNATURE_NAME).signatures]
+    assert ids == [p256.key_id]  # ed signed another manifest: its signature is gone
+    with pytest.raises(VerificationFailed, match="no trusted key"):
+        verify_path(model, [ed.public()])
+
+
+def test_sign_manifest_to_an_explicit_out(tmp_path: Path, key: PrivateKey) -> None:
+    model = _model(tmp_path)
+    out = tmp_path / "elsewhere.sig"
+    result = sign_manifest(model, build_manifest(model, shard_size=MIB), key, out=out)
+    assert result.signature_path == out and not signature_path(model).exists()
+    assert verify_path(model, [key.public()], signature=out).ok
+
+
+# --- verify_tree with deferred files: their content is the caller's to check ---
+
+
+def test_deferred_file_is_not_read_but_its_size_and_mode_are_compared(
+    tmp_path: Path, key: PrivateKey
+) -> None:
+    class Counting:
+        def __init__(self) -> None:
+            self.looked_up: list[str] = []
+
+        def get(self, path: Path, st: os.stat_result) -> FileEntry | None:
+            self.looked_up.append(Path(path).name)
+            return None
+
+        def put(self, path: Path, st: os.stat_result, entry: FileEntry) -> None:
+            pass
+
+    model = _signed(tmp_path, key)
+    sig = signature_path(model)
+    document = read_signature_file(sig)
+    signer = choose_signer(document, [key.public()], str(sig))
+    cache = Counting()
+    blob = model / "model.bin"
+    data = bytearray(blob.read_bytes())
+    data[5] ^= 1
+    blob.write_bytes(bytes(data))  # same size: only a reader of the bytes can tell
+    result = verify_tree(
+        model, document.manifest, signer, signature=sig, full=False, digest_cache=cache, defer={"model.bin"}
+    )
+    assert result.ok and "model.bin" not in cache.looked_up and len(cache.looked_up) == 3
+    blob.chmod(0o600)
+    with pytest.raises(TreeChanged, match=r"mode changed: model\.bin"):
+        verify_tree(model, document.manifest, signer, signature=sig, defer={"model.bin"})
+    blob.write_bytes(bytes(data[:-1]))
+    with pytest.raises(TreeChanged, match=r"modified: model\.bin \(size"):
+        verify_tree(model, document.manifest, signer, signature=sig, defer={"model.bin"})
+    (model / "config.json").write_text('{"layers": 7}')
+    with pytest.raises(TreeChanged, match=r"modified: config\.json"):
+        verify_tree(model, document.manifest, signer, signature=sig, defer={"model.bin"})

@@ -3,7 +3,8 @@
 The checkpoint is hashed while torch writes it: a thread follows the writer, reading each record back from
 the page cache right after it was written and hashing it on another core, so the hashing overlaps torch's
 own serialisation instead of following it, and the digests are those of the bytes in the file. The file is
-written under a temporary name, synced and renamed into place; the signature (FILE.trainguard.sig) follows.
+written under a temporary name, synced and renamed into place; the signature (FILE.trainguard.sig) follows,
+written by `sign_manifest` as `trainguard sign` writes it.
 """
 
 from __future__ import annotations
@@ -18,17 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from trainguard.errors import UsageError
-from trainguard.provenance import (
-    DEFAULT_SHARD_SIZE,
-    FileEntry,
-    Manifest,
-    PrivateKey,
-    Signature,
-    SignatureFile,
-    SignResult,
-    signature_path,
-    signed_message,
-)
+from trainguard.provenance import DEFAULT_SHARD_SIZE, FileEntry, Manifest, PrivateKey, SignResult
+from trainguard.provenance._signature import sign_manifest
 
 __all__ = ["save"]
 _BUFFER = 8 << 20
@@ -195,26 +187,7 @@ def save(
         _sync_directory(target.parent)
     entry = FileEntry(target.name, info.st_size, info.st_mode & 0o7777, digest, shards)
     manifest = Manifest(kind="file", name=target.name, shard_size=shard_size, files=(entry,))
-    return _sign(target, manifest, key)
-
-
-def _sign(target: Path, manifest: Manifest, key: PrivateKey) -> SignResult:
-    """Write the signature file of `manifest` next to `target`, atomically (temporary file + rename)."""
-    signature = Signature(key.alg, key.key_id, key.sign(signed_message(manifest)))
-    sig_file = signature_path(target)
-    temporary = sig_file.with_name(f".{sig_file.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        _write_all(fd, SignatureFile(manifest, (signature,)).to_bytes())
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        temporary.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    temporary.replace(sig_file)
-    _sync_directory(sig_file.parent)
-    return SignResult(target, manifest, manifest.root, key.key_id, sig_file)
+    return sign_manifest(target, manifest, key)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

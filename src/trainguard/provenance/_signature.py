@@ -8,7 +8,8 @@ A signature file is JSON::
 Each signature is over ``SIGNED_PREFIX + manifest.canonical()``; the prefix keeps a manifest signature
 from being valid as any other kind of message signed with the same key. Verification uses only
 signatures whose key id is in the caller's trust list, then re-walks and re-hashes the tree and reports
-every difference by name.
+every difference by name. `verify_path` is `read_signature_file`, `choose_signer` and `verify_tree` in
+turn; `sign_path` is `build_manifest` and `sign_manifest`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,12 @@ from trainguard.provenance._manifest import (
     DigestCache,
     Manifest,
     TreeDiff,
+    FileEntry,
     build_manifest,
     diff_manifests,
+    manifest_of_tree,
 )
-from trainguard.provenance._tree import signature_path
+from trainguard.provenance._tree import signature_path, walk
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,11 +56,15 @@ __all__ = [
     "SignatureFile",
     "TreeChanged",
     "VerifyResult",
+    "choose_signer",
     "load_trust_policy",
+    "read_signature_bytes",
     "read_signature_file",
+    "sign_manifest",
     "sign_path",
     "signed_message",
     "verify_path",
+    "verify_tree",
 ]
 
 FORMAT = "trainguard-signature"
@@ -183,6 +190,12 @@ class SignatureFile:
 
 def read_signature_file(path: Path) -> SignatureFile:
     """Read and parse a signature file, bounded; VerificationFailed if missing or malformed."""
+    return SignatureFile.from_bytes(read_signature_bytes(path), str(path))
+
+
+def read_signature_bytes(path: Path) -> bytes:
+    """The bytes of a signature file, unparsed: at most MAX_SIGNATURE_BYTES + 1 of them (more is then
+    refused by `SignatureFile.from_bytes`); VerificationFailed if it is missing or not a regular file."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -194,8 +207,7 @@ def read_signature_file(path: Path) -> SignatureFile:
     with os.fdopen(fd, "rb") as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise VerificationFailed(f"signature file {path} is not a regular file")
-        data = handle.read(MAX_SIGNATURE_BYTES + 1)
-    return SignatureFile.from_bytes(data, str(path))
+        return handle.read(MAX_SIGNATURE_BYTES + 1)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -229,7 +241,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class SignResult:
-    """What `sign_path` signed and where the signature went."""
+    """What `sign_path` or `sign_manifest` signed and where the signature went."""
 
     path: Path
     manifest: Manifest
@@ -267,6 +279,18 @@ def sign_path(
         digest_cache=digest_cache,
         exclude=(sig_file,),
     )
+    return sign_manifest(path, manifest, key, out=sig_file)
+
+
+def sign_manifest(path: Path, manifest: Manifest, key: PrivateKey, *, out: Path | None = None) -> SignResult:
+    """Sign `manifest`, the manifest of `path` hashed by the caller, and write the signature file (`out`,
+    else the signature path of `path`) atomically.
+
+    Signatures by other keys over the very same manifest, already in the file, are kept: several keys
+    can sign one checkpoint. Any other old signature file is replaced.
+    """
+    path = Path(path)
+    sig_file = Path(out) if out is not None else signature_path(path)
     signature = Signature(key.alg, key.key_id, key.sign(signed_message(manifest)))
     kept: list[Signature] = []
     try:
@@ -304,7 +328,9 @@ class VerifyResult:
         return self.diff.ok
 
 
-def _choose_signer(document: SignatureFile, trusted: Sequence[PublicKey], where: str) -> PublicKey:
+def choose_signer(document: SignatureFile, trusted: Sequence[PublicKey], where: str) -> PublicKey:
+    """The first trusted key with a valid signature in `document`; VerificationFailed naming the signers
+    if no trusted key signed it or no trusted signature is valid. `where` names the file in messages."""
     by_id: dict[str, PublicKey] = {}
     for key in trusted:
         by_id.setdefault(key.key_id, key)
@@ -348,22 +374,56 @@ def verify_path(
     path = Path(path)
     sig_file = Path(signature) if signature is not None else signature_path(path)
     document = read_signature_file(sig_file)
-    signer = _choose_signer(document, trusted, str(sig_file))
-    signed = document.manifest
+    signer = choose_signer(document, trusted, str(sig_file))
+    return verify_tree(
+        path,
+        document.manifest,
+        signer,
+        signature=sig_file,
+        full=full,
+        workers=workers,
+        progress=progress,
+        digest_cache=digest_cache,
+    )
+
+
+def verify_tree(
+    path: Path,
+    signed: Manifest,
+    signer: PublicKey,
+    *,
+    signature: Path,
+    full: bool = True,
+    workers: int | None = None,
+    progress: Progress | None = None,
+    digest_cache: DigestCache | None = None,
+    defer: Collection[str] = (),
+) -> VerifyResult:
+    """Compare the files of `path` with `signed`, a manifest whose signature by `signer` was already
+    checked; `signature` is the signature file, left out of the walk. Raises as `verify_path` does.
+
+    The files named in `defer` (manifest paths) are walked and their size, mode and place compared, but
+    their content is not read: the caller checks the bytes it reads itself, and the result holds for
+    those files only once it has.
+    """
+    path = Path(path)
     is_dir = path.is_dir()
     if is_dir != (signed.kind == "directory"):
         raise VerificationFailed(
             f"{path} is a {'directory' if is_dir else 'file'}, but the signature is for a {signed.kind}"
         )
-    actual = build_manifest(
-        path,
-        shard_size=signed.shard_size,
-        workers=workers,
-        progress=progress,
-        digest_cache=digest_cache,
-        exclude=(sig_file,),
-        refresh_cache=full,
-    )
+    if defer:
+        actual = _manifest_deferring(path, signed, signature, defer, workers, progress, digest_cache, full)
+    else:
+        actual = build_manifest(
+            path,
+            shard_size=signed.shard_size,
+            workers=workers,
+            progress=progress,
+            digest_cache=digest_cache,
+            exclude=(signature,),
+            refresh_cache=full,
+        )
     diff = diff_manifests(signed, actual)
     result = VerifyResult(path, signed, signer, diff, signed.root)
     if not diff.ok:
@@ -374,6 +434,40 @@ def verify_path(
             result,
         )
     return result
+
+
+def _manifest_deferring(
+    path: Path,
+    signed: Manifest,
+    signature: Path,
+    defer: Collection[str],
+    workers: int | None,
+    progress: Progress | None,
+    digest_cache: DigestCache | None,
+    full: bool,
+) -> Manifest:
+    """The manifest of `path` with the signed digests standing in for the files in `defer`, which are not
+    read; their size and mode are those on disk, so a change to either still shows in the diff."""
+    expected = {entry.path: entry for entry in signed.files if entry.path in defer}
+    tree = walk(path, exclude=(signature,))
+    stand_ins: dict[str, FileEntry] = {}
+    for item in tree.files:
+        entry = expected.get(item.path)
+        if entry is not None:
+            mode = item.st.st_mode & 0o7777
+            stand_ins[item.path] = FileEntry(item.path, item.st.st_size, mode, entry.digest, entry.shards)
+    rest = dataclasses.replace(tree, files=tuple(item for item in tree.files if item.path not in stand_ins))
+    hashed = manifest_of_tree(
+        rest,
+        shard_size=signed.shard_size,
+        workers=workers,
+        progress=progress,
+        digest_cache=digest_cache,
+        refresh_cache=full,
+    )
+    found = {entry.path: entry for entry in hashed.files} | stand_ins
+    files = tuple(found[item.path] for item in tree.files)
+    return dataclasses.replace(hashed, files=files)
 
 
 def load_trust_policy(path: Path) -> list[PublicKey]:
