@@ -1,7 +1,8 @@
 """The load gate: only signed, unchanged, clean bytes are loaded, and exactly those bytes.
 
 Real files, real keys, real torch/numpy/safetensors; nothing is mocked. The swap test wraps the real
-verify_path so that it replaces the file on disk at the one moment an attacker would want to.
+verification so that it replaces the file on disk at the one moment an attacker would want to; the
+counting tests wrap the real hashing to show what is read, and how often.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,9 @@ import pytest
 from trainguard.gate import _load
 from trainguard.gate._load import LoadRefused, install_load_gate, load, load_gate
 from trainguard.gate._save import save
-from trainguard.provenance import PrivateKey, PublicKey, sign_path, verify_path
+from trainguard.provenance import PrivateKey, PublicKey, sign_path
+from trainguard.provenance import _manifest as manifest_module
+from trainguard.provenance._hashing import hash_files as hash_files_from_disk
 
 torch = pytest.importorskip("torch")
 numpy = pytest.importorskip("numpy")
@@ -34,6 +38,7 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "tg-home"
     monkeypatch.setenv("TRAINGUARD_HOME", str(home))
     monkeypatch.delenv("TRAINGUARD_TRUST_POLICY", raising=False)
+    _load._MEMO.clear()
     return home
 
 
@@ -173,8 +178,9 @@ def test_refuses_a_byte_flipped_after_signing(
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(LoadRefused, match="modified"):
+    with pytest.raises(LoadRefused, match="modified") as caught:
         load(path, trusted=trusted)
+    assert "do not match the signed digest" in caught.value.message
 
 
 def test_refuses_same_size_rewrite_with_old_mtime_and_warm_cache(
@@ -197,16 +203,121 @@ def test_swap_between_verification_and_read_is_caught(
     evil = tmp_path / "attacker" / "model.pt"  # torch names the archive's records after the file
     torch.save({"w": torch.zeros(64, 32), "b": torch.arange(32), "step": 4}, evil)
     assert evil.stat().st_size == path.stat().st_size
-    real_verify = verify_path
+    real_verify = _load._verify
 
     def verify_then_swap(*args: Any, **kwargs: Any) -> Any:
         result = real_verify(*args, **kwargs)
         evil.replace(path)
         return result
 
-    monkeypatch.setattr(_load, "verify_path", verify_then_swap)
-    with pytest.raises(LoadRefused, match="changed after the signature was checked"):
+    monkeypatch.setattr(_load, "_verify", verify_then_swap)
+    with pytest.raises(LoadRefused, match="replaced after the signature was checked"):
         load(path, trusted=trusted)
+
+
+class _Hashing:
+    """Counts what is hashed: files hashed from disk (by name) and byte strings checked before loading."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.from_disk: list[str] = []
+        self.in_memory = 0
+        real_match = _load._digests_match
+
+        def hash_files(files: Any, **kwargs: Any) -> Any:
+            self.from_disk.extend(Path(item.location).name for item in files)
+            return hash_files_from_disk(files, **kwargs)
+
+        def digests_match(*args: Any) -> bool:
+            self.in_memory += 1
+            return bool(real_match(*args))
+
+        monkeypatch.setattr(manifest_module, "hash_files", hash_files)
+        monkeypatch.setattr(_load, "_digests_match", digests_match)
+
+    def reset(self) -> None:
+        self.from_disk.clear()
+        self.in_memory = 0
+
+
+def test_cold_load_hashes_the_file_once_from_the_bytes_it_loads(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _signed_torch_file(tmp_path, key)
+    hashing = _Hashing(monkeypatch)
+    _assert_state_equal(load(path, trusted=trusted))
+    assert hashing.from_disk == []
+    assert hashing.in_memory == 1
+
+
+def _signed_directory(tmp_path: Path, key: PrivateKey) -> Path:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("a.pt", "b.pt", "c.pt"):
+        torch.save(_state(), folder / name)
+    (folder / "config.json").write_text("{}")
+    sign_path(folder, key)
+    return folder
+
+
+def test_loading_every_file_of_a_directory_hashes_each_file_once(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _signed_directory(tmp_path, key)
+    monkeypatch.setattr(_load, "_RACY_NS", 50_000_000)  # remember files older than 50 ms
+    time.sleep(0.1)
+    hashing = _Hashing(monkeypatch)
+    _assert_state_equal(load(folder / "a.pt", trusted=trusted))
+    assert sorted(hashing.from_disk) == ["b.pt", "c.pt", "config.json"]  # a.pt only from its bytes
+    assert hashing.in_memory == 1
+    hashing.reset()
+    _assert_state_equal(load(folder / "b.pt", trusted=trusted))
+    _assert_state_equal(load(folder / "c.pt", trusted=trusted))
+    _assert_state_equal(load(folder / "a.pt", trusted=trusted))
+    assert hashing.from_disk == []
+    assert hashing.in_memory == 3  # what is loaded is always checked
+
+
+def test_the_memo_notices_a_member_rewritten_in_place(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _signed_directory(tmp_path, key)
+    monkeypatch.setattr(_load, "_RACY_NS", 50_000_000)
+    time.sleep(0.1)
+    load(folder / "a.pt", trusted=trusted)
+    load(folder / "b.pt", trusted=trusted)
+    _rewrite_same_size(folder / "b.pt")  # size and mtime restored; the ctime moves
+    with pytest.raises(LoadRefused, match=r"modified: b\.pt"):
+        load(folder / "a.pt", trusted=trusted)
+    with pytest.raises(LoadRefused, match="do not match the signed digest"):
+        load(folder / "b.pt", trusted=trusted)
+
+
+def test_recent_files_are_hashed_again_rather_than_remembered(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file changed within the clock tick of its last stat may keep its ctime: it is never remembered."""
+    folder = _signed_directory(tmp_path, key)  # just written: within the 2 s window
+    hashing = _Hashing(monkeypatch)
+    load(folder / "a.pt", trusted=trusted)
+    hashing.reset()
+    load(folder / "b.pt", trusted=trusted)
+    assert sorted(hashing.from_disk) == ["a.pt", "c.pt", "config.json"]
+
+
+def test_a_new_signature_file_is_checked_again(
+    tmp_path: Path, key: PrivateKey, stranger: PrivateKey, trusted: list[PublicKey]
+) -> None:
+    path = _signed_torch_file(tmp_path, key)
+    load(path, trusted=trusted)
+    Path(f"{path}.trainguard.sig").unlink()
+    sign_path(path, stranger)  # a new signature file, by another key only
+    with pytest.raises(LoadRefused, match="no trusted key"):
+        load(path, trusted=trusted)
+    load(path, trusted=[stranger.public()])
+    sign_path(path, key)  # both keys now
+    load(path, trusted=trusted)
+    with pytest.raises(LoadRefused, match="no trusted key"):
+        load(path, trusted=[PrivateKey.generate("ed25519").public()])
 
 
 def _malicious_pickle(marker: Path) -> bytes:
@@ -345,8 +456,13 @@ def test_install_without_trusted_keys_is_refused() -> None:
 
 
 def test_from_pretrained_is_gated_on_local_signed_directories(
-    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Offline: the model is built here from a config, and nothing may be fetched from the Hub.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # in case it was imported before
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
         vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
@@ -358,6 +474,11 @@ def test_from_pretrained_is_gated_on_local_signed_directories(
             transformers.BertModel.from_pretrained(folder)
         sign_path(folder, key)
         assert transformers.BertModel.from_pretrained(folder).config.hidden_size == 8
+        (folder / "config.json").write_text(
+            (folder / "config.json").read_text().replace('"hidden_size": 8', '"hidden_size": 16')
+        )
+        with pytest.raises(LoadRefused, match=r"config\.json"):
+            transformers.BertModel.from_pretrained(folder)
         with pytest.raises(LoadRefused, match="local"):
             transformers.BertModel.from_pretrained("bert-base-uncased")
 

@@ -2,8 +2,15 @@
 signature, and the scan finds nothing in them.
 
 The bytes are read into memory once; those bytes are hashed against the signed manifest, scanned, and
-deserialised. Nothing is read from the path again, so a file swapped on disk after the signature was
-checked is either caught by the hash or never read (no time-of-check/time-of-use window).
+deserialised. The file is not hashed from disk beforehand and nothing is read from the path again, so a
+file swapped on disk after the signature was checked is either caught by the hash or never read (no
+time-of-check/time-of-use window). The other files of a signed directory are checked by stat against the
+re-verification cache, or hashed.
+
+Within one process, what was verified is remembered: a signature file whose bytes were already checked
+against the same trusted keys is not parsed and checked again, and a member file whose stat is unchanged
+since it was hashed (or loaded) is not hashed again, under the same ctime rule as the cache (see
+`trainguard.gate._cache`). Loading every file of a signed directory thus hashes each file once.
 
 `install_load_gate()` puts the same checks in front of `torch.load`, `numpy.load`,
 `safetensors.torch.load_file`, `safetensors.safe_open` and transformers' `from_pretrained` (local
@@ -22,10 +29,13 @@ import os
 import sqlite3
 import stat
 import sys
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainguard.errors import TrainguardError, UsageError, VerificationFailed
 from trainguard.findings import Verdict
@@ -36,13 +46,15 @@ from trainguard.provenance import (
     FileEntry,
     Manifest,
     PublicKey,
+    SignatureFile,
     VerifyResult,
     load_trust_policy,
     signature_path,
-    verify_path,
 )
-from trainguard.scan._memory import scan_bytes
-from trainguard.scan.result import FileResult
+from trainguard.provenance._signature import choose_signer, read_signature_bytes, verify_tree
+
+if TYPE_CHECKING:
+    from trainguard.scan.result import FileResult
 
 __all__ = ["LoadRefused", "install_load_gate", "load", "load_gate", "resolve_trusted"]
 
@@ -117,25 +129,119 @@ class _Checked:
 
 @dataclasses.dataclass(frozen=True)
 class _Signed:
-    """What the signature says `path` must hold, after the signature and the tree verified."""
+    """What the signature of `target` says `path` must hold, after the signature and the rest of the tree
+    verified; the bytes of `path` itself are still to be checked against `entry`."""
 
     path: Path
+    target: Path
     entry: FileEntry
     shard_size: int
 
 
-def _verify(path: Path, keys: Sequence[PublicKey]) -> _Signed:
-    """Verify the signature that covers `path`: its own, else that of the nearest signed directory."""
+# A file whose ctime is this recent when it is hashed may change again within the same clock tick and
+# keep its ctime; its digests are not remembered (the rule and the value of VerifyCache).
+_RACY_NS = 2_000_000_000
+_MAX_SIGNATURES = 64
+_MAX_FILES = 65536
+# SHA-256 of a signature file's bytes, and the (key id, name) of each trusted key.
+_SignerKey = tuple[bytes, tuple[tuple[str, str], ...]]
+
+
+class _Memo:
+    """What this process has verified: trusted signatures, by the signature file's bytes and the trusted
+    keys, and member digests, by the file's path and stat (`trainguard.gate._cache` explains why a stat
+    that still matches, ctime included, vouches for the content). Bounded; the oldest entries go first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._signers: OrderedDict[_SignerKey, tuple[Manifest, PublicKey]] = OrderedDict()
+        self._files: OrderedDict[bytes, tuple[tuple[int, ...], FileEntry]] = OrderedDict()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._signers.clear()
+            self._files.clear()
+
+    def signer(self, key: _SignerKey) -> tuple[Manifest, PublicKey] | None:
+        with self._lock:
+            return self._signers.get(key)
+
+    def add_signer(self, key: _SignerKey, value: tuple[Manifest, PublicKey]) -> None:
+        with self._lock:
+            self._signers[key] = value
+            while len(self._signers) > _MAX_SIGNATURES:
+                self._signers.popitem(last=False)
+
+    def file(self, path: Path, st: os.stat_result) -> FileEntry | None:
+        with self._lock:
+            found = self._files.get(_path_key(path))
+        if found is None or found[0] != _stat_key(st):
+            return None
+        return found[1]
+
+    def add_file(self, path: Path, st: os.stat_result, entry: FileEntry, started_ns: int) -> None:
+        if st.st_ctime_ns > started_ns - _RACY_NS or entry.size != st.st_size:
+            return
+        with self._lock:
+            key = _path_key(path)
+            self._files.pop(key, None)
+            self._files[key] = (_stat_key(st), entry)
+            while len(self._files) > _MAX_FILES:
+                self._files.popitem(last=False)
+
+
+_MEMO = _Memo()
+
+
+def _path_key(path: Path) -> bytes:
+    return os.fsencode(os.path.abspath(path))  # noqa: PTH100 - the lexical absolute path, as the cache
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _Digests:
+    """The digests known without hashing: this process's memo first, then the re-verification cache.
+    New digests go to both; `started_ns` is when this verification began (for the ctime rule)."""
+
+    def __init__(self, cache: VerifyCache | None) -> None:
+        self._cache = cache
+        self._started_ns = time.time_ns()
+
+    def get(self, path: Path, st: os.stat_result) -> FileEntry | None:
+        entry = _MEMO.file(path, st)
+        if entry is None and self._cache is not None:
+            entry = self._cache.get(path, st)
+            if entry is not None:
+                _MEMO.add_file(path, st, entry, self._started_ns)
+        return entry
+
+    def put(self, path: Path, st: os.stat_result, entry: FileEntry) -> None:
+        _MEMO.add_file(path, st, entry, self._started_ns)
+        if self._cache is not None:
+            self._cache.put(path, st, entry)
+
+
+def _verify(path: Path, keys: Sequence[PublicKey], digests: _Digests | None = None) -> _Signed:
+    """Verify the signature that covers `path` (its own, else that of the nearest signed directory) and
+    every other file under it. The content of `path` is left to `_check_bytes`, on the bytes loaded."""
     if path.is_dir():
         raise UsageError(f"{path} is a directory: load one of its files")
     target, relative = _signed_target(path)
-    result = _verify_signed(target, path, keys)
-    entry = _entry(result.manifest, relative)
-    if entry is None:
-        raise LoadRefused(
-            path, f"the signature of {target} does not cover {relative}", hint=_SIGN_HINT.format(path=target)
-        )
-    return _Signed(path, entry, result.manifest.shard_size)
+    with contextlib.ExitStack() as stack:
+        if digests is None:
+            digests = _Digests(stack.enter_context(_digest_cache()))
+        document, signer = _trusted_document(target, path, keys)
+        entry = _entry(document, relative)
+        if entry is None:
+            raise LoadRefused(
+                path,
+                f"the signature of {target} does not cover {relative}",
+                hint=_SIGN_HINT.format(path=target),
+            )
+        _verify_tree(target, path, document, signer, digests, defer=(entry.path,))
+    return _Signed(path, target, entry, document.shard_size)
 
 
 def _fix_hint(target: Path) -> str:
@@ -174,11 +280,44 @@ def _entry(manifest: Manifest, relative: str) -> FileEntry | None:
     return None
 
 
-def _verify_signed(target: Path, shown: Path, keys: Sequence[PublicKey]) -> VerifyResult:
-    """verify_path through the re-verification cache; every failure becomes a LoadRefused about `shown`."""
+def _trusted_document(target: Path, shown: Path, keys: Sequence[PublicKey]) -> tuple[Manifest, PublicKey]:
+    """The manifest in the signature file of `target` and the trusted key that signed it. The file is read
+    every time; its signature is checked once per process for the same bytes and keys."""
+    sig_file = signature_path(target)
     try:
-        with _digest_cache() as cache:
-            result = verify_path(target, keys, full=False, digest_cache=cache)
+        data = read_signature_bytes(sig_file)
+        memo_key = (hashlib.sha256(data).digest(), tuple((key.key_id, key.name) for key in keys))
+        known = _MEMO.signer(memo_key)
+        if known is not None:
+            return known
+        document = SignatureFile.from_bytes(data, str(sig_file))
+        signer = choose_signer(document, keys, str(sig_file))
+    except VerificationFailed as exc:
+        raise LoadRefused(shown, exc.message, hint=exc.hint or _fix_hint(target)) from exc
+    _MEMO.add_signer(memo_key, (document.manifest, signer))
+    return document.manifest, signer
+
+
+def _verify_tree(
+    target: Path,
+    shown: Path,
+    manifest: Manifest,
+    signer: PublicKey,
+    digests: _Digests,
+    *,
+    defer: tuple[str, ...] = (),
+) -> VerifyResult:
+    """verify_tree through the memo and the cache; every failure becomes a LoadRefused about `shown`."""
+    try:
+        result = verify_tree(
+            target,
+            manifest,
+            signer,
+            signature=signature_path(target),
+            full=False,
+            digest_cache=digests,
+            defer=defer,
+        )
     except VerificationFailed as exc:
         raise LoadRefused(shown, exc.message, hint=exc.hint or _fix_hint(target)) from exc
     except TrainguardError as exc:
@@ -202,27 +341,38 @@ def _digest_cache() -> Iterator[VerifyCache | None]:
 
 
 def _read_verified(path: Path, keys: Sequence[PublicKey]) -> _Checked:
-    signed = _verify(path, keys)
-    data = _read_once(path)
-    _check_bytes(path, data, signed)
+    with _digest_cache() as cache:
+        digests = _Digests(cache)
+        signed = _verify(path, keys, digests)
+        data, st = _read_once(path)
+        _check_bytes(path, data, signed)
+        if st is not None:
+            # The bytes read are those of this file while it had this stat: its other readers (the
+            # directory's other members) need not hash it again.
+            digests.put(path, st, dataclasses.replace(signed.entry, mode=stat.S_IMODE(st.st_mode)))
     return _Checked(path, data, _scan(path, data))
 
 
-def _read_once(path: Path) -> bytes:
+def _read_once(path: Path) -> tuple[bytes, os.stat_result | None]:
+    """The bytes of `path`, read through one descriptor, and its stat if it did not change while read."""
     try:
         # O_NONBLOCK: a FIFO put in place of the checkpoint must not hang the load.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise LoadRefused(path, f"cannot open it ({exc.strerror})", hint="check the path") from exc
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
             raise LoadRefused(path, "not a regular file", hint="load the checkpoint file itself")
         with open(fd, "rb", buffering=0, closefd=False) as handle:
-            return handle.readall()
+            data = handle.readall()
+        after = os.fstat(fd)
     except OSError as exc:
         raise LoadRefused(path, f"cannot read it ({exc.strerror})", hint="check the file") from exc
     finally:
         os.close(fd)
+    unchanged = _stat_key(before) == _stat_key(after) and len(data) == after.st_size
+    return data, after if unchanged else None
 
 
 def _check_bytes(path: Path, data: bytes | mmap.mmap, signed: _Signed) -> None:
@@ -232,8 +382,9 @@ def _check_bytes(path: Path, data: bytes | mmap.mmap, signed: _Signed) -> None:
         return
     raise LoadRefused(
         path,
-        "its bytes changed after the signature was checked (the file was modified or replaced)",
-        hint=_fix_hint(path),
+        "its bytes do not match the signed digest (the file was modified, or replaced after the signature "
+        "was checked)",
+        hint=_fix_hint(signed.target),
     )
 
 
@@ -255,6 +406,9 @@ def _digests_match(data: bytes | mmap.mmap, entry: FileEntry, shard_size: int) -
 
 
 def _scan(path: Path, data: bytes | mmap.mmap) -> FileResult:
+    # Imported here: `trainguard sign` and `verify` import this package but never scan.
+    from trainguard.scan._memory import scan_bytes
+
     result = scan_bytes(data, str(path))
     if result.verdict is Verdict.FINDINGS:
         first = result.findings[0]
@@ -442,7 +596,9 @@ def _gated_from_pretrained(keys: tuple[PublicKey, ...], original: Any) -> Any:
 def _verify_directory(directory: Path, keys: Sequence[PublicKey]) -> None:
     if not signature_path(directory).exists():
         raise LoadRefused(directory, "the directory is not signed", hint=_SIGN_HINT.format(path=directory))
-    _verify_signed(directory, directory, keys)
+    manifest, signer = _trusted_document(directory, directory, keys)
+    with _digest_cache() as cache:
+        _verify_tree(directory, directory, manifest, signer, _Digests(cache))
 
 
 def _installed(name: str) -> bool:

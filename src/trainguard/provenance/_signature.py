@@ -33,9 +33,9 @@ from trainguard.provenance._keys import ALGORITHMS, PrivateKey, PublicKey
 from trainguard.provenance._manifest import (
     DEFAULT_SHARD_SIZE,
     DigestCache,
+    FileEntry,
     Manifest,
     TreeDiff,
-    FileEntry,
     build_manifest,
     diff_manifests,
     manifest_of_tree,
