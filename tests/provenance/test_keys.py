@@ -124,6 +124,12 @@ def test_fifo_key_file_does_not_hang(tmp_path: Path) -> None:
         PrivateKey.load(fifo)
 
 
+@pytest.mark.parametrize("private", [True, False])
+def test_directory_given_as_key_file_is_refused(tmp_path: Path, private: bool) -> None:
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        (PrivateKey if private else PublicKey).load(tmp_path)
+
+
 def test_trust_policy_paths_and_inline_pem(tmp_path: Path) -> None:
     alice = PrivateKey.generate("ed25519").public()
     bob = PrivateKey.generate("ecdsa-p256").public()

@@ -15,14 +15,13 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-import os
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+from trainguard._keyfile import read_key_file, write_new_key_file
 from trainguard.errors import KeyFileError
 
 __all__ = [
@@ -116,31 +115,8 @@ def _require_alg(key_alg: int, alg: int | None, what: str) -> None:
 
 
 def _read_key_file(path: Path, *, private: bool) -> str:
-    """Read a key file; a private key file must not be accessible to group or others."""
-    try:
-        # O_NONBLOCK: a FIFO put in place of the key file must not hang us; regular files ignore it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except FileNotFoundError:
-        raise KeyFileError(
-            f"key file {path} does not exist", hint="check the path or generate a key"
-        ) from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot open key file {path}: {exc.strerror}") from None
-    # fstat the opened file, not the path: the mode checked is the mode of what is read.
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise KeyFileError(f"key file {path} is not a regular file")
-    with os.fdopen(fd, "rb") as handle:
-        mode = stat.S_IMODE(info.st_mode)
-        if private and mode & 0o077:
-            raise KeyFileError(
-                f"private key file {path} is accessible by other users (mode {mode:04o})",
-                hint=f"chmod 600 {path}",
-            )
-        data = handle.read(_MAX_KEY_FILE_BYTES + 1)
-    if len(data) > _MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"key file {path} is too large to be a key file")
+    """Read a key file's text; a private key file must not be accessible to group or others."""
+    data = read_key_file(path, private=private, max_bytes=_MAX_KEY_FILE_BYTES)
     try:
         return data.decode("ascii").strip()
     except UnicodeDecodeError:
@@ -149,25 +125,7 @@ def _read_key_file(path: Path, *, private: bool) -> str:
 
 def _write_new_file(path: Path, text: str, mode: int) -> None:
     """Create `path` exclusively (never overwriting) and write `text` durably."""
-    parent = path.parent
-    if not parent.exists():
-        try:
-            parent.mkdir(mode=0o700, parents=True)
-        except OSError as exc:
-            raise KeyFileError(f"cannot create directory {parent}: {exc.strerror}") from None
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
-    except FileExistsError:
-        raise KeyFileError(
-            f"key file {path} already exists; refusing to overwrite it",
-            hint="move the old key away first if you really mean to replace it",
-        ) from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(text.encode("ascii") + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_new_key_file(path, text.encode("ascii") + b"\n", mode)
 
 
 @dataclasses.dataclass(frozen=True)

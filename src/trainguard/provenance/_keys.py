@@ -9,8 +9,6 @@ are the raw 64 bytes.
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -18,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from trainguard._keyfile import read_key_file, write_new_key_file
 from trainguard.errors import KeyFileError, UsageError
 
 __all__ = ["ALGORITHMS", "PrivateKey", "PublicKey"]
@@ -58,50 +57,11 @@ def _unsupported(key: object, where: str) -> KeyFileError:
 
 
 def _read_key_file(path: Path, *, private: bool) -> bytes:
-    """Read a key file; a private key file must not be accessible to group or others."""
-    try:
-        # O_NONBLOCK: a FIFO put in place of the key file must not hang us; regular files ignore it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise KeyFileError(
-            f"key file {path} does not exist", hint="check the path or generate a key"
-        ) from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot open key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        # fstat the opened file, not the path: the mode checked is the mode of what is read.
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise KeyFileError(f"key file {path} is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        if private and mode & 0o077:
-            raise KeyFileError(
-                f"private key file {path} is accessible by other users (mode {mode:04o})",
-                hint=f"chmod 600 {path}",
-            )
-        data = handle.read(_MAX_KEY_FILE_BYTES + 1)
-    if len(data) > _MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"key file {path} is too large to be a key file")
-    return data
+    return read_key_file(path, private=private, max_bytes=_MAX_KEY_FILE_BYTES)
 
 
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` exclusively (never overwriting) with `mode`, and write `data` durably."""
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, mode)
-    except FileExistsError:
-        raise KeyFileError(
-            f"key file {path} already exists; refusing to overwrite it",
-            hint="move the old key away first if you really mean to replace it",
-        ) from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as handle:
-        # The umask may have taken bits away from a public key's 0644; set exactly what was asked.
-        os.fchmod(fd, mode)
-        handle.write(data)
-        handle.flush()
-        os.fsync(fd)
+    write_new_key_file(path, data, mode)
 
 
 class PublicKey:

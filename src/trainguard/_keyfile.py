@@ -1,0 +1,71 @@
+"""Key files on disk: read with the permission check a private key needs, created once and never overwritten.
+
+Used by the ledger's note keys and by the checkpoint signing keys alike.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from trainguard.errors import KeyFileError
+
+__all__ = ["read_key_file", "write_new_key_file"]
+
+
+def read_key_file(path: Path, *, private: bool, max_bytes: int) -> bytes:
+    """The bytes of a key file; a private key file must not be accessible to group or others."""
+    try:
+        # O_NONBLOCK: a FIFO put in place of the key file must not hang us; regular files ignore it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"key file {path} does not exist", hint="check the path or generate a key"
+        ) from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot open key file {path}: {exc.strerror}") from None
+    # fstat the opened file, not the path: the mode checked is the mode of what is read.
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise KeyFileError(f"key file {path} is not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        mode = stat.S_IMODE(info.st_mode)
+        if private and mode & 0o077:
+            raise KeyFileError(
+                f"private key file {path} is accessible by other users (mode {mode:04o})",
+                hint=f"chmod 600 {path}",
+            )
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise KeyFileError(f"key file {path} is too large to be a key file")
+    return data
+
+
+def write_new_key_file(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` exclusively (never overwriting) with exactly `mode`, and write `data` durably.
+
+    A missing parent folder is created with mode 0700.
+    """
+    parent = path.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(mode=0o700, parents=True)
+        except OSError as exc:
+            raise KeyFileError(f"cannot create directory {parent}: {exc.strerror}") from None
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        raise KeyFileError(
+            f"key file {path} already exists; refusing to overwrite it",
+            hint="move the old key away first if you really mean to replace it",
+        ) from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as handle:
+        # The umask may have taken bits away from a public key's 0644; set exactly what was asked.
+        os.fchmod(fd, mode)
+        handle.write(data)
+        handle.flush()
+        os.fsync(fd)
