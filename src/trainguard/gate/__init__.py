@@ -7,7 +7,35 @@ compares the signings the ledger recorded with the files on disk. Importing this
 framework: torch, numpy, safetensors and transformers are imported inside the functions that use them.
 """
 
-from trainguard.gate._load import LoadRefused, install_load_gate, load, load_gate
-from trainguard.gate._save import save
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainguard.gate._load import LoadRefused, install_load_gate, load, load_gate
+    from trainguard.gate._save import save
 
 __all__ = ["LoadRefused", "install_load_gate", "load", "load_gate", "save"]
+
+# Imported on first use, so `trainguard sign` and `verify` do not load the load gate.
+_HOMES = {
+    "LoadRefused": "_load",
+    "install_load_gate": "_load",
+    "load": "_load",
+    "load_gate": "_load",
+    "save": "_save",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainguard.errors import (
     ExitCode,
@@ -24,7 +24,6 @@ from trainguard.errors import (
     UsageError,
     VerificationFailed,
 )
-from trainguard.gate._audit import AuditReport, audit, is_unreadable
 from trainguard.gate._cache import VerifyCache
 from trainguard.gate._events import EVENT_SIGN, EVENT_VERIFY, provenance_payload, record
 from trainguard.provenance import (
@@ -40,6 +39,9 @@ from trainguard.provenance import (
     signature_path,
     verify_path,
 )
+
+if TYPE_CHECKING:
+    from trainguard.gate._audit import AuditReport
 
 __all__ = ["cmd_ckpt_audit", "cmd_keygen_pem", "cmd_sign", "cmd_verify", "default_signing_key"]
 
@@ -200,6 +202,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
             )
             manifest, root, out = result.manifest, result.root, result.signature_path
     except VerificationFailed as exc:
+        from trainguard.gate._audit import is_unreadable
+
         if is_unreadable(exc):
             raise UndecidableError(exc.message, hint=exc.hint) from None
         raise
@@ -301,6 +305,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except TreeChanged as exc:
         result, problems, message = exc.result, exc.diff.describe(), exc.message
     except VerificationFailed as exc:
+        from trainguard.gate._audit import is_unreadable
+
         if is_unreadable(exc):
             raise UndecidableError(exc.message, hint=exc.hint) from None
         message, hint = exc.message, exc.hint
@@ -353,6 +359,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_audit(args: argparse.Namespace) -> int:
+    from trainguard.gate._audit import audit
     from trainguard.ledger._ledger import Ledger, default_location
 
     trusted = _trusted(args, required=False)

@@ -1,10 +1,11 @@
 """`trainguard.save`: torch.save that hashes the bytes as they are written, then signs them.
 
-The checkpoint is hashed while torch writes it: a thread follows the writer, reading each record back from
-the page cache right after it was written and hashing it on another core, so the hashing overlaps torch's
-own serialisation instead of following it, and the digests are those of the bytes in the file. The file is
-written under a temporary name, synced and renamed into place; the signature (FILE.trainguard.sig) follows,
-written by `sign_manifest` as `trainguard sign` writes it.
+torch.save is handed a file object whose write() hashes each buffer on another thread while the calling
+thread writes it to the file, so hashing overlaps writing and the digests are those of the bytes written.
+The buffers are torch's own memory (tensor storages, headers), valid only during the call, so write()
+waits for the hash before it returns and nothing is copied; small buffers are hashed in place. The file
+is written under a temporary name, synced and renamed into place; the signature (FILE.trainguard.sig)
+follows, written by `sign_manifest` as `trainguard sign` writes it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import contextlib
 import hashlib
 import os
 import secrets
-import threading
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,47 +23,12 @@ from trainguard.provenance import DEFAULT_SHARD_SIZE, FileEntry, Manifest, Priva
 from trainguard.provenance._signature import sign_manifest
 
 __all__ = ["save"]
-_BUFFER = 8 << 20
-
-
-class _Trail(threading.Thread):
-    """Hashes the file from `start` on, right behind the writer: it reads back what was just written,
-    from the page cache, on its own core, while torch produces the next record."""
-
-    def __init__(
-        self, fd: int, start: int, consume: Callable[[int, memoryview], None], writer: _HashingWriter
-    ):
-        super().__init__(name="tg-save-hash", daemon=True)
-        self._fd = fd
-        self._pos = start
-        self._consume = consume
-        self._writer = writer
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        buffer = memoryview(bytearray(_BUFFER))
-        writer = self._writer
-        try:
-            while True:
-                with writer.progress:
-                    while writer.written <= self._pos and not writer.closed:
-                        writer.progress.wait()
-                    limit, closed = writer.written, writer.closed
-                while self._pos < limit:
-                    got = os.preadv(self._fd, [buffer[: min(_BUFFER, limit - self._pos)]], self._pos)
-                    if got == 0:
-                        raise OSError(f"the checkpoint shrank while it was written (at byte {self._pos})")
-                    self._consume(self._pos, buffer[:got])
-                    self._pos += got
-                if closed:
-                    return
-        except BaseException as exc:
-            self.error = exc
+_INLINE = 1 << 20  # smaller buffers are hashed on the calling thread
 
 
 class _HashingWriter:
     """A write-only file object for torch.save that hashes the file while it is written: the whole-file
-    SHA-256 and, past the first shard, one SHA-256 per shard, each on its own thread."""
+    SHA-256 on one thread and, past the first shard, one SHA-256 per shard on another."""
 
     def __init__(self, fd: int, shard_size: int) -> None:
         self._fd = fd
@@ -72,40 +37,45 @@ class _HashingWriter:
         self._first_shard: str | None = None  # the whole-file hash at the first shard boundary
         self._shards: list[str] = []  # digests of the finished shards after the first
         self._shard: Any = None  # the hasher of the current shard after the first
-        self.progress = threading.Condition()
+        self._whole_thread = ThreadPoolExecutor(1, thread_name_prefix="tg-save-hash")
+        self._shard_thread = ThreadPoolExecutor(1, thread_name_prefix="tg-save-shards")
         self.written = 0
-        self.closed = False
-        self._trails = [_Trail(fd, 0, self._hash_whole, self)]
-        for trail in self._trails:
-            trail.start()
 
     def write(self, data: Any) -> int:
         with memoryview(data) as view, view.cast("B") as octets:
-            _write_all(self._fd, octets)
             count = len(octets)
-        with self.progress:
-            if self.written <= self._shard_size < self.written + count:
-                # The file outgrows its first shard: the shards after it get their own thread.
-                trail = _Trail(self._fd, self._shard_size, self._hash_shards, self)
-                self._trails.append(trail)
-                trail.start()
-            self.written += count
-            self.progress.notify_all()
+            pos = self.written
+            beyond = self._shard_size - pos  # where the bytes past the first shard start in this buffer
+            if count < _INLINE:
+                _write_all(self._fd, octets)
+                self._hash_whole(pos, octets)
+                if beyond < count:
+                    self._hash_shards(max(pos, self._shard_size), octets[max(beyond, 0) :])
+            else:
+                pending = [self._whole_thread.submit(self._hash_whole, pos, octets)]
+                if beyond < count:
+                    start = max(beyond, 0)
+                    pending.append(self._shard_thread.submit(self._hash_shards, pos + start, octets[start:]))
+                try:
+                    _write_all(self._fd, octets)
+                finally:
+                    # torch may free or reuse the buffer once write() returns: wait for the hashes.
+                    for future in pending:
+                        future.result()
+            self.written = pos + count
         return count
 
     def flush(self) -> None:
         """Nothing is buffered: every write goes straight to the file descriptor."""
 
+    def close(self) -> None:
+        self._whole_thread.shutdown(wait=True)
+        self._shard_thread.shutdown(wait=True)
+
     def finish(self) -> tuple[str, tuple[str, ...]]:
-        """Wait for the hashing to catch up; return the whole-file digest and the shard digests (none
-        when the file is not larger than one shard)."""
-        with self.progress:
-            self.closed = True
-            self.progress.notify_all()
-        for trail in self._trails:
-            trail.join()
-            if trail.error is not None:
-                raise trail.error
+        """The whole-file digest and the shard digests (none when the file is not larger than one
+        shard)."""
+        self.close()
         if self.written <= self._shard_size:
             return self._whole.hexdigest(), ()
         shards = list(self._shards)
@@ -150,9 +120,9 @@ def save(
 ) -> SignResult:
     """``torch.save(obj, path, **kwargs)``, then sign the file with `key` (PATH.trainguard.sig).
 
-    The digests are taken while the file is written, by threads that hash each record right after it
-    reaches the page cache. The file is written under a temporary name, fsynced, and renamed into place
-    before it is signed, so a crash leaves the old checkpoint or the new one, never half of one.
+    The digests are taken while the file is written: each buffer torch writes is hashed on another
+    thread while this one writes it. The file is written under a temporary name, fsynced, and renamed
+    into place before it is signed, so a crash leaves the old checkpoint or the new one, never half of one.
     `fsync=False` skips the syncs (as torch.save does): faster, but after a power loss the file may be
     incomplete; its signature then no longer matches and the load gate refuses it.
     """
@@ -164,8 +134,7 @@ def save(
     if target.is_dir():
         raise UsageError(f"{target} is a directory: trainguard.save writes one checkpoint file")
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    # Read and write: the hashing threads read back what was written.
-    fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     writer = None
     try:
         writer = _HashingWriter(fd, shard_size)
@@ -177,7 +146,7 @@ def save(
     except BaseException:
         if writer is not None:
             with contextlib.suppress(BaseException):
-                writer.finish()
+                writer.close()
         os.close(fd)
         temporary.unlink(missing_ok=True)
         raise

@@ -12,6 +12,11 @@ its RFC 8785 canonical JSON is what is signed, and its SHA-256 is the root. The 
 that leave the tree, symlink cycles, special files, unsafe names and empty models (`UnsafeTree`).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from trainguard.provenance._hashing import BUFFER_SIZE, FileDigests, hash_files
 from trainguard.provenance._keys import ALGORITHMS, PrivateKey, PublicKey
 from trainguard.provenance._manifest import (
@@ -24,7 +29,6 @@ from trainguard.provenance._manifest import (
     build_manifest,
     diff_manifests,
 )
-from trainguard.provenance._oms import is_oms_bundle, oms_key_hint, to_oms_bundle, verify_oms_bundle
 from trainguard.provenance._signature import (
     SIGNED_PREFIX,
     Signature,
@@ -43,6 +47,12 @@ from trainguard.provenance._signature import (
     verify_tree,
 )
 from trainguard.provenance._tree import SIGNATURE_NAME, UnsafeTree, path_problem, signature_path, walk
+
+if TYPE_CHECKING:
+    from trainguard.provenance._oms import is_oms_bundle, oms_key_hint, to_oms_bundle, verify_oms_bundle
+
+# OMS bundles are imported on first use: most signings and verifications never touch one.
+_LAZY = frozenset({"is_oms_bundle", "oms_key_hint", "to_oms_bundle", "verify_oms_bundle"})
 
 __all__ = [
     "ALGORITHMS",
@@ -84,3 +94,15 @@ __all__ = [
     "verify_tree",
     "walk",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}._oms"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

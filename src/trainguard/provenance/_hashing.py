@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import mmap
 import os
 import stat
 import threading
@@ -25,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 from trainguard.provenance._tree import TreeFile, UnsafeTree
 
-__all__ = ["BUFFER_SIZE", "FileDigests", "hash_files", "shard_count"]
+__all__ = ["BUFFER_SIZE", "FileDigests", "hash_files", "read_buffer", "shard_count"]
 
 BUFFER_SIZE = 8 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -46,10 +47,19 @@ def shard_count(size: int, shard_size: int) -> int:
     return 0 if size <= shard_size else -(-size // shard_size)
 
 
+def read_buffer(size: int = BUFFER_SIZE) -> memoryview:
+    """A page-aligned, writable buffer of `size` bytes for preadv.
+
+    Anonymous mmap, not bytearray: glibc serves a bytearray this large from its own mmap with a 16-byte
+    header, so the data is not page-aligned, and the kernel's copy from the page cache into it ran about
+    a third slower (2 GB hashed in 1.3 s instead of 0.87 s on the 2-core VM).
+    """
+    return memoryview(mmap.mmap(-1, size))
+
+
 class _Buffers(threading.local):
     def __init__(self) -> None:
-        self.buffer = bytearray(BUFFER_SIZE)
-        self.view = memoryview(self.buffer)
+        self.view = read_buffer()
 
 
 class _Progress:
