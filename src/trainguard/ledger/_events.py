@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import getpass
-import json
 import math
 import os
 import re
@@ -17,6 +16,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
+from trainguard._strictjson import loads_strict
 from trainguard.errors import UsageError, VerificationFailed
 from trainguard.ledger._canonical import canonical_json
 
@@ -174,13 +174,7 @@ class Event:
             raise EntryError(f"{where} is {len(data)} bytes, above the {MAX_ENTRY_BYTES} limit", index=index)
         raw = bytes(data)
         try:
-            text = raw.decode("utf-8")
-            doc = json.loads(
-                text,
-                object_pairs_hook=_unique_keys,
-                parse_int=_json_int,
-                parse_constant=_no_constant,
-            )
+            doc = loads_strict(raw, parse_int=_json_int)
         except (ValueError, RecursionError) as exc:
             raise EntryError(f"{where} is not valid JSON: {exc}", index=index) from None
         try:
@@ -285,18 +279,7 @@ def _plain(value: Any, where: str, depth: int) -> Any:
     raise UsageError(f"{where} is a {type(value).__name__}, which is not JSON")
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("an object has a duplicate key")
-    return out
-
-
 def _json_int(text: str) -> int | float:
     # RFC 8785 writes large doubles such as 1e16 in integer form; they are doubles, not integers.
     value = int(text)
     return value if abs(value) <= _MAX_SAFE_INT else float(text)
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")

@@ -18,7 +18,7 @@ import psycopg
 
 from trainguard.errors import StoreError, TrainguardError
 from trainguard.ledger._keys import VerifierKey
-from trainguard.ledger._merkle import NodeKey, perfect_cover
+from trainguard.ledger._merkle import NodeKey
 from trainguard.ledger._note import Checkpoint
 from trainguard.ledger._sqlreads import SqlReads
 from trainguard.ledger._store import (
@@ -27,11 +27,10 @@ from trainguard.ledger._store import (
     META_VERIFIER,
     STORE_FORMAT,
     Signer,
-    build_batch,
     check_meta,
     completed_ranges,
-    frontier_hashes,
     missing_nodes_error,
+    next_batch,
 )
 
 __all__ = ["PostgresStore", "redact"]
@@ -153,15 +152,7 @@ class PostgresStore(SqlReads):
             cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, self._lock_key))
             origin = self._origin_in(cur)
             size, signed = self._state_in(cur)
-            if size != signed:
-                raise StoreError(
-                    f"ledger {self.location} is damaged: it holds {size} entries but its latest checkpoint "
-                    f"covers {signed}; refusing to sign over it",
-                    hint="run 'trainguard ledger verify' to see what was changed",
-                )
-            keys = perfect_cover(0, size)
-            found = self._nodes_in(cur, keys) if keys else {}
-            batch = build_batch(size, frontier_hashes(size, found, self.location), entries)
+            batch = next_batch(self.location, size, signed, lambda keys: self._nodes_in(cur, keys), entries)
             # COPY streams every row in one round trip; per-row INSERTs would cost one each.
             with cur.copy("COPY entries (idx, data) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types(["int8", "bytea"])

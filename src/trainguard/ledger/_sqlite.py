@@ -12,7 +12,7 @@ from typing import Any
 
 from trainguard.errors import StoreError
 from trainguard.ledger._keys import VerifierKey
-from trainguard.ledger._merkle import NodeKey, perfect_cover
+from trainguard.ledger._merkle import NodeKey
 from trainguard.ledger._note import Checkpoint
 from trainguard.ledger._sqlreads import SqlReads
 from trainguard.ledger._store import (
@@ -21,11 +21,10 @@ from trainguard.ledger._store import (
     META_VERIFIER,
     STORE_FORMAT,
     Signer,
-    build_batch,
     check_meta,
     completed_ranges,
-    frontier_hashes,
     missing_nodes_error,
+    next_batch,
 )
 
 __all__ = ["SqliteStore"]
@@ -147,15 +146,7 @@ class SqliteStore(SqlReads):
         with self._lock, self._errors("append to"), self._write() as cur:
             origin = self._origin_in(cur)
             size, signed = self._state_in(cur)
-            if size != signed:
-                raise StoreError(
-                    f"ledger {self.path} is damaged: it holds {size} entries but its latest checkpoint "
-                    f"covers {signed}; refusing to sign over it",
-                    hint="run 'trainguard ledger verify' to see what was changed",
-                )
-            keys = perfect_cover(0, size)
-            found = self._nodes_in(cur, keys) if keys else {}
-            batch = build_batch(size, frontier_hashes(size, found, self.location), entries)
+            batch = next_batch(self.location, size, signed, lambda keys: self._nodes_in(cur, keys), entries)
             cur.executemany(
                 "INSERT INTO entries (idx, data) VALUES (?, ?)",
                 [(size + i, data) for i, data in enumerate(entries)],

@@ -33,13 +33,12 @@ __all__ = [
     "Batch",
     "Signer",
     "Store",
-    "build_batch",
     "check_meta",
     "completed_ranges",
     "describe_key",
-    "frontier_hashes",
     "is_postgres_location",
     "missing_nodes_error",
+    "next_batch",
     "open_store",
 ]
 
@@ -127,28 +126,37 @@ class Batch:
     root: bytes
 
 
-def build_batch(size: int, frontier_hashes: Sequence[bytes], entries: Sequence[bytes]) -> Batch:
-    """Extend the tree of `size` leaves (given by its frontier) with `entries`; every node they complete."""
-    frontier = Frontier(size, frontier_hashes)
-    nodes: list[tuple[int, int, bytes]] = []
-    add = nodes.append
-    push = frontier.append
-    for data in entries:
-        for (level, idx), h in push(leaf_hash(data)):
-            add((level, idx, h))
-    return Batch(nodes, frontier.size, frontier.root())
+def next_batch(
+    location: str,
+    size: int,
+    signed: int,
+    read_nodes: Callable[[Sequence[NodeKey]], Mapping[NodeKey, bytes]],
+    entries: Sequence[bytes],
+) -> Batch:
+    """The batch that extends the stored tree of `size` leaves with `entries`, read under the writer lock.
 
-
-def frontier_hashes(size: int, found: Mapping[NodeKey, bytes], location: str) -> list[bytes]:
-    """The frontier of a stored tree, or StoreError when the store lacks one of its nodes."""
+    StoreError when the store is damaged: rows beyond the latest checkpoint, or a missing frontier node.
+    """
+    if size != signed:
+        raise StoreError(
+            f"ledger {location} is damaged: it holds {size} entries but its latest checkpoint "
+            f"covers {signed}; refusing to sign over it",
+            hint="run 'trainguard ledger verify' to see what was changed",
+        )
     keys = perfect_cover(0, size)
+    found = read_nodes(keys) if keys else {}
     try:
-        return [found[key] for key in keys]
+        hashes = [found[key] for key in keys]
     except KeyError as exc:
         raise StoreError(
             f"ledger {location} is damaged: tree node {exc.args[0]} is missing, so nothing can be appended",
             hint="run 'trainguard ledger verify' to see what was changed",
         ) from None
+    frontier = Frontier(size, hashes)
+    nodes: list[tuple[int, int, bytes]] = []
+    for data in entries:
+        nodes.extend((level, idx, h) for (level, idx), h in frontier.append(leaf_hash(data)))
+    return Batch(nodes, frontier.size, frontier.root())
 
 
 def check_meta(existing: Mapping[str, str], origin: str, verifier: VerifierKey, location: str) -> None:

@@ -53,6 +53,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from trainguard._strictjson import loads_strict
 from trainguard.errors import UnsupportedFormat, UsageError, VerificationFailed
 from trainguard.provenance._keys import ALG_ECDSA_P256, PrivateKey, PublicKey
 from trainguard.provenance._manifest import (
@@ -221,31 +222,12 @@ def to_oms_bundle(
     return json.dumps(bundle, separators=(",", ":")).encode("utf-8")
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:
-            raise ValueError(f"duplicate key {key!r}")
-        doc[key] = value
-    return doc
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _loads(data: bytes) -> Any:
-    return json.loads(
-        data.decode("utf-8"), object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-    )
-
-
 def is_oms_bundle(data: bytes) -> bool:
     """Whether `data` looks like a Sigstore bundle with a DSSE envelope (not whether it is valid)."""
     if len(data) > MAX_BUNDLE_BYTES or data.lstrip()[:1] != b"{":
         return False
     try:
-        doc = _loads(data)
+        doc = loads_strict(data)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return False
     return (
@@ -324,7 +306,7 @@ def _envelope(doc: Any) -> tuple[str | None, bytes, bytes]:
 def _statement(payload: bytes) -> tuple[str, str, list[tuple[str, str]], list[str], bool]:
     """(model name, root, [(resource name, digest)], ignore_paths, allow_symlinks) from the statement."""
     try:
-        doc = _loads(payload)
+        doc = loads_strict(payload)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _Bad(f"the signed statement is not JSON ({exc})") from None
     statement = _obj(doc, "statement", {"_type", "subject", "predicateType", "predicate"})
@@ -449,7 +431,7 @@ def verify_oms_bundle(
     if len(bundle) > MAX_BUNDLE_BYTES:
         raise VerificationFailed(f"{where}: larger than {MAX_BUNDLE_BYTES} bytes")
     try:
-        doc = _loads(bundle)
+        doc = loads_strict(bundle)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise VerificationFailed(f"{where}: not JSON ({exc})") from None
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 import os
 import stat
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 
 import rfc8785
 
+from trainguard._strictjson import loads_strict
 from trainguard.errors import PolicyError, UsageError, VerificationFailed
 from trainguard.provenance._keys import ALGORITHMS, PrivateKey, PublicKey
 from trainguard.provenance._manifest import (
@@ -105,19 +105,6 @@ class Signature:
         return {"alg": self.alg, "key_id": self.key_id, "sig": base64.b64encode(self.sig).decode("ascii")}
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:
-            raise ValueError(f"duplicate key {key!r}")
-        doc[key] = value
-    return doc
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 @dataclasses.dataclass(frozen=True)
 class SignatureFile:
     """A manifest and the signatures over it."""
@@ -147,11 +134,7 @@ class SignatureFile:
         if len(data) > MAX_SIGNATURE_BYTES:
             raise bad(f"larger than {MAX_SIGNATURE_BYTES} bytes")
         try:
-            doc = json.loads(
-                data.decode("utf-8"),
-                object_pairs_hook=_reject_duplicates,
-                parse_constant=_reject_constant,
-            )
+            doc = loads_strict(data)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise bad(f"not JSON ({exc})") from None
         if type(doc) is not dict or set(doc) != {"format", "version", "manifest", "signatures"}:
