@@ -22,7 +22,7 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from trainguard.provenance._tree import TreeFile, UnsafeTree
 
@@ -94,6 +94,20 @@ def _open_checked(item: TreeFile, where: str) -> int:
     return fd
 
 
+def _chunks(fd: int, view: memoryview, offset: int, end: int, where: str) -> Iterator[memoryview]:
+    """Bytes [offset, end) of the file, read with pread into `view` one buffer at a time."""
+    while offset < end:
+        want = min(len(view), end - offset)
+        try:
+            got = os.preadv(fd, [view[:want]], offset)
+        except OSError as exc:
+            raise UnsafeTree(where, f"cannot read: {exc.strerror}") from None
+        if got == 0:
+            raise UnsafeTree(where, "was truncated while being hashed")
+        yield view[:got]
+        offset += got
+
+
 def _hash_range(
     item: TreeFile, where: str, offset: int, length: int, buffers: _Buffers, progress: _Progress | None
 ) -> str:
@@ -101,20 +115,10 @@ def _hash_range(
     fd = _open_checked(item, where)
     try:
         hasher = hashlib.sha256()
-        view = buffers.view
-        end = offset + length
-        while offset < end:
-            want = min(BUFFER_SIZE, end - offset)
-            try:
-                got = os.preadv(fd, [view[:want]], offset)
-            except OSError as exc:
-                raise UnsafeTree(where, f"cannot read: {exc.strerror}") from None
-            if got == 0:
-                raise UnsafeTree(where, "was truncated while being hashed")
-            hasher.update(view[:got])
-            offset += got
+        for chunk in _chunks(fd, buffers.view, offset, offset + length, where):
+            hasher.update(chunk)
             if progress is not None:
-                progress.add(got)
+                progress.add(len(chunk))
         _check_unchanged(fd, item, where)
         return hasher.hexdigest()
     finally:
@@ -182,24 +186,13 @@ def _hash_serial(
     try:
         whole = hashlib.sha256()
         shards: list[str] = []
-        view = buffers.view
-        offset = 0
-        while offset < size:
+        for start in range(0, size, shard_size):
             shard = hashlib.sha256()
-            end = min(offset + shard_size, size)
-            while offset < end:
-                want = min(BUFFER_SIZE, end - offset)
-                try:
-                    got = os.preadv(fd, [view[:want]], offset)
-                except OSError as exc:
-                    raise UnsafeTree(where, f"cannot read: {exc.strerror}") from None
-                if got == 0:
-                    raise UnsafeTree(where, "was truncated while being hashed")
-                whole.update(view[:got])
-                shard.update(view[:got])
-                offset += got
+            for chunk in _chunks(fd, buffers.view, start, min(start + shard_size, size), where):
+                whole.update(chunk)
+                shard.update(chunk)
                 if counter is not None:
-                    counter.add(got)
+                    counter.add(len(chunk))
             shards.append(shard.hexdigest())
         _check_unchanged(fd, item, where)
         return FileDigests(whole.hexdigest(), tuple(shards))
