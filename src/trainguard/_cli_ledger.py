@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from trainguard._argtypes import handler, non_negative_int
 
 _LEDGER_EPILOG = (
     "exit codes: 0 verified, 1 verification failed (tampering, wrong key, rollback), 2 usage error, "
@@ -16,13 +18,8 @@ _LEDGER_EPILOG = (
 )
 
 
-def _run(name: str) -> Any:
-    def handler(args: argparse.Namespace) -> int:
-        from trainguard.ledger import _commands
-
-        return int(getattr(_commands, name)(args))
-
-    return handler
+def _run(name: str) -> Callable[[argparse.Namespace], int]:
+    return handler("trainguard.ledger._commands", name)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -35,16 +32,6 @@ def _keygen(args: argparse.Namespace) -> int:
     if args.witness or args.name:
         raise UsageError("--pem makes a checkpoint signing key; it takes neither --witness nor --name")
     return int(cmd_keygen_pem(args))
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
 
 
 def add_commands(
@@ -123,7 +110,7 @@ def _add_ledger(
         "--payload-file", type=Path, metavar="FILE", help="payload from a JSON file ('-' for stdin)"
     )
     append.add_argument("--run-id", help="the run this event belongs to")
-    append.add_argument("--rank", type=_non_negative, help="the rank that produced it")
+    append.add_argument("--rank", type=non_negative_int, help="the rank that produced it")
     append.add_argument(
         "--key",
         type=Path,
@@ -163,19 +150,19 @@ def _add_ledger(
         help="print an inclusion or consistency proof",
         epilog=_LEDGER_EPILOG,
     )
-    prove.add_argument("index", type=_non_negative, nargs="?", help="entry to prove included")
+    prove.add_argument("index", type=non_negative_int, nargs="?", help="entry to prove included")
     prove.add_argument(
-        "--consistency", type=_non_negative, metavar="OLD_SIZE", help="prove the tree extends OLD_SIZE"
+        "--consistency", type=non_negative_int, metavar="OLD_SIZE", help="prove the tree extends OLD_SIZE"
     )
-    prove.add_argument("--size", type=_non_negative, help="tree size (default: the latest checkpoint)")
+    prove.add_argument("--size", type=non_negative_int, help="tree size (default: the latest checkpoint)")
     prove.set_defaults(run=_run("cmd_prove"))
 
     show = actions.add_parser(
         "show", parents=[common, store], help="print entries as JSON lines", epilog=_LEDGER_EPILOG
     )
-    show.add_argument("index", type=_non_negative, nargs="?", help="one entry (default: all)")
-    show.add_argument("--start", type=_non_negative, default=0, help="first index")
-    show.add_argument("--end", type=_non_negative, help="stop before this index")
+    show.add_argument("index", type=non_negative_int, nargs="?", help="one entry (default: all)")
+    show.add_argument("--start", type=non_negative_int, default=0, help="first index")
+    show.add_argument("--end", type=non_negative_int, help="stop before this index")
     show.add_argument("--type", dest="event_type", help="only events of this type")
     show.set_defaults(run=_run("cmd_show"))
 

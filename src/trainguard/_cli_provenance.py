@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from trainguard._argtypes import handler, positive_int
 
 _EPILOG = (
     "exit codes: 0 signed or verified, 1 verification failed (files changed, untrusted or bad signature), "
@@ -17,23 +19,8 @@ _EPILOG = (
 )
 
 
-def _run(name: str) -> Any:
-    def handler(args: argparse.Namespace) -> int:
-        from trainguard.gate import _commands
-
-        return int(getattr(_commands, name)(args))
-
-    return handler
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
-    return value
+def _run(name: str) -> Callable[[argparse.Namespace], int]:
+    return handler("trainguard.gate._commands", name)
 
 
 def _trust_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,9 +69,9 @@ def add_commands(
     )
     sign.add_argument("--out", type=Path, metavar="FILE", help="where to write the signature")
     sign.add_argument(
-        "--shard-size", type=_positive, metavar="BYTES", help="shard size for large files (1 GiB)"
+        "--shard-size", type=positive_int, metavar="BYTES", help="shard size for large files (1 GiB)"
     )
-    sign.add_argument("--jobs", type=_positive, metavar="N", help="hashing threads (default: every core)")
+    sign.add_argument("--jobs", type=positive_int, metavar="N", help="hashing threads (default: every core)")
     sign.add_argument("--no-ledger", action="store_true", help="do not record the signing in the ledger")
     sign.add_argument(
         "--require-ledger", action="store_true", help="fail when the signing cannot be recorded in the ledger"

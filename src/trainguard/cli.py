@@ -7,10 +7,11 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from trainguard import __version__
+from trainguard._argtypes import positive_int, ratio
 from trainguard._cli_ledger import add_commands as add_ledger_commands
 from trainguard._cli_provenance import add_commands as add_provenance_commands
 from trainguard.errors import ExitCode, TrainguardError, UsageError
@@ -18,25 +19,6 @@ from trainguard.errors import ExitCode, TrainguardError, UsageError
 log = logging.getLogger("trainguard")
 
 _EPILOG = "exit codes: 0 clean, 1 findings, 2 usage error, 3 could not decide (fail closed)"
-
-
-def _bounded(parse: type[int] | type[float], above: int, what: str) -> Callable[[str], float]:
-    """An argparse type: `parse(text)`, which must be greater than `above`."""
-
-    def convert(text: str) -> float:
-        try:
-            value = parse(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if value <= above:
-            raise argparse.ArgumentTypeError(f"{text!r} must be above {above}")
-        return value
-
-    return convert
-
-
-_positive_int = _bounded(int, 0, "an integer")
-_ratio = _bounded(float, 1, "a number")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,23 +62,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     scan.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         default=os.environ.get("TRAINGUARD_JOBS") or None,
         help="worker processes (default: every core; env: TRAINGUARD_JOBS)",
     )
     scan.add_argument("--no-progress", action="store_true", help="no progress line on a terminal")
     scan.add_argument(
-        "--max-depth", type=_positive_int, metavar="N", help="containers nested inside each other (16)"
+        "--max-depth", type=positive_int, metavar="N", help="containers nested inside each other (16)"
     )
     scan.add_argument(
         "--max-expanded-bytes",
-        type=_positive_int,
+        type=positive_int,
         metavar="BYTES",
         help="bytes decompressed from one file's containers (8 GiB)",
     )
     scan.add_argument(
-        "--max-ratio", type=_ratio, metavar="RATIO", help="compression ratio that counts as a bomb (200)"
+        "--max-ratio", type=ratio, metavar="RATIO", help="compression ratio that counts as a bomb (200)"
     )
     scan.set_defaults(run=_cmd_scan)
     add_ledger_commands(commands, common)
