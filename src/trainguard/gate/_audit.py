@@ -34,7 +34,7 @@ from trainguard.provenance import (
     DigestCache,
     PublicKey,
     TreeChanged,
-    UnsafeTree,
+    UnreadableTree,
     build_manifest,
     diff_manifests,
     read_signature_file,
@@ -48,11 +48,6 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 STATUSES = ("altered", "missing", "unsigned", "undecided", "ok")
 _LABELS = {"missing": "missing (deleted)"}
 _MAX_BUNDLE_BYTES = 64 << 20
-
-
-def is_unreadable(exc: TrainguardError) -> bool:
-    """Whether a failure is about reading files (undecided), not about their content (failed)."""
-    return isinstance(exc, UnsafeTree) and exc.problem.startswith("cannot ")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +196,11 @@ def _check(
     except TreeChanged as exc:
         found = _Found(exc.result.root, exc.result.signer.label, tuple(exc.diff.describe()))
     except TrainguardError as exc:
-        status = "undecided" if is_unreadable(exc) or not isinstance(exc, VerificationFailed) else "altered"
+        status = (
+            "undecided"
+            if isinstance(exc, UnreadableTree) or not isinstance(exc, VerificationFailed)
+            else "altered"
+        )
         return AuditItem(signing.path, status, (exc.message,), signing.root, None, signing.index)
     details = list(found.differences)
     if found.root != signing.root:

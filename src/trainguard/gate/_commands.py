@@ -20,7 +20,6 @@ from trainguard.errors import (
     ExitCode,
     KeyFileError,
     TrainguardError,
-    UndecidableError,
     UsageError,
     VerificationFailed,
 )
@@ -32,6 +31,7 @@ from trainguard.provenance import (
     PrivateKey,
     PublicKey,
     TreeChanged,
+    UnreadableTree,
     VerifyResult,
     build_manifest,
     load_trust_policy,
@@ -201,12 +201,6 @@ def cmd_sign(args: argparse.Namespace) -> int:
                 digest_cache=cache.writer() if cache is not None else None,
             )
             manifest, root, out = result.manifest, result.root, result.signature_path
-    except VerificationFailed as exc:
-        from trainguard.gate._audit import is_unreadable
-
-        if is_unreadable(exc):
-            raise UndecidableError(exc.message, hint=exc.hint) from None
-        raise
     finally:
         if progress is not None:
             progress.clear()
@@ -304,11 +298,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         result, fmt = _verify(args, trusted, cache)
     except TreeChanged as exc:
         result, problems, message = exc.result, exc.diff.describe(), exc.message
+    except UnreadableTree:
+        raise  # exit 3: nothing is known about the files
     except VerificationFailed as exc:
-        from trainguard.gate._audit import is_unreadable
-
-        if is_unreadable(exc):
-            raise UndecidableError(exc.message, hint=exc.hint) from None
         message, hint = exc.message, exc.hint
     finally:
         stats = cache.stats() if cache is not None else None

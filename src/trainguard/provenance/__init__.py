@@ -46,7 +46,14 @@ from trainguard.provenance._signature import (
     verify_path,
     verify_tree,
 )
-from trainguard.provenance._tree import SIGNATURE_NAME, UnsafeTree, path_problem, signature_path, walk
+from trainguard.provenance._tree import (
+    SIGNATURE_NAME,
+    UnreadableTree,
+    UnsafeTree,
+    path_problem,
+    signature_path,
+    walk,
+)
 
 if TYPE_CHECKING:
     from trainguard.provenance._oms import is_oms_bundle, oms_key_hint, to_oms_bundle, verify_oms_bundle
@@ -72,6 +79,7 @@ __all__ = [
     "SignatureFile",
     "TreeChanged",
     "TreeDiff",
+    "UnreadableTree",
     "UnsafeTree",
     "VerifyResult",
     "build_manifest",

@@ -24,7 +24,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-from trainguard.provenance._tree import TreeFile, UnsafeTree
+from trainguard.provenance._tree import TreeFile, UnreadableTree, UnsafeTree
 
 __all__ = ["BUFFER_SIZE", "FileDigests", "hash_files", "read_buffer", "shard_count"]
 
@@ -81,7 +81,7 @@ def _open_checked(item: TreeFile, where: str) -> int:
     try:
         fd = os.open(item.location, _OPEN_FLAGS)
     except OSError as exc:
-        raise UnsafeTree(where, f"cannot open: {exc.strerror}") from None
+        raise UnreadableTree(where, f"cannot open: {exc.strerror}") from None
     st = os.fstat(fd)
     seen = item.st
     if (
@@ -101,7 +101,7 @@ def _chunks(fd: int, view: memoryview, offset: int, end: int, where: str) -> Ite
         try:
             got = os.preadv(fd, [view[:want]], offset)
         except OSError as exc:
-            raise UnsafeTree(where, f"cannot read: {exc.strerror}") from None
+            raise UnreadableTree(where, f"cannot read: {exc.strerror}") from None
         if got == 0:
             raise UnsafeTree(where, "was truncated while being hashed")
         yield view[:got]

@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Collection
 from pathlib import Path
 
-from trainguard.errors import UsageError, VerificationFailed
+from trainguard.errors import ExitCode, UsageError, VerificationFailed
 
 __all__ = [
     "MAX_DEPTH",
@@ -45,6 +45,12 @@ class UnsafeTree(VerificationFailed):
         super().__init__(f"{os.fspath(path)}: {problem}", hint=hint)
         self.path = os.fspath(path)
         self.problem = problem
+
+
+class UnreadableTree(UnsafeTree):
+    """A file or folder of the tree could not be read: nothing is known about it, so exit 3, not 1."""
+
+    exit_code = ExitCode.UNDECIDED
 
 
 def signature_path(path: Path) -> Path:
@@ -155,7 +161,7 @@ def walk(path: Path, *, exclude: Collection[Path] = ()) -> Tree:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnsafeTree(path, "symlink cycle") from None
-        raise UnsafeTree(path, f"cannot read: {exc.strerror}") from None
+        raise UnreadableTree(path, f"cannot read: {exc.strerror}") from None
     name = path.name or Path(real).name
     if stat.S_ISREG(st.st_mode):
         nfc = _nfc_name(name, str(path))
@@ -167,7 +173,7 @@ def walk(path: Path, *, exclude: Collection[Path] = ()) -> Tree:
     try:
         fd = os.open(real, _DIR_FLAGS)
     except OSError as exc:
-        raise UnsafeTree(path, f"cannot open directory: {exc.strerror}") from None
+        raise UnreadableTree(path, f"cannot open directory: {exc.strerror}") from None
     try:
         walker.visit(fd, os.fstat(fd), "", real, 0)
     finally:
@@ -205,7 +211,7 @@ class _Walker:
             with os.scandir(dir_fd) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            raise UnsafeTree(self.where(rel_dir), f"cannot list directory: {exc.strerror}") from None
+            raise UnreadableTree(self.where(rel_dir), f"cannot list directory: {exc.strerror}") from None
         seen_names: dict[str, str] = {}
         for entry in entries:
             raw_rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
@@ -221,7 +227,7 @@ class _Walker:
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError as exc:
-                raise UnsafeTree(self.where(raw_rel), f"cannot stat: {exc.strerror}") from None
+                raise UnreadableTree(self.where(raw_rel), f"cannot stat: {exc.strerror}") from None
             mode = st.st_mode
             if stat.S_ISREG(mode):
                 if location not in self.excluded:
@@ -239,7 +245,7 @@ class _Walker:
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafeTree(self.where(rel), "was replaced while being walked") from None
-            raise UnsafeTree(self.where(rel), f"cannot open directory: {exc.strerror}") from None
+            raise UnreadableTree(self.where(rel), f"cannot open directory: {exc.strerror}") from None
         try:
             opened = os.fstat(fd)
             if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
@@ -258,7 +264,7 @@ class _Walker:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 shown = str(Path(location).readlink())
                 raise UnsafeTree(where, f"symlink to a missing target ({shown!r})") from None
-            raise UnsafeTree(where, f"cannot resolve symlink: {exc.strerror}") from None
+            raise UnreadableTree(where, f"cannot resolve symlink: {exc.strerror}") from None
         if target != self.root and not target.startswith(self.root + os.sep):
             raise UnsafeTree(
                 where,
