@@ -407,7 +407,7 @@ def _digests_match(data: bytes | mmap.mmap, entry: FileEntry, shard_size: int) -
 
 def _scan(path: Path, data: bytes | mmap.mmap) -> FileResult:
     # Imported here: `trainguard sign` and `verify` import this package but never scan.
-    from trainguard.scan._memory import scan_bytes
+    from trainguard.scan.api import scan_bytes
 
     result = scan_bytes(data, str(path))
     if result.verdict is Verdict.FINDINGS:

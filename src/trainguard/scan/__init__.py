@@ -1,6 +1,6 @@
 """Static analysis of model artifacts. Nothing in an artifact is ever imported, called or loaded."""
 
-from trainguard.scan.api import ScanOptions, scan_file, scan_path
+from trainguard.scan.api import ScanOptions, scan_bytes, scan_file, scan_path
 from trainguard.scan.limits import ScanLimits
 from trainguard.scan.policy import Policy
 from trainguard.scan.result import SCHEMA_VERSION, FileResult, ScanReport
@@ -12,6 +12,7 @@ __all__ = [
     "ScanLimits",
     "ScanOptions",
     "ScanReport",
+    "scan_bytes",
     "scan_file",
     "scan_path",
 ]

@@ -123,16 +123,25 @@ def scan_file(path: str, policy: Policy | None = None, limits: ScanLimits | None
     except (OSError, ValueError) as exc:
         os.close(fd)
         return _unreadable(path, getattr(exc, "strerror", None) or str(exc))
-    size = len(data)
-    scan = Scan(path, policy, limits)
     try:
-        analyse(scan, Artifact(data, 0, size, path))
+        return scan_bytes(data, path, policy, limits)
     finally:
-        scan.close()
         if isinstance(data, mmap.mmap):
             data.close()
         os.close(fd)
-    return _result(scan, size)
+
+
+def scan_bytes(
+    data: bytes | mmap.mmap, name: str, policy: Policy | None = None, limits: ScanLimits | None = None
+) -> FileResult:
+    """Scan bytes already in memory (or mapped) as the file `name`: the load gate scans exactly what it
+    loads. A failure becomes an "undecided" result, never an exception."""
+    scan = Scan(name, policy or Policy.default(), limits or _DEFAULT_LIMITS)
+    try:
+        analyse(scan, Artifact(data, 0, len(data), name))
+    finally:
+        scan.close()
+    return _result(scan, len(data))
 
 
 # Files up to this size are read into memory: cheaper than mapping them, and most checkpoints of a
