@@ -105,3 +105,27 @@ def test_save_writes_its_signature_like_trainguard_sign(tmp_path: Path, key: Pri
     save({"v": torch.ones(3)}, path, key=key)
     assert [s.key_id for s in read_signature_file(signature_path(path)).signatures] == [key.key_id]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("shard_size", [1000, 4096, 1 << 16])
+def test_followers_hash_every_written_byte_whatever_the_write_sizes(tmp_path: Path, shard_size: int) -> None:
+    """Writes of 1 byte to 200 KB, across shard boundaries: the digests are those of the file."""
+    import os
+    import random
+
+    from trainguard.gate._save import _HashingWriter
+
+    path = tmp_path / "stream"
+    rng = random.Random(shard_size)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    try:
+        writer = _HashingWriter(fd, shard_size)
+        for _ in range(60):
+            writer.write(rng.randbytes(rng.choice([1, 7, 4096, 65537, 200_000])))
+        digest, shards = writer.finish()
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert digest == hashlib.sha256(data).hexdigest()
+    expected = [hashlib.sha256(data[i : i + shard_size]).hexdigest() for i in range(0, len(data), shard_size)]
+    assert list(shards) == (expected if len(data) > shard_size else [])

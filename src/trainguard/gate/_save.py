@@ -1,11 +1,13 @@
-"""`trainguard.save`: torch.save that hashes the bytes as they are written, then signs them.
+"""`trainguard.save`: torch.save that hashes the file as it is written, then signs it.
 
-torch.save is handed a file object whose write() hashes each buffer on another thread while the calling
-thread writes it to the file, so hashing overlaps writing and the digests are those of the bytes written.
-The buffers are torch's own memory (tensor storages, headers), valid only during the call, so write()
-waits for the hash before it returns and nothing is copied; small buffers are hashed in place. The file
-is written under a temporary name, synced and renamed into place; the signature (FILE.trainguard.sig)
-follows, written by `sign_manifest` as `trainguard sign` writes it.
+torch.save is handed a file object whose write() only writes: each buffer goes straight to the file and
+write() returns. Hashing threads follow the file as it grows, reading back what was written (from the page
+cache, into a reused page-aligned buffer) and hashing it, so torch never waits for a hash: on two cores
+the whole-file SHA-256 runs beside torch's own serialization, and saving costs the hash's lag behind the
+last write. The digests are those of the bytes in the file, not of torch's buffers, which may be freed
+as soon as write() returns (a GPU tensor's copy on the host is). The file is written under a temporary
+name, synced and renamed into place; the signature (FILE.trainguard.sig) follows, written by
+`sign_manifest` as `trainguard sign` writes it.
 """
 
 from __future__ import annotations
@@ -14,99 +16,146 @@ import contextlib
 import hashlib
 import os
 import secrets
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from pathlib import Path
 from typing import Any
 
 from trainguard.errors import UsageError
 from trainguard.provenance import DEFAULT_SHARD_SIZE, FileEntry, Manifest, PrivateKey, SignResult
+from trainguard.provenance._hashing import read_buffer
 from trainguard.provenance._signature import sign_manifest
 
 __all__ = ["save"]
-_INLINE = 1 << 20  # smaller buffers are hashed on the calling thread
+
+
+class _Follower:
+    """A thread that reads a growing file from `start` as its writer reports progress, and hashes it:
+    from 0, the whole file (noting the digest at the first shard boundary, which is the first shard's
+    digest); from the shard size, one digest per shard."""
+
+    def __init__(self, writer: _HashingWriter, start: int, name: str) -> None:
+        self._writer = writer
+        self._start = start
+        self.position = start
+        self.whole = hashlib.sha256()
+        self.first_shard: str | None = None
+        self.shards: list[str] = []
+        self._shard: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _run(self) -> None:
+        writer = self._writer
+        buffer = read_buffer()
+        try:
+            while True:
+                end = writer.wait_beyond(self.position)
+                if end is None:
+                    return
+                while self.position < end:
+                    want = min(len(buffer), end - self.position)
+                    got = os.preadv(writer.fd, [buffer[:want]], self.position)
+                    if got <= 0:
+                        raise OSError(
+                            f"the file being saved ends at {self.position} bytes; {end} were written"
+                        )
+                    self._hash(buffer[:got])
+                    self.position += got
+        except BaseException as exc:  # reported by finish(); the writer stops waiting for this thread
+            self.error = exc
+            writer.abandon()
+
+    def _hash(self, view: memoryview) -> None:
+        size = self._writer.shard_size
+        if self._start == 0:
+            boundary = size - self.position
+            if self.first_shard is None and 0 <= boundary < len(view):
+                self.whole.update(view[:boundary])
+                self.first_shard = self.whole.copy().hexdigest()
+                self.whole.update(view[boundary:])
+            else:
+                self.whole.update(view)
+            return
+        offset = 0
+        while offset < len(view):
+            if self._shard is None:
+                self._shard = hashlib.sha256()
+            take = min(size - (self.position + offset) % size, len(view) - offset)
+            self._shard.update(view[offset : offset + take])
+            offset += take
+            if (self.position + offset) % size == 0:
+                self.shards.append(self._shard.hexdigest())
+                self._shard = None
+
+    def last_shard(self) -> list[str]:
+        return [self._shard.hexdigest()] if self._shard is not None else []
 
 
 class _HashingWriter:
-    """A write-only file object for torch.save that hashes the file while it is written: the whole-file
-    SHA-256 on one thread and, past the first shard, one SHA-256 per shard on another."""
+    """A write-only file object for torch.save: write() writes and returns, and followers hash the
+    written bytes behind it (the second starts only if the file grows past the first shard)."""
 
     def __init__(self, fd: int, shard_size: int) -> None:
-        self._fd = fd
-        self._shard_size = shard_size
-        self._whole = hashlib.sha256()
-        self._first_shard: str | None = None  # the whole-file hash at the first shard boundary
-        self._shards: list[str] = []  # digests of the finished shards after the first
-        self._shard: Any = None  # the hasher of the current shard after the first
-        self._whole_thread = ThreadPoolExecutor(1, thread_name_prefix="tg-save-hash")
-        self._shard_thread = ThreadPoolExecutor(1, thread_name_prefix="tg-save-shards")
+        self.fd = fd
+        self.shard_size = shard_size
         self.written = 0
+        self._done = False
+        self._changed = threading.Condition()
+        self._followers = [_Follower(self, 0, "tg-save-hash")]
 
     def write(self, data: Any) -> int:
         with memoryview(data) as view, view.cast("B") as octets:
+            _write_all(self.fd, octets)
             count = len(octets)
-            pos = self.written
-            beyond = self._shard_size - pos  # where the bytes past the first shard start in this buffer
-            if count < _INLINE:
-                _write_all(self._fd, octets)
-                self._hash_whole(pos, octets)
-                if beyond < count:
-                    self._hash_shards(max(pos, self._shard_size), octets[max(beyond, 0) :])
-            else:
-                pending = [self._whole_thread.submit(self._hash_whole, pos, octets)]
-                if beyond < count:
-                    start = max(beyond, 0)
-                    pending.append(self._shard_thread.submit(self._hash_shards, pos + start, octets[start:]))
-                try:
-                    _write_all(self._fd, octets)
-                finally:
-                    # torch may free or reuse the buffer once write() returns: wait for the hashes.
-                    for future in pending:
-                        future.result()
-            self.written = pos + count
+        with self._changed:
+            self.written += count
+            self._changed.notify_all()
+        if len(self._followers) == 1 and self.written > self.shard_size:
+            self._followers.append(_Follower(self, self.shard_size, "tg-save-shards"))
         return count
 
     def flush(self) -> None:
         """Nothing is buffered: every write goes straight to the file descriptor."""
 
+    def wait_beyond(self, position: int) -> int | None:
+        """How far the file is written, once that is past `position`; None when writing is over and
+        everything has been handed out."""
+        with self._changed:
+            while self.written <= position and not self._done:
+                self._changed.wait()
+            return self.written if self.written > position else None
+
+    def abandon(self) -> None:
+        """A follower failed: the others hash what is written and stop, and finish() reports it."""
+        with self._changed:
+            self._done = True
+            self._changed.notify_all()
+
     def close(self) -> None:
-        self._whole_thread.shutdown(wait=True)
-        self._shard_thread.shutdown(wait=True)
+        """Writing is over: followers hash what is written and stop."""
+        self.abandon()
+        for follower in self._followers:
+            follower.join()
 
     def finish(self) -> tuple[str, tuple[str, ...]]:
         """The whole-file digest and the shard digests (none when the file is not larger than one
-        shard)."""
+        shard), once the followers have hashed every written byte."""
         self.close()
-        if self.written <= self._shard_size:
-            return self._whole.hexdigest(), ()
-        shards = list(self._shards)
-        if self._shard is not None:
-            shards.append(self._shard.hexdigest())
-        assert self._first_shard is not None
-        return self._whole.hexdigest(), (self._first_shard, *shards)
-
-    def _hash_whole(self, pos: int, view: memoryview) -> None:
-        boundary = self._shard_size - pos
-        if self._first_shard is None and 0 <= boundary < len(view):
-            # The first shard is a prefix of the file: its digest is the whole-file hash at the boundary.
-            self._whole.update(view[:boundary])
-            self._first_shard = self._whole.copy().hexdigest()
-            self._whole.update(view[boundary:])
-        else:
-            self._whole.update(view)
-
-    def _hash_shards(self, pos: int, view: memoryview) -> None:
-        """Hash bytes from the second shard on (`pos` >= shard size) into one hasher per shard."""
-        size = self._shard_size
-        offset = 0
-        while offset < len(view):
-            if self._shard is None:
-                self._shard = hashlib.sha256()
-            take = min(size - (pos + offset) % size, len(view) - offset)
-            self._shard.update(view[offset : offset + take])
-            offset += take
-            if (pos + offset) % size == 0:
-                self._shards.append(self._shard.hexdigest())
-                self._shard = None
+        for follower in self._followers:
+            if follower.error is not None:
+                raise follower.error
+            if follower.position != self.written:
+                raise OSError(f"only {follower.position} of {self.written} written bytes were hashed")
+        whole = self._followers[0]
+        if self.written <= self.shard_size:
+            return whole.whole.hexdigest(), ()
+        rest = self._followers[1]
+        assert whole.first_shard is not None
+        return whole.whole.hexdigest(), (whole.first_shard, *rest.shards, *rest.last_shard())
 
 
 def save(
@@ -120,8 +169,8 @@ def save(
 ) -> SignResult:
     """``torch.save(obj, path, **kwargs)``, then sign the file with `key` (PATH.trainguard.sig).
 
-    The digests are taken while the file is written: each buffer torch writes is hashed on another
-    thread while this one writes it. The file is written under a temporary name, fsynced, and renamed
+    The digests are taken while the file is written: a thread reads back and hashes what torch has
+    written while torch goes on writing. The file is written under a temporary name, fsynced, and renamed
     into place before it is signed, so a crash leaves the old checkpoint or the new one, never half of one.
     `fsync=False` skips the syncs (as torch.save does): faster, but after a power loss the file may be
     incomplete; its signature then no longer matches and the load gate refuses it.
@@ -134,14 +183,14 @@ def save(
     if target.is_dir():
         raise UsageError(f"{target} is a directory: trainguard.save writes one checkpoint file")
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     writer = None
     try:
         writer = _HashingWriter(fd, shard_size)
         torch.save(obj, writer, **kwargs)  # type: ignore[arg-type]  # any object with write() will do
-        digest, shards = writer.finish()
         if fsync:
-            os.fsync(fd)
+            os.fsync(fd)  # while the hash catches up
+        digest, shards = writer.finish()
         info = os.fstat(fd)
     except BaseException:
         if writer is not None:
