@@ -17,15 +17,17 @@ import concurrent.futures
 import hashlib
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from trainguard.provenance import PrivateKey, PublicKey, sign_path, verify_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _timing import interleaved as _interleaved
+from _timing import run_command as _run
+from _timing import table as _table
 
 # The model_signing CLI of the project's dev environment (pyproject's dev extra pins model-signing 1.1.1).
 MODEL_SIGNING = Path(sys.executable).parent / "model_signing"
@@ -54,50 +56,6 @@ def _hashlib_threads(files: list[Path]) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(one, files))
-
-
-def _run(command: list[str], env: dict[str, str] | None = None) -> Callable[[], None]:
-    def call() -> None:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[:300]}")
-
-    return call
-
-
-def _time(function: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
-def _interleaved(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, float | None]:
-    """Median seconds per case; a case that fails once is reported as unavailable (None)."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    broken: dict[str, str] = {}
-    for _ in range(rounds):
-        for name, function in cases.items():
-            if name in broken:
-                continue
-            try:
-                times[name].append(_time(function))
-            except Exception as exc:
-                broken[name] = str(exc)
-                print(f"  {name}: unavailable ({exc})", file=sys.stderr)
-    return {name: (statistics.median(t) if t and name not in broken else None) for name, t in times.items()}
-
-
-def _table(title: str, results: dict[str, float | None], baseline: str, size: int | None) -> list[str]:
-    base = results.get(baseline)
-    lines = [f"### {title}", "", "| what | seconds | GB/s | vs " + baseline + " |", "|---|---:|---:|---:|"]
-    for name, seconds in results.items():
-        if seconds is None:
-            lines.append(f"| {name} | n/a | | |")
-            continue
-        rate = f"{size / seconds / 1e9:.2f}" if size else ""
-        ratio = f"{seconds / base:.2f}x" if base else ""
-        lines.append(f"| {name} | {seconds:.3f} | {rate} | {ratio} |")
-    return [*lines, ""]
 
 
 def bench_tree(work: Path, size_mb: int, count: int, rounds: int) -> list[str]:

@@ -22,13 +22,11 @@ cannot be read is a miss.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
 import os
 import re
-import secrets
 import sqlite3
 import stat
 import struct
@@ -37,14 +35,14 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from trainguard.errors import KeyFileError, StoreError
+from trainguard._secretkey import load_or_create_secret
+from trainguard.errors import StoreError
 from trainguard.provenance import FileEntry
 
 __all__ = ["CACHE_KEY_NAME", "CACHE_NAME", "CacheWriter", "VerifyCache"]
 
 CACHE_NAME = "verify-cache.db"
 CACHE_KEY_NAME = "cache.key"
-_KEY_BYTES = 32
 _MAC_DOMAIN = b"trainguard/verify-cache/v1\n"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAX_SHARDS = 1 << 20
@@ -68,59 +66,6 @@ def _stat_key(st: os.stat_result) -> str:
 
 def _path_key(path: Path) -> bytes:
     return os.fsencode(os.path.abspath(path))  # noqa: PTH100 - bytes of the lexical absolute path
-
-
-def _read_key(path: Path) -> bytes:
-    """The cache secret; KeyFileError if it is not a private 32-byte regular file of this user."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise KeyFileError(f"cache key {path} is not a regular file")
-        if stat.S_IMODE(info.st_mode) & 0o077 or info.st_uid != os.geteuid():
-            raise KeyFileError(
-                f"cache key {path} is accessible by other users (mode {stat.S_IMODE(info.st_mode):04o})",
-                hint=f"delete {path}; a new one is made and the cache is rebuilt",
-            )
-        data = handle.read(_KEY_BYTES + 1)
-    if len(data) != _KEY_BYTES:
-        raise KeyFileError(
-            f"cache key {path} is not {_KEY_BYTES} bytes",
-            hint=f"delete {path}; a new one is made and the cache is rebuilt",
-        )
-    return data
-
-
-def _load_or_create_key(path: Path) -> bytes:
-    """Read the cache secret, creating it on first use.
-
-    A new key is written to a temporary file (O_EXCL, 0600) and linked into place: a concurrent process
-    either sees no key or the whole key, never a partial one, and exactly one key wins.
-    """
-    try:
-        return _read_key(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise KeyFileError(f"cannot read cache key {path}: {exc.strerror}") from None
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(secrets.token_bytes(_KEY_BYTES))
-            handle.flush()
-            os.fsync(fd)
-        with contextlib.suppress(FileExistsError):  # another process made the key first; use theirs
-            os.link(tmp, path)
-    except OSError as exc:
-        raise KeyFileError(f"cannot create cache key {path}: {exc.strerror}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:
-        return _read_key(path)
-    except OSError as exc:
-        raise KeyFileError(f"cannot read cache key {path}: {exc.strerror}") from None
 
 
 def _encode_entry(entry: FileEntry) -> str:
@@ -173,7 +118,7 @@ class VerifyCache:
         self.hits = self.misses = self.rejected = self.stale = self.skipped = self.errors = 0
         # Files hashed after this moment were stat'ed after it; see the module docstring.
         self._opened_ns = time.time_ns()
-        self._secret = _load_or_create_key(self.home / "keys" / CACHE_KEY_NAME)
+        self._secret = load_or_create_secret(self.home / "keys" / CACHE_KEY_NAME)
         self._lock = threading.Lock()
         self._puts = 0
         self._db = self._connect(timeout)

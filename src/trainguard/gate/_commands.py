@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainguard._cli_common import default_signing_key, human_size, progress_line, trusted_keys, write_atomic
 from trainguard.errors import (
     ExitCode,
     KeyFileError,
@@ -34,7 +33,6 @@ from trainguard.provenance import (
     UnreadableTree,
     VerifyResult,
     build_manifest,
-    load_trust_policy,
     sign_path,
     signature_path,
     verify_path,
@@ -46,51 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["cmd_ckpt_audit", "cmd_keygen_pem", "cmd_sign", "cmd_verify", "default_signing_key"]
 
 _MAX_SIGNATURE_BYTES = 64 << 20
-_PROGRESS_AFTER_S = 1.0
-
-
-def default_signing_key() -> Path:
-    """$TRAINGUARD_HOME/keys/signing.pem."""
-    from trainguard.ledger._ledger import default_home
-
-    return default_home() / "keys" / "signing.pem"
-
-
-def _human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
-class _ProgressLine:
-    """One self-overwriting line on stderr, shown once hashing has taken a second, at most 10 a second."""
-
-    def __init__(self, verb: str) -> None:
-        self._verb = verb
-        self._start = time.monotonic()
-        self._last = 0.0
-        self._shown = False
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self._start < _PROGRESS_AFTER_S or (done != total and now - self._last < 0.1):
-            return
-        self._last = now
-        percent = 100 * done // total if total else 100
-        sys.stderr.write(f"\r\033[K{self._verb} {_human(done)} of {_human(total)} ({percent}%)")
-        self._shown = True
-        sys.stderr.flush()
-
-    def clear(self) -> None:
-        if self._shown:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-
-
-def _progress(verb: str) -> _ProgressLine | None:
-    return _ProgressLine(verb) if sys.stderr.isatty() else None
 
 
 def _cache() -> VerifyCache | None:
@@ -107,34 +60,6 @@ def _cache() -> VerifyCache | None:
 
 def _require_ledger(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "require_ledger", False))
-
-
-def _trusted(args: argparse.Namespace, *, required: bool) -> list[PublicKey]:
-    keys = [PublicKey.load(Path(value)) for value in args.trust or ()]
-    if args.trust_policy is not None:
-        keys.extend(load_trust_policy(Path(args.trust_policy)))
-    if required and not keys:
-        raise UsageError(
-            "no trusted keys: pass --trust KEY or a policy file",
-            hint="--trust signing.pem.pub, or --trust-policy FILE (env TRAINGUARD_TRUST_POLICY)",
-        )
-    return keys
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` through a temporary file beside it, so a reader never sees half a signature."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(fd)
-        tmp.replace(path)
-    except OSError as exc:
-        raise UsageError(f"cannot write signature file {path}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # sign
@@ -174,7 +99,7 @@ def _sign_oms(
     check = verify_oms_bundle(
         path, bundle, [key.public()], where=str(out), manifest_builder=lambda _: manifest
     )
-    _write_atomic(out, bundle)
+    write_atomic(out, bundle)
     return manifest, check.root
 
 
@@ -183,7 +108,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     if not os.path.lexists(path):
         raise UsageError(f"{path} does not exist")
     key = _load_signing_key(args)
-    progress = _progress("hashing")
+    progress = progress_line("hashing")
     cache = _cache()
     fmt = args.format or "trainguard"
     try:
@@ -220,7 +145,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
         )
         record(EVENT_SIGN, payload, require=_require_ledger(args))
     print(
-        f"signed {path}: {len(manifest.files)} files, {_human(manifest.total_bytes)}, root {root}, "
+        f"signed {path}: {len(manifest.files)} files, {human_size(manifest.total_bytes)}, root {root}, "
         f"key {key.key_id} ({key.alg}) -> {out}"
     )
     return int(ExitCode.CLEAN)
@@ -242,7 +167,7 @@ def _verify(
 ) -> tuple[VerifyResult, str]:
     path = Path(args.path)
     sig_file = Path(args.signature) if args.signature is not None else signature_path(path)
-    progress = _progress("verifying")
+    progress = progress_line("verifying")
     try:
         data = _read_signature_bytes(sig_file)
         from trainguard.provenance._oms import is_oms_bundle, verify_oms_bundle
@@ -273,7 +198,7 @@ def _verify_text(ok: bool, path: Path, result: VerifyResult | None, problems: li
         manifest = result.manifest
         return (
             f"verified {path}: signed by {result.signer.label}; {len(manifest.files)} files, "
-            f"{_human(manifest.total_bytes)}, root {result.root}\n"
+            f"{human_size(manifest.total_bytes)}, root {result.root}\n"
         )
     lines = [f"VERIFICATION FAILED: {path}"]
     if result is not None:
@@ -287,7 +212,7 @@ def _verify_text(ok: bool, path: Path, result: VerifyResult | None, problems: li
 
 def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    trusted = _trusted(args, required=True)
+    trusted = trusted_keys(args, required=True)
     cache = None if args.full else _cache()
     result: VerifyResult | None = None
     problems: list[str] = []
@@ -354,7 +279,7 @@ def cmd_ckpt_audit(args: argparse.Namespace) -> int:
     from trainguard.gate._audit import audit
     from trainguard.ledger._ledger import Ledger, default_location
 
-    trusted = _trusted(args, required=False)
+    trusted = trusted_keys(args, required=False)
     location = os.environ.get("TRAINGUARD_LEDGER") or None
     cache = _cache()
     try:

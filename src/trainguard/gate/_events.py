@@ -15,12 +15,11 @@ stops a signing or a verification, unless the caller requires the ledger.
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trainguard.errors import StoreError, TrainguardError
+from trainguard.ledger._record import record
 
 __all__ = ["EVENT_SIGN", "EVENT_VERIFY", "provenance_payload", "record"]
 
@@ -58,30 +57,3 @@ def provenance_payload(
         "signature": os.path.realpath(signature) if signature is not None else None,
         "format": fmt,
     }
-
-
-def record(event_type: str, payload: Mapping[str, Any], *, require: bool = False) -> int | None:
-    """Append an event to the default ledger; returns its index, or None when it could not be written.
-
-    Without `require`, a failure is a warning on stderr; with it, a StoreError.
-    """
-    from trainguard.ledger._events import new_event
-    from trainguard.ledger._keys import ALG_ED25519, SigningKey
-    from trainguard.ledger._ledger import Ledger
-
-    location = os.environ.get("TRAINGUARD_LEDGER") or None
-    key_file = os.environ.get("TRAINGUARD_LEDGER_KEY") or None
-    try:
-        key = SigningKey.load(Path(key_file), alg=ALG_ED25519) if key_file else None
-        with Ledger.open(location, key=key) as ledger:
-            return ledger.append(new_event(event_type, payload))
-    # A ledger of any kind failing in any way must not stop a signing; bugs still show in the message.
-    except Exception as exc:
-        message = exc.diagnostics() if isinstance(exc, TrainguardError) else f"{type(exc).__name__}: {exc}"
-        if require:
-            raise StoreError(
-                f"could not record {event_type} in the ledger: {message}",
-                hint="fix the ledger, or run without requiring it",
-            ) from exc
-        print(f"trainguard: warning: {event_type} not recorded in the ledger: {message}", file=sys.stderr)
-        return None
