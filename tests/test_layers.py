@@ -23,6 +23,9 @@ FORBIDDEN = {
     "provenance": {"_pickle", "scan", "report", "cli", "ledger", "gate"},
     "gate": {"cli", "report"},
     "_cli_provenance": {"_pickle", "scan", "report", "ledger", "provenance"},
+    # The environment check reads files and keys; it never scans artifacts or loads checkpoints.
+    "envcheck": {"_pickle", "scan", "report", "cli", "gate"},
+    "_cli_env": {"_pickle", "scan", "report", "ledger", "provenance", "envcheck"},
 }
 FRAMEWORKS = {"torch", "numpy", "safetensors", "joblib", "transformers", "lightning", "pytorch_lightning"}
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from trainguard import __version__
 from trainguard._argtypes import positive_int, ratio
+from trainguard._cli_env import add_commands as add_env_commands
 from trainguard._cli_ledger import add_commands as add_ledger_commands
 from trainguard._cli_provenance import add_commands as add_provenance_commands
 from trainguard.errors import ExitCode, TrainguardError, UsageError
@@ -83,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     scan.set_defaults(run=_cmd_scan)
     add_ledger_commands(commands, common)
     add_provenance_commands(commands, common)
+    add_env_commands(commands, common)
     return parser
 
 

@@ -1,0 +1,98 @@
+"""The library entry points: take a baseline of an environment, verify one.
+
+from trainguard.envcheck import snapshot_environment, verify_environment
+baseline, report = snapshot_environment(prefix="/opt/venvs/train")
+report = verify_environment(prefix="/opt/venvs/train", baseline=baseline)
+assert report.ok, report.findings
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from trainguard.envcheck._baseline import Baseline
+from trainguard.envcheck._layout import Layout, resolve_layout
+from trainguard.envcheck._quick import QuickCache
+from trainguard.envcheck._verify import (
+    EnvReport,
+    Progress,
+    baseline_from,
+    clean_stat,
+    survey,
+    verify_against_baseline,
+    verify_against_records,
+)
+
+__all__ = ["snapshot_environment", "verify_environment"]
+
+
+def _layout(python: str | None, prefix: str | None, environ: Mapping[str, str]) -> Layout:
+    return resolve_layout(python=python, prefix=prefix, environ=environ)
+
+
+def snapshot_environment(
+    *,
+    python: str | None = None,
+    prefix: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    check_bytecode: bool = True,
+    progress: Progress | None = None,
+) -> tuple[Baseline, EnvReport]:
+    """A baseline of the environment as it is now, and the RECORD check made on the way (the caller
+    decides whether an environment with findings may be baselined)."""
+    start = time.perf_counter()
+    environ = os.environ if environ is None else environ
+    layout = _layout(python, prefix, environ)
+    found = survey(layout, environ, progress=progress)
+    report, _ = verify_against_records(found, mode="full", check_bytecode=check_bytecode, progress=progress)
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    baseline = baseline_from(found, report, created)
+    report.seconds = time.perf_counter() - start
+    return baseline, report
+
+
+def verify_environment(
+    *,
+    baseline: Baseline | None = None,
+    python: str | None = None,
+    prefix: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    full: bool = False,
+    home: Path | None = None,
+    baseline_id: str | None = None,
+    check_bytecode: bool = True,
+    progress: Progress | None = None,
+) -> EnvReport:
+    """Verify the environment against `baseline` (or its RECORDs when None).
+
+    Unless `full`, files whose stat is unchanged since the last clean verification (the signed cache in
+    `home`, default $TRAINGUARD_HOME) are not hashed again. `baseline_id` binds the cache to one
+    baseline (the SHA-256 of its payload); by default the baseline's environment digest does.
+    """
+    from trainguard.ledger._ledger import default_home
+
+    start = time.perf_counter()
+    environ = os.environ if environ is None else environ
+    layout = _layout(python, prefix, environ)
+    binding = baseline_id or (baseline.digest if baseline is not None else None)
+    cache = QuickCache(home or default_home(), layout.prefix, binding)
+    expected = (
+        {path: digest for path, (_, digest) in baseline.files.items()} if baseline is not None else None
+    )
+    found = survey(layout, environ, cache=None if full else cache, expected=expected, progress=progress)
+    mode = "full" if full else "quick"
+    if baseline is None:
+        report, clean = verify_against_records(
+            found, mode=mode, check_bytecode=check_bytecode, progress=progress
+        )
+    else:
+        report, clean = verify_against_baseline(
+            found, baseline, mode=mode, check_bytecode=check_bytecode, progress=progress
+        )
+    if found.hashed or cache.rejected:
+        cache.save(clean_stat(found, clean))
+    report.seconds = time.perf_counter() - start
+    return report

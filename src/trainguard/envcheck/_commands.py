@@ -1,0 +1,187 @@
+"""What `trainguard env snapshot` and `trainguard env verify` do.
+
+Both are recorded in the ledger (``env.snapshot``, ``env.verify``) with the environment digest, so the
+ranks of one job, and one job and the next, can be compared. Exit codes: 0 verified, 1 findings, 2 usage
+error, 3 could not decide (unreadable files, bytecode that could not be compared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainguard._cli_common import default_signing_key, trusted_keys
+from trainguard.envcheck._baseline import read_baseline, write_baseline
+from trainguard.envcheck._findings import EnvFinding
+from trainguard.envcheck._verify import EnvReport
+from trainguard.errors import ExitCode, KeyFileError, UsageError
+from trainguard.ledger._record import record
+from trainguard.provenance import PrivateKey
+
+__all__ = ["EVENT_SNAPSHOT", "EVENT_VERIFY", "cmd_env_snapshot", "cmd_env_verify"]
+
+EVENT_SNAPSHOT = "env.snapshot"
+EVENT_VERIFY = "env.verify"
+_MAX_EVENT_FINDINGS = 200
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    if not sys.stderr.isatty() and not args.verbose:
+        return None
+
+    def show(message: str) -> None:
+        print(f"trainguard: {message}", file=sys.stderr)
+
+    return show
+
+
+def _exit_code(report: EnvReport) -> int:
+    if report.findings:
+        return int(ExitCode.FINDINGS)
+    if report.undecided:
+        return int(ExitCode.UNDECIDED)
+    return int(ExitCode.CLEAN)
+
+
+def _event(report: EnvReport, **extra: Any) -> dict[str, Any]:
+    findings = report.findings + report.undecided
+    return {
+        "prefix": report.prefix,
+        "mode": report.mode,
+        "reference": report.reference,
+        "ok": report.ok,
+        "digest": report.digest,
+        "baseline_digest": report.baseline_digest,
+        "files": report.files,
+        "findings": len(report.findings),
+        "undecided": len(report.undecided),
+        "problems": [f"{f.kind} {f.path}" for f in findings[:_MAX_EVENT_FINDINGS]],
+        **extra,
+    }
+
+
+def _print_finding(finding: EnvFinding) -> None:
+    owner = f" [{finding.distribution}]" if finding.distribution else ""
+    print(f"{finding.severity.value.upper():8} {finding.kind}: {finding.path}{owner}")
+    print(f"         {finding.message}")
+    print(f"         fix: {finding.advice}")
+
+
+def _print_report(report: EnvReport, title: str) -> None:
+    print(title)
+    for finding in report.findings:
+        _print_finding(finding)
+    for finding in report.undecided:
+        _print_finding(finding)
+    if report.accepted:
+        print(f"accepted (in the baseline): {len(report.accepted)} injection point(s)")
+        for finding in report.accepted:
+            print(f"  {finding.kind}: {finding.path}")
+    for limitation in report.limitations:
+        print(f"cannot see: {limitation}")
+    verdict = (
+        "verified" if report.ok else f"{len(report.findings)} finding(s), {len(report.undecided)} undecided"
+    )
+    print(
+        f"{verdict}: {report.files} files ({report.cached} unchanged since the last clean check, "
+        f"{report.hashed} hashed, {report.bytecode_checked} bytecode files compiled) "
+        f"in {report.seconds:.2f} s"
+    )
+    print(f"environment digest {report.digest}")
+
+
+def cmd_env_snapshot(args: argparse.Namespace) -> int:
+    from trainguard.envcheck._api import snapshot_environment
+
+    key_path = Path(args.key) if args.key is not None else default_signing_key()
+    if not key_path.exists():
+        raise KeyFileError(
+            f"signing key {key_path} does not exist",
+            hint="make one with `trainguard keygen --pem`, or pass --key",
+        )
+    key = PrivateKey.load(key_path)
+    out = Path(args.out)
+    baseline, report = snapshot_environment(
+        python=args.python, prefix=args.prefix, check_bytecode=not args.no_bytecode, progress=_progress(args)
+    )
+    # Injection points are recorded as accepted and variables belong to this shell: neither blocks.
+    accepted = set(baseline.injections)
+    blocking = [f for f in report.findings if (f.kind, f.path) not in accepted and f.kind != "env-var"]
+    refused = bool(blocking or report.undecided) and not args.force
+    if not refused:
+        write_baseline(out, baseline, [key])
+    if not args.no_ledger:
+        record(
+            EVENT_SNAPSHOT,
+            _event(
+                report,
+                baseline=os.path.realpath(out) if not refused else None,
+                key_id=key.key_id,
+                written=not refused,
+            ),
+            require=args.require_ledger,
+        )
+    if args.format == "json":
+        doc = {"schema_version": "1", "written": not refused, "baseline": str(out), **report.to_json()}
+        print(json.dumps(doc, indent=2))
+    else:
+        _print_report(report, f"trainguard env snapshot: {report.prefix} (checked against its RECORDs)")
+        if refused:
+            print("not written: the environment already fails its RECORD check; fix it, or pass --force")
+        else:
+            print(f"baseline written to {out}, signed by {key.key_id}")
+            if report.findings:
+                print("the injection points above are accepted by this baseline; later ones are findings")
+    if refused:
+        return _exit_code(report)
+    return int(ExitCode.CLEAN)
+
+
+def cmd_env_verify(args: argparse.Namespace) -> int:
+    from trainguard.envcheck._api import verify_environment
+
+    baseline = signer = payload_id = None
+    if args.baseline is not None:
+        trusted = trusted_keys(args, required=True)
+        baseline, signer, payload_id = read_baseline(Path(args.baseline), trusted)
+    elif args.trust or args.trust_policy:
+        raise UsageError("--trust needs --baseline", hint="pass the baseline that these keys signed")
+    report = verify_environment(
+        baseline=baseline,
+        python=args.python,
+        prefix=args.prefix,
+        full=args.full,
+        baseline_id=payload_id,
+        check_bytecode=not args.no_bytecode,
+        progress=_progress(args),
+    )
+    if not args.no_ledger:
+        record(
+            EVENT_VERIFY,
+            _event(
+                report,
+                baseline=os.path.realpath(args.baseline) if args.baseline is not None else None,
+                key_id=signer.key_id if signer is not None else None,
+            ),
+            require=args.require_ledger,
+        )
+    if args.format == "json":
+        doc = {
+            "schema_version": "1",
+            "baseline": str(args.baseline) if args.baseline is not None else None,
+            "signer": signer.key_id if signer is not None else None,
+            **report.to_json(),
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        against = (
+            f"baseline {args.baseline} (signed by {signer.label})"
+            if signer is not None
+            else "its distributions' RECORDs (no baseline)"
+        )
+        _print_report(report, f"trainguard env verify ({report.mode}): {report.prefix} against {against}")
+    return _exit_code(report)

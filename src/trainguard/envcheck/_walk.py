@@ -1,0 +1,147 @@
+"""What an environment is made of on disk: its roots, and every file and link under them, with stat.
+
+An environment is named by roots, each a label and a directory or file: `env` (the venv, or the
+install's lib/pythonX.Y), `stdlib` (the base interpreter's standard library, when it lies outside the
+environment), `python` (the interpreter binary the environment runs) and `libpython`. Paths are
+recorded as `label/relative/path`, so two copies of one environment at the same place on two hosts
+list the same paths. The walk never follows a symlink: a link is recorded with its target, and a
+directory reached through a link is not walked (a venv's `lib64 -> lib` is one link, not a second tree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from collections.abc import Iterator
+
+from trainguard.envcheck._layout import Layout
+
+__all__ = ["Entry", "Root", "StatKey", "environment_roots", "inventory", "is_cached_bytecode", "stat_key"]
+
+StatKey = tuple[int, int, int, int, int]  # dev, inode, size, mtime_ns, ctime_ns
+
+
+def stat_key(st: os.stat_result) -> StatKey:
+    """What must stay the same for a file to be taken as unchanged (the ctime moves on any write)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclasses.dataclass(frozen=True)
+class Root:
+    label: str
+    path: str
+    skip: tuple[str, ...] = ()  # absolute directories under `path` that belong to another root or none
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A file ('file'), symlink ('link') or anything else ('other': fifo, socket, device) in a root."""
+
+    path: str  # label/relative
+    location: str  # absolute
+    kind: str
+    size: int
+    key: StatKey
+    executable: bool
+    uid: int
+    target: str | None = None  # a link's target, as stored
+
+
+def is_cached_bytecode(path: str) -> bool:
+    """A PEP 3147 cache file: rewritten by Python itself, judged against its source, never by digest."""
+    return path.endswith(".pyc") and "/__pycache__/" in path
+
+
+def environment_roots(layout: Layout) -> list[Root]:
+    """The roots that make up `layout`'s environment."""
+    roots: list[Root] = []
+    if layout.is_venv:
+        roots.append(Root("env", layout.prefix))
+    else:
+        # An install prefix such as /usr holds far more than Python: take its lib/pythonX.Y only.
+        roots.append(Root("env", layout.stdlib))
+    stdlib_inside = _inside(layout.stdlib, layout.prefix) if layout.is_venv else True
+    if not stdlib_inside:
+        skip = tuple(d for d in (os.path.join(layout.stdlib, "site-packages"),) if d not in layout.site_dirs)
+        roots.append(Root("stdlib", layout.stdlib, skip))
+        for site in layout.site_dirs:
+            if not _inside(site, layout.prefix) and not _inside(site, layout.stdlib):
+                roots.append(Root(f"site{len(roots)}", site))
+    if layout.executable is not None:
+        real = os.path.realpath(layout.executable)
+        if os.path.isfile(real) and not _inside(real, roots[0].path):
+            roots.append(Root("python", real))
+    major, minor = layout.version
+    for name in (f"libpython{major}.{minor}.so.1.0", f"libpython{major}.{minor}.so"):
+        lib = os.path.join(layout.base_prefix, "lib", name)
+        if os.path.isfile(lib) and not os.path.islink(lib):
+            roots.append(Root("libpython", lib))
+            break
+    return roots
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def inventory(roots: list[Root]) -> tuple[dict[str, Entry], list[str]]:
+    """Every entry under `roots` by path, and the directories that could not be listed (each named
+    with its error)."""
+    entries: dict[str, Entry] = {}
+    problems: list[str] = []
+    for root in roots:
+        try:
+            st = os.lstat(root.path)
+        except OSError as exc:
+            problems.append(f"{root.path}: {exc.strerror}")
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            entry = _entry(root.label, root.path, st)
+            entries[entry.path] = entry
+            continue
+        for entry in _walk(root, problems):
+            entries[entry.path] = entry
+    return entries, problems
+
+
+def _walk(root: Root, problems: list[str]) -> Iterator[Entry]:
+    skip = set(root.skip)
+    pending = [(root.path, root.label)]
+    while pending:
+        directory, prefix = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                items = list(listing)
+        except OSError as exc:
+            problems.append(f"{directory}: {exc.strerror}")
+            continue
+        for item in items:
+            location = item.path
+            path = f"{prefix}/{item.name}"
+            try:
+                if item.is_dir(follow_symlinks=False):
+                    if location not in skip:
+                        pending.append((location, path))
+                    continue
+                st = item.stat(follow_symlinks=False)
+            except OSError as exc:
+                problems.append(f"{location}: {exc.strerror}")
+                continue
+            yield _entry(path, location, st)
+
+
+def _entry(path: str, location: str, st: os.stat_result) -> Entry:
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        kind = "file"
+        target = None
+    elif stat.S_ISLNK(mode):
+        kind = "link"
+        try:
+            target = os.readlink(location)
+        except OSError:
+            target = None
+    else:
+        kind, target = "other", None
+    return Entry(path, location, kind, st.st_size, stat_key(st), bool(mode & 0o111), st.st_uid, target)
