@@ -213,3 +213,12 @@ def test_quick_mode_hashes_nothing_unchanged_and_still_sees_an_edit_with_times_r
     third = _check(venv, baseline, full=False)
     assert ("modified", "optim.py") in _kinds(third)
     assert third.hashed >= 1
+
+
+def test_file_added_with_a_hashless_record_row(venv: Path) -> None:
+    """A RECORD row without a hash vouches for nothing: the planted file is still unexpected."""
+    site = site_packages(venv)
+    (site / "goodpkg" / "evil.py").write_text("print('MARKER')\n")
+    record = site / "goodpkg-1.0.dist-info" / "RECORD"
+    record.write_text(record.read_text() + "goodpkg/evil.py,,\n")
+    assert ("unexpected", "evil.py") in _kinds(_check(venv))

@@ -18,7 +18,7 @@ from trainguard._cli_common import default_signing_key, trusted_keys
 from trainguard.envcheck._baseline import read_baseline, write_baseline
 from trainguard.envcheck._findings import EnvFinding
 from trainguard.envcheck._verify import EnvReport
-from trainguard.errors import ExitCode, KeyFileError, UsageError
+from trainguard.errors import ExitCode, KeyFileError, UsageError, VerificationFailed
 from trainguard.ledger._record import record
 from trainguard.provenance import PrivateKey
 
@@ -112,9 +112,7 @@ def cmd_env_snapshot(args: argparse.Namespace) -> int:
     accepted = set(baseline.injections)
     blocking = [f for f in report.findings if (f.kind, f.path) not in accepted and f.kind != "env-var"]
     refused = bool(blocking or report.undecided) and not args.force
-    if not refused:
-        write_baseline(out, baseline, [key])
-    if not args.no_ledger:
+    if not args.no_ledger:  # first: with --require-ledger, no baseline is written that the ledger lacks
         record(
             EVENT_SNAPSHOT,
             _event(
@@ -125,19 +123,22 @@ def cmd_env_snapshot(args: argparse.Namespace) -> int:
             ),
             require=args.require_ledger,
         )
+    if not refused:
+        write_baseline(out, baseline, [key])
     if args.format == "json":
         doc = {"schema_version": "1", "written": not refused, "baseline": str(out), **report.to_json()}
         print(json.dumps(doc, indent=2))
     else:
         _print_report(report, f"trainguard env snapshot: {report.prefix} (checked against its RECORDs)")
         if refused:
-            print("not written: the environment already fails its RECORD check; fix it, or pass --force")
+            why = "fails its RECORD check" if blocking else "has files that could not be checked"
+            print(f"not written: the environment already {why}; fix it, or pass --force")
         else:
             print(f"baseline written to {out}, signed by {key.key_id}")
             if report.findings:
                 print("the injection points above are accepted by this baseline; later ones are findings")
     if refused:
-        return _exit_code(report)
+        return int(ExitCode.FINDINGS if blocking else ExitCode.UNDECIDED)
     return int(ExitCode.CLEAN)
 
 
@@ -147,8 +148,19 @@ def cmd_env_verify(args: argparse.Namespace) -> int:
     baseline = signer = payload_id = None
     if args.baseline is not None:
         trusted = trusted_keys(args, required=True)
-        baseline, signer, payload_id = read_baseline(Path(args.baseline), trusted)
-    elif args.trust or args.trust_policy:
+        try:
+            baseline, signer, payload_id = read_baseline(Path(args.baseline), trusted)
+        except VerificationFailed as exc:
+            if not args.no_ledger:  # a forged or foreign baseline is evidence too
+                payload = {
+                    "prefix": args.prefix or args.python,
+                    "baseline": os.path.realpath(args.baseline),
+                    "ok": False,
+                    "problems": [exc.message],
+                }
+                record(EVENT_VERIFY, payload, require=args.require_ledger)
+            raise
+    elif args.trust:  # a policy may come from the environment; it matters only with a baseline
         raise UsageError("--trust needs --baseline", hint="pass the baseline that these keys signed")
     report = verify_environment(
         baseline=baseline,

@@ -202,7 +202,8 @@ def _read_file(path: str, cap: int, problems: _Problems, *, required: bool = Fal
         chunks: list[bytes] = []
         total = 0
         while total <= cap:
-            chunk = os.read(fd, cap + 1 - total)
+            # Ask for what fstat said (plus one to notice growth), not the cap: os.read allocates it.
+            chunk = os.read(fd, min(cap + 1 - total, max(st.st_size - total, 0) + 1 + (1 << 16)))
             if not chunk:
                 break
             chunks.append(chunk)

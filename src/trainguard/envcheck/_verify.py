@@ -38,6 +38,8 @@ Progress = Callable[[str], None]
 
 # Files a venv has that no distribution records; their content is checked against a baseline only.
 _VENV_BIN_NOISE = ("python", "activate", "Activate.ps1", "pip")
+# Files a RECORD lists without a hash by design: itself, and its signatures.
+_UNHASHED_OK = (".dist-info/RECORD", ".dist-info/RECORD.jws", ".dist-info/RECORD.p7s")
 _CODE_SUFFIXES = (".py", ".pyc", ".so", ".pth", ".pyd", ".dylib")
 
 
@@ -369,9 +371,12 @@ def verify_against_records(
             )
         for row in dist.records:
             entry = survey_.by_location.get(row.location)
+            hashless_ok = is_cached_bytecode(row.location) or row.location.endswith(_UNHASHED_OK)
+            if row.digest is None and not hashless_ok:
+                continue  # a row without a hash vouches for nothing: the file stays unrecorded
             if entry is not None:
                 recorded.add(entry.path)
-            if row.digest is None or is_cached_bytecode(row.location):
+            if row.digest is None:
                 continue
             if entry is None:
                 findings.append(
