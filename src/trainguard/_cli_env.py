@@ -69,6 +69,13 @@ def add_commands(
         help="private key (PEM; default $TRAINGUARD_HOME/keys/signing.pem; env: TRAINGUARD_SIGNING_KEY)",
     )
     snapshot.add_argument(
+        "--lock",
+        metavar="FILE",
+        help="hash-pinned requirements (pip --require-hashes format): anchor the baseline in the wheels' "
+        "own RECORDs, not the installed ones (with --wheels)",
+    )
+    snapshot.add_argument("--wheels", metavar="DIR", help="the wheels the lock file pins (with --lock)")
+    snapshot.add_argument(
         "--force", action="store_true", help="write the baseline even though the RECORD check found problems"
     )
     snapshot.set_defaults(run=handler("trainguard.envcheck._commands", "cmd_env_snapshot"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import shutil
 import struct
 import tracemalloc
 import zipfile
@@ -422,3 +423,29 @@ def test_canonical_version_equal(a: str, b: str) -> None:
 def test_canonical_version_different() -> None:
     assert canonical_version("1.0") != canonical_version("1.0.1")
     assert canonical_version("1.0a1") != canonical_version("1.0b1")
+
+
+def test_anchored_snapshot_of_an_already_tampered_environment_still_catches_it(
+    venv: Path, wheelhouse: Path, lock: Path
+) -> None:
+    """The edit and its rewritten RECORD row predate the snapshot: a baseline taken from the installed
+    RECORDs would bless them; one anchored in the wheel does not."""
+    from trainguard.envcheck import snapshot_environment, verify_environment
+
+    from .conftest import clean_environ
+
+    optim = site_packages(venv) / "goodpkg" / "optim.py"
+    tampered = optim.read_bytes().replace(b"weight - lr", b"weight + lr")
+    optim.write_bytes(tampered)
+    rewrite_record_row(venv, "goodpkg/optim.py", tampered)
+    shutil.rmtree(optim.parent / "__pycache__")  # within the same second, the old .pyc would still be used
+    plain, plain_report = snapshot_environment(prefix=str(venv), environ=clean_environ())
+    assert plain_report.findings == []  # invisible to RECORD alone
+    anchored, report = snapshot_environment(
+        prefix=str(venv), environ=clean_environ(), lock=str(lock), wheels=str(wheelhouse)
+    )
+    assert {"anchor-mismatch", "anchor-record-rewritten"} <= {f.kind for f in report.findings}
+    assert anchored.distributions["goodpkg"].anchor is not None
+    assert verify_environment(prefix=str(venv), baseline=plain, environ=clean_environ()).ok
+    later = verify_environment(prefix=str(venv), baseline=anchored, environ=clean_environ(), full=True)
+    assert any(f.kind == "modified" and f.path.endswith("optim.py") for f in later.findings)

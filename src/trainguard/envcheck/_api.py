@@ -13,7 +13,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from trainguard.envcheck._anchor import anchor, read_lock
 from trainguard.envcheck._baseline import Baseline
+from trainguard.envcheck._findings import EnvFinding
 from trainguard.envcheck._layout import Layout, resolve_layout
 from trainguard.envcheck._quick import QuickCache
 from trainguard.envcheck._verify import (
@@ -25,6 +27,7 @@ from trainguard.envcheck._verify import (
     verify_against_baseline,
     verify_against_records,
 )
+from trainguard.errors import UsageError
 
 __all__ = ["snapshot_environment", "verify_environment"]
 
@@ -39,17 +42,35 @@ def snapshot_environment(
     prefix: str | None = None,
     environ: Mapping[str, str] | None = None,
     check_bytecode: bool = True,
+    lock: str | None = None,
+    wheels: str | None = None,
     progress: Progress | None = None,
 ) -> tuple[Baseline, EnvReport]:
     """A baseline of the environment as it is now, and the RECORD check made on the way (the caller
-    decides whether an environment with findings may be baselined)."""
+    decides whether an environment with findings may be baselined).
+
+    With a hash-pinned `lock` file and the `wheels` it pins, each distribution's files are checked
+    against the RECORD inside its wheel, whose own hash the lock fixes, and the baseline takes those
+    digests: a file altered together with its installed RECORD before the snapshot is still caught.
+    """
+    if (lock is None) != (wheels is None):
+        raise UsageError(
+            "a lock file and a wheel directory go together", hint="pass both --lock and --wheels"
+        )
     start = time.perf_counter()
     environ = os.environ if environ is None else environ
     layout = _layout(python, prefix, environ)
     found = survey(layout, environ, progress=progress)
     report, _ = verify_against_records(found, mode="full", check_bytecode=check_bytecode, progress=progress)
+    anchored: Mapping[str, bytes] | None = None
+    anchors: Mapping[str, str] | None = None
+    if lock is not None and wheels is not None:
+        installed = {found.entries[path].location: bytes.fromhex(d) for path, d in found.digests.items()}
+        anchoring = anchor(found.distributions, wheels, read_lock(lock), installed)
+        anchored, anchors = anchoring.expected, anchoring.anchors
+        report.findings = sorted(report.findings + anchoring.findings, key=EnvFinding.sort_key)
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    baseline = baseline_from(found, report, created)
+    baseline = baseline_from(found, report, created, anchored=anchored, anchors=anchors)
     report.seconds = time.perf_counter() - start
     return baseline, report
 

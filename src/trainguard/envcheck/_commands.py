@@ -106,7 +106,12 @@ def cmd_env_snapshot(args: argparse.Namespace) -> int:
     key = PrivateKey.load(key_path)
     out = Path(args.out)
     baseline, report = snapshot_environment(
-        python=args.python, prefix=args.prefix, check_bytecode=not args.no_bytecode, progress=_progress(args)
+        python=args.python,
+        prefix=args.prefix,
+        check_bytecode=not args.no_bytecode,
+        lock=args.lock,
+        wheels=args.wheels,
+        progress=_progress(args),
     )
     # Injection points are recorded as accepted and variables belong to this shell: neither blocks.
     accepted = set(baseline.injections)

@@ -315,11 +315,23 @@ def dist_infos(distributions: Iterable[Distribution]) -> dict[str, DistInfo]:
     }
 
 
-def baseline_from(survey_: Survey, report: EnvReport, created: str) -> Baseline:
+def baseline_from(
+    survey_: Survey,
+    report: EnvReport,
+    created: str,
+    *,
+    anchored: Mapping[str, bytes] | None = None,
+    anchors: Mapping[str, str] | None = None,
+) -> Baseline:
     """A baseline of what the survey found. Cached bytecode is recorded as found, except files the
     report names: bytecode of RECORD-verified sources was compared with them; the rest (the standard
-    library's) is taken on trust, as the standard library's sources are."""
+    library's) is taken on trust, as the standard library's sources are. `anchored` (location -> digest
+    from the wheels' own RECORDs) replaces what is installed, so a file already altered is still one."""
     files, links = _content(survey_)
+    for location, digest in (anchored or {}).items():
+        entry = survey_.by_location.get(location)
+        if entry is not None and entry.path in files:
+            files[entry.path] = (files[entry.path][0], digest.hex())
     layout = survey_.layout
     named = {f.path for f in (*report.findings, *report.undecided)}
     bytecode = {
@@ -339,7 +351,10 @@ def baseline_from(survey_: Survey, report: EnvReport, created: str) -> Baseline:
         files=files,
         links=links,
         bytecode=bytecode,
-        distributions=dist_infos(survey_.distributions),
+        distributions={
+            key: dataclasses.replace(info, anchor=(anchors or {}).get(key))
+            for key, info in dist_infos(survey_.distributions).items()
+        },
         injections=tuple(sorted({(f.kind, f.path) for f in survey_.injections if f.kind != "env-var"})),
         created=created,
     )
