@@ -103,7 +103,15 @@ def verify_environment(
     expected = (
         {path: digest for path, (_, digest) in baseline.files.items()} if baseline is not None else None
     )
-    found = survey(layout, environ, cache=None if full else cache, expected=expected, progress=progress)
+    # Against a baseline, RECORD rows only explain findings: they are read when there are some.
+    found = survey(
+        layout,
+        environ,
+        cache=None if full else cache,
+        expected=expected,
+        records=baseline is None,
+        progress=progress,
+    )
     mode = "full" if full else "quick"
     if baseline is None:
         report, clean = verify_against_records(

@@ -81,8 +81,12 @@ def normalize_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def read_distributions(site_dir: str) -> list[Distribution]:
+def read_distributions(site_dir: str, *, records: bool = True) -> list[Distribution]:
     """Every `*.dist-info` and `*.egg-info` distribution in `site_dir`, sorted by key.
+
+    With `records=False` the RECORD of a wheel install is checked to exist but not parsed (an
+    environment's RECORDs are tens of thousands of rows), except for editable installs, whose RECORD
+    says which .pth file is theirs.
 
     Malformed, oversized, unreadable or non-UTF-8 metadata never raises: it becomes a problem string.
     Only a site directory that cannot be listed at all raises (UsageError naming it).
@@ -96,7 +100,7 @@ def read_distributions(site_dir: str) -> list[Distribution]:
     dists: list[Distribution] = []
     for name, is_dir in found:
         if name.endswith(".dist-info") and is_dir:
-            dists.append(_read_dist_info(root, name))
+            dists.append(_read_dist_info(root, name, records))
         elif name.endswith(".egg-info"):
             dists.append(_read_egg_info(root, name, is_dir))
     dists.sort(key=lambda d: (d.key, d.meta_dir))
@@ -111,7 +115,7 @@ class _Problems:
         self.items.append(f"{path}: {what}")
 
 
-def _read_dist_info(root: str, dirname: str) -> Distribution:
+def _read_dist_info(root: str, dirname: str, parse_records: bool = True) -> Distribution:
     meta_dir = os.path.join(root, dirname)
     problems = _Problems()
     headers = _read_headers(os.path.join(meta_dir, "METADATA"), problems, required=True)
@@ -119,9 +123,17 @@ def _read_dist_info(root: str, dirname: str) -> Distribution:
         headers, dirname, ".dist-info", os.path.join(meta_dir, "METADATA"), problems
     )
     record_path = os.path.join(meta_dir, "RECORD")
-    record_data = _read_file(record_path, RECORD_CAP, problems, required=True)
-    records = _parse_record(record_data, record_path, root, problems) if record_data is not None else ()
     editable, location = _read_direct_url(os.path.join(meta_dir, "direct_url.json"), problems)
+    records: tuple[RecordRow, ...] = ()
+    if parse_records or editable:
+        record_data = _read_file(record_path, RECORD_CAP, problems, required=True)
+        has_record = record_data is not None
+        if record_data is not None:
+            records = _parse_record(record_data, record_path, root, problems)
+    else:
+        has_record = os.path.isfile(record_path)
+        if not has_record:
+            problems.add(record_path, "missing")
     installer_data = _read_file(os.path.join(meta_dir, "INSTALLER"), METADATA_CAP, problems)
     installer = None
     if installer_data is not None:
@@ -134,7 +146,7 @@ def _read_dist_info(root: str, dirname: str) -> Distribution:
         meta_dir=meta_dir,
         site_dir=root,
         records=records,
-        has_record=record_data is not None,
+        has_record=has_record,
         entry_points=_read_entry_points(os.path.join(meta_dir, "entry_points.txt"), problems),
         editable=editable,
         editable_location=location,

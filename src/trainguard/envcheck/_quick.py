@@ -1,6 +1,7 @@
 """The quick-mode cache: what a verification found clean, keyed on each file's stat.
 
-One file per environment ($TRAINGUARD_HOME/env-cache/<sha256 of the prefix>.json): for every file a
+One file per environment ($TRAINGUARD_HOME/env-cache/<sha256 of the prefix>.json): for every file (by its
+environment path, `env/...`, `stdlib/...`) a
 clean verification hashed, its (dev, inode, size, mtime_ns, ctime_ns) and digest. The next verification
 hashes only the files whose stat differs. The ctime makes this safe: the kernel moves it on any write or
 metadata change and no call sets it back, so a rewrite that restores size and mtime is still seen
@@ -23,6 +24,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from trainguard._secretkey import load_or_create_secret
 from trainguard.envcheck._walk import StatKey
@@ -42,20 +44,22 @@ class QuickCache:
         name = hashlib.sha256(os.fsencode(prefix)).hexdigest()[:32]
         self.path = home / "env-cache" / f"{name}.json"
         self._binding = f"{prefix}\n{baseline or '-'}"
-        self.entries: dict[str, tuple[StatKey, str]] = {}
+        self.entries: dict[str, list[Any]] = {}  # path -> [dev, inode, size, mtime_ns, ctime_ns, digest]
         self.rejected = False
         self._started_ns = time.time_ns()
         self._load()
 
-    def get(self, location: str, key: StatKey) -> str | None:
-        """The digest of a file still as it was when found clean, else None."""
-        found = self.entries.get(location)
-        return found[1] if found is not None and found[0] == key else None
+    def get(self, path: str, key: StatKey) -> str | None:
+        """The digest of a file (by environment path) still as it was when found clean, else None."""
+        row = self.entries.get(path)
+        if row is None or row[4] != key[4] or row[3] != key[3] or row[2] != key[2]:
+            return None
+        return row[5] if row[1] == key[1] and row[0] == key[0] else None
 
     def save(self, clean: Mapping[str, tuple[StatKey, str]]) -> None:
-        """Replace the cache with `clean` (location -> stat key and digest), leaving out racy files."""
+        """Replace the cache with `clean` (path -> stat key and digest), leaving out racy files."""
         limit = self._started_ns - _RACY_NS
-        rows = {loc: [*key, digest] for loc, (key, digest) in clean.items() if key[4] < limit}
+        rows = {path: [*key, digest] for path, (key, digest) in clean.items() if key[4] < limit}
         body = json.dumps({"binding": self._binding, "entries": rows}, separators=(",", ":")).encode()
         mac = hmac.new(self._secret, _DOMAIN + body, hashlib.sha256).hexdigest().encode()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -83,8 +87,9 @@ class QuickCache:
             doc = json.loads(body)
             if doc["binding"] != self._binding:
                 return
-            self.entries = {
-                loc: ((row[0], row[1], row[2], row[3], row[4]), row[5]) for loc, row in doc["entries"].items()
-            }
-        except (ValueError, KeyError, TypeError, IndexError):
+            entries = doc["entries"]
+            if not isinstance(entries, dict):
+                raise TypeError("entries")
+            self.entries = entries  # authenticated: written by this code under this secret
+        except (ValueError, KeyError, TypeError):
             self.rejected = True

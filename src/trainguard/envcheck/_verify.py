@@ -59,6 +59,15 @@ class Survey:
     cached: int = 0
     hashed_bytes: int = 0
     from_cache: set[str] = dataclasses.field(default_factory=set)  # files the cache vouched for
+    records_read: bool = True  # whether `distributions` carry their RECORD rows
+
+    def with_records(self) -> list[Distribution]:
+        """The distributions with their RECORD rows, read now if the survey skipped them."""
+        if not self.records_read:
+            sites = [site for site in self.layout.site_dirs if os.path.isdir(site)]
+            self.distributions = [d for site in sites for d in read_distributions(site)]
+            self.records_read = True
+        return self.distributions
 
 
 @dataclasses.dataclass
@@ -110,6 +119,7 @@ def survey(
     *,
     cache: QuickCache | None = None,
     expected: Mapping[str, str] | None = None,
+    records: bool = True,
     progress: Progress | None = None,
 ) -> Survey:
     """Walk and hash the environment. With a cache, a file whose stat is unchanged since it was found
@@ -123,7 +133,7 @@ def survey(
     for entry in entries.values():
         if entry.kind != "file":
             continue
-        known = cache.get(entry.location, entry.key) if cache is not None else None
+        known = cache.get(entry.path, entry.key) if cache is not None else None
         if known is not None and (
             expected is None or is_cached_bytecode(entry.path) or expected.get(entry.path) == known
         ):
@@ -141,7 +151,8 @@ def survey(
             unreadable[entry.path] = f"{entry.location}: {result.strerror or result}"
         else:
             digests[entry.path] = result.hex()
-    distributions = [d for site in layout.site_dirs if os.path.isdir(site) for d in read_distributions(site)]
+    sites = [site for site in layout.site_dirs if os.path.isdir(site)]
+    distributions = [d for site in sites for d in read_distributions(site, records=records)]
     injections = find_injections(layout, distributions, environ)
     return Survey(
         layout=layout,
@@ -156,6 +167,7 @@ def survey(
         cached=len(from_cache),
         hashed_bytes=sum(entry.size for entry in todo),
         from_cache=from_cache,
+        records_read=records,
     )
 
 
@@ -173,7 +185,7 @@ def _owner(entry: Entry) -> str:
 def _dist_of(survey_: Survey) -> dict[str, Distribution]:
     """Which distribution records each file, by path."""
     owners: dict[str, Distribution] = {}
-    for dist in survey_.distributions:
+    for dist in survey_.with_records():
         for row in dist.records:
             entry = survey_.by_location.get(row.location)
             if entry is not None:
@@ -271,12 +283,13 @@ def _report(
     accepted: list[EnvFinding],
     limitations: list[str],
     compiled: int,
+    digest: str | None = None,
 ) -> EnvReport:
     return EnvReport(
         prefix=survey_.layout.prefix,
         mode=mode,
         reference=reference,
-        digest=current_digest(survey_),
+        digest=digest or current_digest(survey_),
         baseline_digest=baseline_digest,
         findings=sorted(findings, key=EnvFinding.sort_key),
         undecided=sorted(undecided, key=EnvFinding.sort_key),
@@ -514,26 +527,40 @@ def verify_against_baseline(
     """Compare what is on disk with the signed baseline."""
     findings: list[EnvFinding] = []
     undecided = _unreadable_findings(survey_)
-    owners = _dist_of(survey_)
-    records = {
-        survey_.by_location[row.location].path: row
-        for dist in survey_.distributions
-        for row in dist.records
-        if row.location in survey_.by_location and row.digest is not None
-    }
-    seen: set[str] = set()
-    bad: set[str] = set()
-    for path, entry in survey_.entries.items():
-        if is_cached_bytecode(path) and entry.kind == "file":
+    files_before, links_before, digests = baseline.files, baseline.links, survey_.digests
+    suspects: list[str] = []
+    for path, entry in survey_.entries.items():  # the fast pass: tens of thousands of equal entries
+        if entry.kind == "file":
+            before = files_before.get(path)
+            if before is not None:
+                digest = digests.get(path)
+                if digest is None or digest == before[1]:
+                    continue  # equal, or unreadable (undecided already)
+            elif is_cached_bytecode(path):
+                continue
+        elif entry.kind == "link" and links_before.get(path, "\0") == entry.target:
             continue
+        suspects.append(path)
+    missing = [p for p in files_before if p not in survey_.entries]
+    missing += [p for p in links_before if p not in survey_.entries]
+    bad = set(suspects)
+    owners = _dist_of(survey_) if suspects else {}
+    records = (
+        {
+            survey_.by_location[row.location].path: row
+            for dist in survey_.distributions
+            for row in dist.records
+            if row.location in survey_.by_location and row.digest is not None
+        }
+        if suspects
+        else {}
+    )
+    for path in suspects:
+        entry = survey_.entries[path]
         dist = owners.get(path)
         name = dist.name if dist is not None else None
-        seen.add(path)
-        if entry.kind == "file" and path in baseline.files:
-            digest = survey_.digests.get(path)
-            if digest is None or digest == baseline.files[path][1]:
-                continue
-            bad.add(path)
+        if entry.kind == "file" and path in files_before:
+            digest = digests[path]
             row = records.get(path)
             rewritten = row is not None and row.algorithm == "sha256" and row.digest == bytes.fromhex(digest)
             how = (
@@ -553,53 +580,47 @@ def verify_against_baseline(
                     name,
                 )
             )
-        elif entry.kind == "link" and path in baseline.links:
-            if entry.target != baseline.links[path]:
-                bad.add(path)
-                findings.append(
-                    EnvFinding(
-                        "link-changed",
-                        Severity.HIGH,
-                        entry.location,
-                        f"now points to {entry.target}, the baseline says {baseline.links[path]}",
-                        "restore the link, or take a new baseline if the change was intended",
-                        name,
-                    )
+        elif entry.kind == "link" and path in links_before:
+            findings.append(
+                EnvFinding(
+                    "link-changed",
+                    Severity.HIGH,
+                    entry.location,
+                    f"now points to {entry.target}, the baseline says {links_before[path]}",
+                    "restore the link, or take a new baseline if the change was intended",
+                    name,
                 )
-        elif path in baseline.files or path in baseline.links:
-            bad.add(path)
+            )
+        elif path in files_before or path in links_before:
             findings.append(
                 EnvFinding(
                     "type-changed",
                     Severity.HIGH,
                     entry.location,
-                    f"was a {'file' if path in baseline.files else 'link'}, is now a {entry.kind}",
+                    f"was a {'file' if path in files_before else 'link'}, is now a {entry.kind}",
                     _reinstall(dist),
                     name,
                 )
             )
         else:
-            bad.add(path)
             findings.append(_unexpected(entry, "not in the baseline"))
     roots = survey_.roots
-    for path in (*baseline.files, *baseline.links):
-        if path not in seen:
-            label, _, rel = path.partition("/")
-            location = (
-                os.path.join(roots.get(label, baseline.roots.get(label, label)), rel)
-                if rel
-                else roots.get(label, path)
+    for path in missing:
+        label, _, rel = path.partition("/")
+        root = roots.get(label, baseline.roots.get(label, label))
+        location = os.path.join(root, rel) if rel else root
+        findings.append(
+            EnvFinding(
+                "missing",
+                Severity.HIGH,
+                location,
+                "in the baseline but deleted",
+                "restore it (reinstall the distribution it belongs to), and find out who deleted it",
             )
-            findings.append(
-                EnvFinding(
-                    "missing",
-                    Severity.HIGH,
-                    location,
-                    "in the baseline but deleted",
-                    "restore it (reinstall the distribution it belongs to), and find out who deleted it",
-                )
-            )
-    findings += _distribution_changes(survey_, baseline)
+        )
+    changed_distributions = _distribution_changes(survey_, baseline)
+    findings += changed_distributions
+    unchanged = not suspects and not missing and not changed_distributions
     accepted_keys = set(baseline.injections)
     accepted: list[EnvFinding] = []
     for finding in survey_.injections:
@@ -624,6 +645,7 @@ def verify_against_baseline(
         mode=mode,
         reference="baseline",
         baseline_digest=baseline.digest,
+        digest=baseline.digest if unchanged else None,  # every file, link and version as recorded
         findings=findings,
         undecided=undecided,
         accepted=accepted,
@@ -698,7 +720,5 @@ def _distribution_changes(survey_: Survey, baseline: Baseline) -> list[EnvFindin
 def clean_stat(survey_: Survey, clean: set[str]) -> dict[str, tuple[StatKey, str]]:
     """What the quick cache keeps: the stat and digest of every file found clean."""
     return {
-        survey_.entries[path].location: (survey_.entries[path].key, survey_.digests[path])
-        for path in clean
-        if path in survey_.digests
+        path: (survey_.entries[path].key, survey_.digests[path]) for path in clean if path in survey_.digests
     }

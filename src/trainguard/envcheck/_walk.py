@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
-from collections.abc import Iterator
 
 from trainguard.envcheck._layout import Layout
 
@@ -34,7 +33,7 @@ class Root:
     skip: tuple[str, ...] = ()  # absolute directories under `path` that belong to another root or none
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # not frozen: tens of thousands are made per check, and frozen is slower
 class Entry:
     """A file ('file'), symlink ('link') or anything else ('other': fifo, socket, device) in a root."""
 
@@ -100,14 +99,16 @@ def inventory(roots: list[Root]) -> tuple[dict[str, Entry], list[str]]:
             entry = _entry(root.label, root.path, st)
             entries[entry.path] = entry
             continue
-        for entry in _walk(root, problems):
-            entries[entry.path] = entry
+        _walk(root, problems, entries)
     return entries, problems
 
 
-def _walk(root: Root, problems: list[str]) -> Iterator[Entry]:
+def _walk(root: Root, problems: list[str], entries: dict[str, Entry]) -> None:
+    """Add every entry under `root` to `entries`. The loop is the cost of a quick check (one lstat per
+    file, tens of thousands of files), so regular files take the shortest path."""
     skip = set(root.skip)
     pending = [(root.path, root.label)]
+    is_regular = stat.S_ISREG
     while pending:
         directory, prefix = pending.pop()
         try:
@@ -117,18 +118,22 @@ def _walk(root: Root, problems: list[str]) -> Iterator[Entry]:
             problems.append(f"{directory}: {exc.strerror}")
             continue
         for item in items:
-            location = item.path
             path = f"{prefix}/{item.name}"
             try:
                 if item.is_dir(follow_symlinks=False):
-                    if location not in skip:
-                        pending.append((location, path))
+                    if item.path not in skip:
+                        pending.append((item.path, path))
                     continue
                 st = item.stat(follow_symlinks=False)
             except OSError as exc:
-                problems.append(f"{location}: {exc.strerror}")
+                problems.append(f"{item.path}: {exc.strerror}")
                 continue
-            yield _entry(path, location, st)
+            mode = st.st_mode
+            if is_regular(mode):
+                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                entries[path] = Entry(path, item.path, "file", st.st_size, key, bool(mode & 0o111), st.st_uid)
+            else:
+                entries[path] = _entry(path, item.path, st)
 
 
 def _entry(path: str, location: str, st: os.stat_result) -> Entry:
