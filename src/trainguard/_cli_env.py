@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from trainguard._argtypes import handler
+from trainguard._cli_provenance import trust_arguments
 
 _EPILOG = (
     "exit codes: 0 verified, 1 findings (modified, missing or unexpected files, injection points, risky "
@@ -99,19 +100,6 @@ def add_commands(
         default=os.environ.get("TRAINGUARD_ENV_BASELINE") or None,
         help="signed baseline from `env snapshot` (env: TRAINGUARD_ENV_BASELINE)",
     )
-    verify.add_argument(
-        "--trust",
-        action="append",
-        default=[],
-        metavar="KEY",
-        help="a public key file (PEM) trusted to sign baselines; repeatable",
-    )
-    verify.add_argument(
-        "--trust-policy",
-        type=Path,
-        metavar="FILE",
-        default=os.environ.get("TRAINGUARD_TRUST_POLICY") or None,
-        help="TOML file of trusted keys, [[trust.key]] name/path (env: TRAINGUARD_TRUST_POLICY)",
-    )
+    trust_arguments(verify, " of baselines")
     verify.add_argument("--full", action="store_true", help="re-hash every file, ignoring the cache")
     verify.set_defaults(run=handler("trainguard.envcheck._commands", "cmd_env_verify"))

@@ -23,13 +23,14 @@ def _run(name: str) -> Callable[[argparse.Namespace], int]:
     return handler("trainguard.gate._commands", name)
 
 
-def _trust_arguments(parser: argparse.ArgumentParser) -> None:
+def trust_arguments(parser: argparse.ArgumentParser, signs: str = "") -> None:
+    """--trust and --trust-policy; `signs` says what the trusted keys sign, for the help."""
     parser.add_argument(
         "--trust",
         action="append",
         default=[],
         metavar="KEY",
-        help="a public key file (PEM) whose signatures are trusted; repeatable",
+        help=f"a public key file (PEM) whose signatures{signs} are trusted; repeatable",
     )
     parser.add_argument(
         "--trust-policy",
@@ -88,7 +89,7 @@ def add_commands(
         epilog=_EPILOG,
     )
     verify.add_argument("path", type=Path, metavar="PATH", help="checkpoint file or directory")
-    _trust_arguments(verify)
+    trust_arguments(verify)
     verify.add_argument("--signature", type=Path, metavar="FILE", help="signature file (trainguard or OMS)")
     verify.add_argument("--full", action="store_true", help="re-hash every file, ignoring the cache")
     verify.add_argument("--format", choices=("text", "json"), default="text", help="output format")
@@ -111,6 +112,6 @@ def add_commands(
         epilog=_EPILOG,
     )
     audit.add_argument("paths", type=Path, nargs="+", metavar="DIR", help="folders holding checkpoints")
-    _trust_arguments(audit)
+    trust_arguments(audit)
     audit.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     audit.set_defaults(run=_run("cmd_ckpt_audit"))

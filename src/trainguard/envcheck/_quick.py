@@ -2,9 +2,10 @@
 
 One file per environment ($TRAINGUARD_HOME/env-cache/<sha256 of the prefix>.json): for every file a clean
 verification hashed, by its environment path (`env/...`, `stdlib/...`), its (dev, inode, size, mtime_ns,
-ctime_ns) and digest. The next verification hashes only the files whose stat differs. The ctime makes this safe: the kernel moves it on any write or
-metadata change and no call sets it back, so a rewrite that restores size and mtime is still seen
-(where that does not hold, a root attacker or raw device writes, use --full). A file whose ctime is
+ctime_ns) and digest. The next verification hashes only the files whose stat differs. The ctime makes
+this safe: the kernel moves it on any write or metadata change and no call sets it back, so a rewrite
+that restores size and mtime is still seen (where that does not hold, a root attacker or raw device
+writes, use --full). A file whose ctime is
 within two seconds of the verification is never cached (it could change again within one clock tick).
 
 The whole file is authenticated with HMAC-SHA256 under the local secret ($TRAINGUARD_HOME/keys/cache.key,
