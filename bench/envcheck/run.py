@@ -108,11 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         report = verify_environment(prefix=str(venv), environ=environ, full=True)
         assert report.ok, report.findings
 
+    def records_only() -> None:
+        report = verify_environment(prefix=str(venv), environ=environ, full=True, check_bytecode=False)
+        assert report.ok, report.findings
+
     cases = {
         "trainguard env verify --full, baseline (library)": full,
         "trainguard env verify, quick, baseline (library)": quick,
         "trainguard env verify, quick, baseline (CLI, with interpreter start)": run_command(cli),
         "trainguard env verify --full, no baseline (RECORDs + bytecode)": records,
+        "trainguard env verify --full --no-bytecode, no baseline (RECORDs)": records_only,
         "distlib check_installed_files, every distribution": lambda: _distlib_check(venv),
         "sha256sum over the same files": run_command(
             ["sh", "-c", f"xargs -0 sha256sum < {list_file} > /dev/null"]

@@ -83,22 +83,21 @@ def verify_environment(
     environ: Mapping[str, str] | None = None,
     full: bool = False,
     home: Path | None = None,
-    baseline_id: str | None = None,
     check_bytecode: bool = True,
     progress: Progress | None = None,
 ) -> EnvReport:
     """Verify the environment against `baseline` (or its RECORDs when None).
 
     Unless `full`, files whose stat is unchanged since the last clean verification (the signed cache in
-    `home`, default $TRAINGUARD_HOME) are not hashed again. `baseline_id` binds the cache to one
-    baseline (the SHA-256 of its payload); by default the baseline's environment digest does.
+    `home`, default $TRAINGUARD_HOME) are not hashed again; the cache is kept per environment and
+    baseline (by its environment digest).
     """
     from trainguard.ledger._ledger import default_home
 
     start = time.perf_counter()
     environ = os.environ if environ is None else environ
     layout = _layout(python, prefix, environ)
-    binding = baseline_id or (baseline.digest if baseline is not None else None)
+    binding = baseline.digest if baseline is not None else None
     cache = QuickCache(home or default_home(), layout.prefix, binding)
     expected = (
         {path: digest for path, (_, digest) in baseline.files.items()} if baseline is not None else None

@@ -150,11 +150,11 @@ def cmd_env_snapshot(args: argparse.Namespace) -> int:
 def cmd_env_verify(args: argparse.Namespace) -> int:
     from trainguard.envcheck._api import verify_environment
 
-    baseline = signer = payload_id = None
+    baseline = signer = None
     if args.baseline is not None:
         trusted = trusted_keys(args, required=True)
         try:
-            baseline, signer, payload_id = read_baseline(Path(args.baseline), trusted)
+            baseline, signer, _ = read_baseline(Path(args.baseline), trusted)
         except VerificationFailed as exc:
             if not args.no_ledger:  # a forged or foreign baseline is evidence too
                 payload = {
@@ -172,7 +172,6 @@ def cmd_env_verify(args: argparse.Namespace) -> int:
         python=args.python,
         prefix=args.prefix,
         full=args.full,
-        baseline_id=payload_id,
         check_bytecode=not args.no_bytecode,
         progress=_progress(args),
     )

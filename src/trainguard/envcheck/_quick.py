@@ -1,12 +1,12 @@
 """The quick-mode cache: what a verification found clean, keyed on each file's stat.
 
-One file per environment ($TRAINGUARD_HOME/env-cache/<sha256 of the prefix>.json): for every file a clean
-verification hashed, by its environment path (`env/...`, `stdlib/...`), its (dev, inode, size, mtime_ns,
-ctime_ns) and digest. The next verification hashes only the files whose stat differs. The ctime makes
-this safe: the kernel moves it on any write or metadata change and no call sets it back, so a rewrite
-that restores size and mtime is still seen (where that does not hold, a root attacker or raw device
-writes, use --full). A file whose ctime is
-within two seconds of the verification is never cached (it could change again within one clock tick).
+One file per environment and baseline ($TRAINGUARD_HOME/env-cache/<sha256 of both>.json): for every
+file a clean verification hashed, by its environment path (`env/...`, `stdlib/...`), its (dev, inode,
+size, mtime_ns, ctime_ns) and digest. The next verification hashes only the files whose stat differs.
+The ctime makes this safe: the kernel moves it on any write or metadata change and no call sets it
+back, so a rewrite that restores size and mtime is still seen (where that does not hold, a root
+attacker or raw device writes, use --full). A file whose ctime is within two seconds of the
+verification is never cached (it could change again within one clock tick).
 
 The whole file is authenticated with HMAC-SHA256 under the local secret ($TRAINGUARD_HOME/keys/cache.key,
 mode 0600) and bound to the baseline it was verified against: a cache copied from elsewhere, edited, or
@@ -41,9 +41,11 @@ class QuickCache:
 
     def __init__(self, home: Path, prefix: str, baseline: str | None) -> None:
         self._secret = load_or_create_secret(home / "keys" / "cache.key")
-        name = hashlib.sha256(os.fsencode(prefix)).hexdigest()[:32]
-        self.path = home / "env-cache" / f"{name}.json"
         self._binding = f"{prefix}\n{baseline or '-'}"
+        # One file per environment and reference, so checks against a baseline and against RECORDs
+        # do not evict each other.
+        name = hashlib.sha256(os.fsencode(self._binding)).hexdigest()[:32]
+        self.path = home / "env-cache" / f"{name}.json"
         self.entries: dict[str, list[Any]] = {}  # path -> [dev, inode, size, mtime_ns, ctime_ns, digest]
         self.rejected = False
         self._started_ns = time.time_ns()
