@@ -11,9 +11,16 @@ import time
 from pathlib import Path
 
 from trainguard.errors import UsageError
-from trainguard.provenance import PublicKey, load_trust_policy
+from trainguard.provenance import PrivateKey, PublicKey, load_trust_policy
 
-__all__ = ["default_signing_key", "human_size", "progress_line", "trusted_keys", "write_atomic"]
+__all__ = [
+    "default_signing_key",
+    "human_size",
+    "load_signing_key",
+    "progress_line",
+    "trusted_keys",
+    "write_atomic",
+]
 
 _PROGRESS_AFTER_S = 1.0
 
@@ -88,3 +95,14 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def load_signing_key(args: argparse.Namespace) -> PrivateKey:
+    """The key of --key, else the default one; a missing default says how to make it."""
+    path = Path(args.key) if args.key is not None else default_signing_key()
+    if args.key is None and not path.exists():
+        raise UsageError(
+            f"no signing key: {path} does not exist",
+            hint=f"create one with: trainguard keygen --pem {path} (or pass --key FILE)",
+        )
+    return PrivateKey.load(path)

@@ -8,6 +8,7 @@ assert report.ok, report.findings
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping
@@ -27,7 +28,7 @@ from trainguard.envcheck._verify import (
     verify_against_baseline,
     verify_against_records,
 )
-from trainguard.errors import UsageError
+from trainguard.errors import TrainguardError, UsageError
 
 __all__ = ["snapshot_environment", "verify_environment"]
 
@@ -44,6 +45,7 @@ def snapshot_environment(
     check_bytecode: bool = True,
     lock: str | None = None,
     wheels: str | None = None,
+    home: Path | None = None,
     progress: Progress | None = None,
 ) -> tuple[Baseline, EnvReport]:
     """A baseline of the environment as it is now, and the RECORD check made on the way (the caller
@@ -53,6 +55,8 @@ def snapshot_environment(
     against the RECORD inside its wheel, whose own hash the lock fixes, and the baseline takes those
     digests: a file altered together with its installed RECORD before the snapshot is still caught.
     """
+    from trainguard.ledger._ledger import default_home
+
     if (lock is None) != (wheels is None):
         raise UsageError(
             "a lock file and a wheel directory go together", hint="pass both --lock and --wheels"
@@ -71,6 +75,11 @@ def snapshot_environment(
         report.findings = sorted(report.findings + anchoring.findings, key=EnvFinding.sort_key)
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     baseline = baseline_from(found, report, created, anchored=anchored, anchors=anchors)
+    # Everything the baseline holds was just hashed: the first verification against it can be quick.
+    recorded = {path for path, (_, digest) in baseline.files.items() if found.digests.get(path) == digest}
+    recorded |= {path for path, digest in baseline.bytecode.items() if found.digests.get(path) == digest}
+    with contextlib.suppress(TrainguardError, OSError):  # a cache that cannot be written costs speed only
+        QuickCache(home or default_home(), layout.prefix, baseline.digest).save(clean_stat(found, recorded))
     report.seconds = time.perf_counter() - start
     return baseline, report
 

@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainguard._cli_common import default_signing_key, trusted_keys
+from trainguard._cli_common import load_signing_key, trusted_keys
 from trainguard.envcheck._baseline import read_baseline, write_baseline
 from trainguard.envcheck._findings import EnvFinding
 from trainguard.envcheck._verify import EnvReport
-from trainguard.errors import ExitCode, KeyFileError, UsageError, VerificationFailed
+from trainguard.errors import ExitCode, UsageError, VerificationFailed
 from trainguard.ledger._record import record
-from trainguard.provenance import PrivateKey
 
 __all__ = ["EVENT_SNAPSHOT", "EVENT_VERIFY", "cmd_env_snapshot", "cmd_env_verify"]
 
@@ -71,7 +70,7 @@ def _print_finding(finding: EnvFinding) -> None:
     print(f"         fix: {finding.advice}")
 
 
-def _print_report(report: EnvReport, title: str) -> None:
+def _print_report(report: EnvReport, title: str, *, limitations: bool = True) -> None:
     print(title)
     for finding in report.findings:
         _print_finding(finding)
@@ -81,7 +80,7 @@ def _print_report(report: EnvReport, title: str) -> None:
         print(f"accepted (in the baseline): {len(report.accepted)} injection point(s)")
         for finding in report.accepted:
             print(f"  {finding.kind}: {finding.path}")
-    for limitation in report.limitations:
+    for limitation in report.limitations if limitations else ():
         print(f"cannot see: {limitation}")
     verdict = (
         "verified" if report.ok else f"{len(report.findings)} finding(s), {len(report.undecided)} undecided"
@@ -97,13 +96,7 @@ def _print_report(report: EnvReport, title: str) -> None:
 def cmd_env_snapshot(args: argparse.Namespace) -> int:
     from trainguard.envcheck._api import snapshot_environment
 
-    key_path = Path(args.key) if args.key is not None else default_signing_key()
-    if not key_path.exists():
-        raise KeyFileError(
-            f"signing key {key_path} does not exist",
-            hint="make one with `trainguard keygen --pem`, or pass --key",
-        )
-    key = PrivateKey.load(key_path)
+    key = load_signing_key(args)
     out = Path(args.out)
     baseline, report = snapshot_environment(
         python=args.python,
@@ -134,12 +127,19 @@ def cmd_env_snapshot(args: argparse.Namespace) -> int:
         doc = {"schema_version": "1", "written": not refused, "baseline": str(out), **report.to_json()}
         print(json.dumps(doc, indent=2))
     else:
-        _print_report(report, f"trainguard env snapshot: {report.prefix} (checked against its RECORDs)")
+        _print_report(
+            report,
+            f"trainguard env snapshot: {report.prefix} (checked against its RECORDs)",
+            limitations=False,
+        )
         if refused:
             why = "fails its RECORD check" if blocking else "has files that could not be checked"
             print(f"not written: the environment already {why}; fix it, or pass --force")
         else:
             print(f"baseline written to {out}, signed by {key.key_id}")
+            print(
+                "the standard library and the interpreter, which no RECORD covers, are taken as they are now"
+            )
             if report.findings:
                 print("the injection points above are accepted by this baseline; later ones are findings")
     if refused:

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainguard._cli_common import default_signing_key, human_size, progress_line, trusted_keys, write_atomic
+from trainguard._cli_common import (
+    default_signing_key,
+    human_size,
+    load_signing_key,
+    progress_line,
+    trusted_keys,
+    write_atomic,
+)
 from trainguard.errors import (
     ExitCode,
     KeyFileError,
@@ -65,16 +72,6 @@ def _require_ledger(args: argparse.Namespace) -> bool:
 # sign
 
 
-def _load_signing_key(args: argparse.Namespace) -> PrivateKey:
-    path = Path(args.key) if args.key is not None else default_signing_key()
-    if args.key is None and not path.exists():
-        raise UsageError(
-            f"no signing key: {path} does not exist",
-            hint=f"create one with: trainguard keygen --pem {path} (or pass --key FILE)",
-        )
-    return PrivateKey.load(path)
-
-
 def _sign_oms(
     path: Path,
     key: PrivateKey,
@@ -107,7 +104,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not os.path.lexists(path):
         raise UsageError(f"{path} does not exist")
-    key = _load_signing_key(args)
+    key = load_signing_key(args)
     progress = progress_line("hashing")
     cache = _cache()
     fmt = args.format or "trainguard"
