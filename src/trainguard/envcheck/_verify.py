@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -30,6 +31,7 @@ from trainguard.envcheck._layout import Layout
 from trainguard.envcheck._pyc import check_pyc, pyc_source
 from trainguard.envcheck._quick import QuickCache
 from trainguard.envcheck._walk import Entry, StatKey, environment_roots, inventory, is_cached_bytecode
+from trainguard.envcheck._walk import entry_of as _walk_entry
 from trainguard.findings import Severity
 
 __all__ = ["EnvReport", "Survey", "survey", "verify_against_baseline", "verify_against_records"]
@@ -229,6 +231,19 @@ def _bytecode_findings(
         todo.append((path, entry, source_path, optimize))
     if progress is not None and todo:
         progress(f"comparing {len(todo)} cached bytecode files with their sources")
+    if tuple(survey_.layout.version) != sys.version_info[:2]:
+        major, minor = survey_.layout.version
+        undecided.append(
+            EnvFinding(
+                "bytecode-unchecked",
+                Severity.LOW,
+                survey_.layout.prefix,
+                f"the environment runs Python {major}.{minor}; this Python {sys.version_info[0]}."
+                f"{sys.version_info[1]} cannot compile its sources the same way, so its cached bytecode "
+                "was not compared with them",
+                f"verify with a trusted Python {major}.{minor} interpreter, or pass --no-bytecode",
+            )
+        )
     for path, entry, source_path, optimize in todo:
         verdict = check_pyc(entry.location, source_path, optimize)
         if verdict.status in ("ok", "stale"):
@@ -399,25 +414,32 @@ def verify_against_records(
             )
         for row in dist.records:
             entry = survey_.by_location.get(row.location)
-            hashless_ok = is_cached_bytecode(row.location) or row.location.endswith(_UNHASHED_OK)
+            # In a wheel's RECORD a row without a hash vouches for nothing (the file stays unrecorded);
+            # an egg-info's file list has no hashes at all: its files are owned, and unverifiable.
+            hashless_ok = (
+                not dist.has_record or is_cached_bytecode(row.location) or row.location.endswith(_UNHASHED_OK)
+            )
             if row.digest is None and not hashless_ok:
-                continue  # a row without a hash vouches for nothing: the file stays unrecorded
+                continue
             if entry is not None:
                 recorded.add(entry.path)
             if row.digest is None:
                 continue
             if entry is None:
-                findings.append(
-                    EnvFinding(
-                        "missing",
-                        Severity.HIGH,
-                        row.location,
-                        f"installed by {dist.name} {dist.version} and listed in its RECORD, but deleted",
-                        _reinstall(dist),
-                        dist.name,
+                outside = _outside(row.location, survey_)
+                if outside is None:
+                    findings.append(
+                        EnvFinding(
+                            "missing",
+                            Severity.HIGH,
+                            row.location,
+                            f"installed by {dist.name} {dist.version} and listed in its RECORD, but deleted",
+                            _reinstall(dist),
+                            dist.name,
+                        )
                     )
-                )
-                continue
+                    continue
+                entry = outside
             digest = survey_.digests.get(entry.path)
             if digest is None:
                 continue  # unreadable: already undecided
@@ -486,6 +508,30 @@ def verify_against_records(
     )
     clean = {p for p in verified if p not in bad} | good
     return report, clean
+
+
+def _outside(location: str, survey_: Survey) -> Entry | None:
+    """A file a RECORD installed outside the environment's roots (a console script in /usr/bin, say),
+    hashed now and added to the survey; None if it does not exist."""
+    if any(
+        location == root or location.startswith(root.rstrip(os.sep) + os.sep)
+        for root in survey_.roots.values()
+    ):
+        return None  # inside a root: the walk would have seen it
+    try:
+        st = os.lstat(location)
+    except OSError:
+        return None
+    entry = _walk_entry(location, location, st)
+    survey_.entries[entry.path] = entry
+    survey_.by_location[location] = entry
+    if entry.kind == "file":
+        found = sha256_files([location])[location]
+        if isinstance(found, OSError):
+            survey_.unreadable[location] = f"{location}: {found.strerror or found}"
+        else:
+            survey_.digests[location] = found.hex()
+    return entry
 
 
 def _other_digest(location: str, algorithm: str | None) -> bytes | None:

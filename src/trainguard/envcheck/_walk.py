@@ -16,7 +16,16 @@ import stat
 
 from trainguard.envcheck._layout import Layout
 
-__all__ = ["Entry", "Root", "StatKey", "environment_roots", "inventory", "is_cached_bytecode", "stat_key"]
+__all__ = [
+    "Entry",
+    "Root",
+    "StatKey",
+    "entry_of",
+    "environment_roots",
+    "inventory",
+    "is_cached_bytecode",
+    "stat_key",
+]
 
 StatKey = tuple[int, int, int, int, int]  # dev, inode, size, mtime_ns, ctime_ns
 
@@ -64,9 +73,11 @@ def environment_roots(layout: Layout) -> list[Root]:
     if not stdlib_inside:
         skip = tuple(d for d in (os.path.join(layout.stdlib, "site-packages"),) if d not in layout.site_dirs)
         roots.append(Root("stdlib", layout.stdlib, skip))
-        for site in layout.site_dirs:
-            if not _inside(site, layout.prefix) and not _inside(site, layout.stdlib):
-                roots.append(Root(f"site{len(roots)}", site))
+    for number, site in enumerate(layout.site_dirs):
+        if not any(
+            _inside(site, root.path) for root in roots
+        ):  # e.g. Debian's /usr/lib/python3/dist-packages
+            roots.append(Root(f"site{number}", site))
     if layout.executable is not None:
         real = os.path.realpath(layout.executable)
         if os.path.isfile(real) and not _inside(real, roots[0].path):
@@ -96,7 +107,7 @@ def inventory(roots: list[Root]) -> tuple[dict[str, Entry], list[str]]:
             problems.append(f"{root.path}: {exc.strerror}")
             continue
         if not stat.S_ISDIR(st.st_mode):
-            entry = _entry(root.label, root.path, st)
+            entry = entry_of(root.label, root.path, st)
             entries[entry.path] = entry
             continue
         _walk(root, problems, entries)
@@ -133,10 +144,11 @@ def _walk(root: Root, problems: list[str], entries: dict[str, Entry]) -> None:
                 key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                 entries[path] = Entry(path, item.path, "file", st.st_size, key, bool(mode & 0o111), st.st_uid)
             else:
-                entries[path] = _entry(path, item.path, st)
+                entries[path] = entry_of(path, item.path, st)
 
 
-def _entry(path: str, location: str, st: os.stat_result) -> Entry:
+def entry_of(path: str, location: str, st: os.stat_result) -> Entry:
+    """The entry for what `st` describes (a link keeps its target)."""
     mode = st.st_mode
     if stat.S_ISREG(mode):
         kind = "file"
