@@ -222,3 +222,16 @@ def test_file_added_with_a_hashless_record_row(venv: Path) -> None:
     record = site / "goodpkg-1.0.dist-info" / "RECORD"
     record.write_text(record.read_text() + "goodpkg/evil.py,,\n")
     assert ("unexpected", "evil.py") in _kinds(_check(venv))
+
+
+def test_bytecode_of_another_python_version_is_reported_unchecked(venv: Path) -> None:
+    import dataclasses
+
+    from trainguard.envcheck._layout import resolve_layout
+    from trainguard.envcheck._verify import survey, verify_against_records
+
+    layout = dataclasses.replace(resolve_layout(prefix=str(venv)), version=(3, 99))
+    report, _ = verify_against_records(survey(layout, clean_environ()), mode="full")
+    assert [f.kind for f in report.undecided] == ["bytecode-unchecked"]
+    report, _ = verify_against_records(survey(layout, clean_environ()), mode="full", check_bytecode=False)
+    assert report.undecided == []
