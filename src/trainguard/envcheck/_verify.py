@@ -53,7 +53,7 @@ class Survey:
     entries: dict[str, Entry]
     by_location: dict[str, Entry]
     digests: dict[str, str]  # path -> sha256 hex, regular files (cached bytecode included)
-    unreadable: dict[str, str]  # path -> why
+    unreadable: dict[str, tuple[str, str]]  # path -> (location, why)
     distributions: list[Distribution]
     injections: list[EnvFinding]
     roots: dict[str, str]
@@ -146,11 +146,11 @@ def survey(
     if progress is not None and todo:
         progress(f"hashing {len(todo)} files")
     found = sha256_files([entry.location for entry in todo], sizes={e.location: e.size for e in todo})
-    unreadable = {problem.split(": ")[0]: problem for problem in problems}
+    unreadable = {location: (location, why) for location, why in problems}
     for entry in todo:
         result = found[entry.location]
         if isinstance(result, OSError):
-            unreadable[entry.path] = f"{entry.location}: {result.strerror or result}"
+            unreadable[entry.path] = (entry.location, str(result.strerror or result))
         else:
             digests[entry.path] = result.hex()
     sites = [site for site in layout.site_dirs if os.path.isdir(site)]
@@ -279,11 +279,11 @@ def _unreadable_findings(survey_: Survey) -> list[EnvFinding]:
         EnvFinding(
             "unreadable",
             Severity.HIGH,
-            why.split(": ")[0],
-            f"could not be read, so it could not be verified: {why.split(': ', 1)[-1]}",
+            location,
+            f"could not be read, so it could not be verified: {why}",
             "make it readable to this user and verify again",
         )
-        for why in survey_.unreadable.values()
+        for location, why in survey_.unreadable.values()
     ]
 
 
@@ -528,7 +528,7 @@ def _outside(location: str, survey_: Survey) -> Entry | None:
     if entry.kind == "file":
         found = sha256_files([location])[location]
         if isinstance(found, OSError):
-            survey_.unreadable[location] = f"{location}: {found.strerror or found}"
+            survey_.unreadable[location] = (location, str(found.strerror or found))
         else:
             survey_.digests[location] = found.hex()
     return entry

@@ -95,16 +95,15 @@ def _inside(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
-def inventory(roots: list[Root]) -> tuple[dict[str, Entry], list[str]]:
-    """Every entry under `roots` by path, and the directories that could not be listed (each named
-    with its error)."""
+def inventory(roots: list[Root]) -> tuple[dict[str, Entry], list[tuple[str, str]]]:
+    """Every entry under `roots` by path, and what could not be listed or stat'ed: (location, why)."""
     entries: dict[str, Entry] = {}
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     for root in roots:
         try:
             st = os.lstat(root.path)
         except OSError as exc:
-            problems.append(f"{root.path}: {exc.strerror}")
+            problems.append((root.path, str(exc.strerror)))
             continue
         if not stat.S_ISDIR(st.st_mode):
             entry = entry_of(root.label, root.path, st)
@@ -114,7 +113,7 @@ def inventory(roots: list[Root]) -> tuple[dict[str, Entry], list[str]]:
     return entries, problems
 
 
-def _walk(root: Root, problems: list[str], entries: dict[str, Entry]) -> None:
+def _walk(root: Root, problems: list[tuple[str, str]], entries: dict[str, Entry]) -> None:
     """Add every entry under `root` to `entries`. The loop is the cost of a quick check (one lstat per
     file, tens of thousands of files), so regular files take the shortest path."""
     skip = set(root.skip)
@@ -126,7 +125,7 @@ def _walk(root: Root, problems: list[str], entries: dict[str, Entry]) -> None:
             with os.scandir(directory) as listing:
                 items = list(listing)
         except OSError as exc:
-            problems.append(f"{directory}: {exc.strerror}")
+            problems.append((directory, str(exc.strerror)))
             continue
         for item in items:
             path = f"{prefix}/{item.name}"
@@ -137,7 +136,7 @@ def _walk(root: Root, problems: list[str], entries: dict[str, Entry]) -> None:
                     continue
                 st = item.stat(follow_symlinks=False)
             except OSError as exc:
-                problems.append(f"{item.path}: {exc.strerror}")
+                problems.append((item.path, str(exc.strerror)))
                 continue
             mode = st.st_mode
             if is_regular(mode):
