@@ -19,6 +19,7 @@ import binascii
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ __all__ = ["PAYLOAD_TYPE", "Baseline", "DistInfo", "environment_digest", "read_b
 
 PAYLOAD_TYPE = "application/vnd.trainguard.env-baseline.v1+json"
 _SIGNED_PREFIX = b"trainguard/env-baseline/v1\n"
-_MAX_BYTES = 512 << 20
+_MAX_BYTES = 256 << 20  # about a million files
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -195,7 +196,8 @@ def read_baseline(path: Path, trusted: Iterable[PublicKey]) -> tuple[Baseline, P
     """
     try:
         with path.open("rb") as handle:
-            data = handle.read(_MAX_BYTES + 1)
+            size = os.fstat(handle.fileno()).st_size  # read what is there: read(n) allocates n bytes
+            data = handle.read(min(size, _MAX_BYTES) + 1)
     except OSError as exc:
         raise UsageError(f"cannot read baseline {path}: {exc.strerror or exc}") from None
     if len(data) > _MAX_BYTES:
