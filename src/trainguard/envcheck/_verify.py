@@ -132,17 +132,21 @@ def survey(
     digests: dict[str, str] = {}
     todo: list[Entry] = []
     from_cache: set[str] = set()
-    for entry in entries.values():
+    rows = cache.entries if cache is not None else {}
+    wanted = expected if expected is not None else {}
+    # The hot loop of a quick check: one pass, no calls for files the cache vouches for.
+    for path, entry in entries.items():
         if entry.kind != "file":
             continue
-        known = cache.get(entry.path, entry.key) if cache is not None else None
-        if known is not None and (
-            expected is None or is_cached_bytecode(entry.path) or expected.get(entry.path) == known
-        ):
-            digests[entry.path] = known
-            from_cache.add(entry.path)
-        else:
-            todo.append(entry)
+        row = rows.get(path)
+        key = entry.key
+        if row is not None and row[4] == key[4] and row[3] == key[3] and row[:3] == key[:3]:
+            known = row[5].hex()
+            if expected is None or wanted.get(path) == known or is_cached_bytecode(path):
+                digests[path] = known
+                from_cache.add(path)
+                continue
+        todo.append(entry)
     if progress is not None and todo:
         progress(f"hashing {len(todo)} files")
     found = sha256_files([entry.location for entry in todo], sizes={e.location: e.size for e in todo})
