@@ -189,8 +189,8 @@ def write_baseline(path: Path, baseline: Baseline, keys: Sequence[PrivateKey]) -
     return data
 
 
-def read_baseline(path: Path, trusted: Iterable[PublicKey]) -> tuple[Baseline, PublicKey, str]:
-    """The baseline in `path`, the trusted key that signed it, and the SHA-256 of its payload.
+def read_baseline(path: Path, trusted: Iterable[PublicKey]) -> tuple[Baseline, PublicKey]:
+    """The baseline in `path` and the trusted key that signed it.
 
     UsageError if it cannot be read; VerificationFailed if no trusted key signed it or it is malformed.
     """
@@ -227,5 +227,4 @@ def read_baseline(path: Path, trusted: Iterable[PublicKey]) -> tuple[Baseline, P
         doc = loads_strict(payload)
     except ValueError as exc:
         raise VerificationFailed(f"baseline {path} is malformed: {exc}") from None
-    baseline = Baseline.from_json(doc, str(path))
-    return baseline, signer, "sha256:" + hashlib.sha256(payload).hexdigest()
+    return Baseline.from_json(doc, str(path)), signer

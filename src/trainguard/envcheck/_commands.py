@@ -154,7 +154,7 @@ def cmd_env_verify(args: argparse.Namespace) -> int:
     if args.baseline is not None:
         trusted = trusted_keys(args, required=True)
         try:
-            baseline, signer, _ = read_baseline(Path(args.baseline), trusted)
+            baseline, signer = read_baseline(Path(args.baseline), trusted)
         except VerificationFailed as exc:
             if not args.no_ledger:  # a forged or foreign baseline is evidence too
                 payload = {

@@ -16,7 +16,10 @@ like: a .pyc is checked against its verified source by compiling that source her
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import pwd
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -30,16 +33,22 @@ from trainguard.envcheck._injection import find_injections
 from trainguard.envcheck._layout import Layout
 from trainguard.envcheck._pyc import check_pyc, pyc_source
 from trainguard.envcheck._quick import QuickCache
-from trainguard.envcheck._walk import Entry, StatKey, environment_roots, inventory, is_cached_bytecode
-from trainguard.envcheck._walk import entry_of as _walk_entry
+from trainguard.envcheck._walk import (
+    Entry,
+    StatKey,
+    entry_of,
+    environment_roots,
+    inventory,
+    is_cached_bytecode,
+)
 from trainguard.findings import Severity
 
 __all__ = ["EnvReport", "Survey", "survey", "verify_against_baseline", "verify_against_records"]
 
 Progress = Callable[[str], None]
 
-# Files a venv has that no distribution records; their content is checked against a baseline only.
-_VENV_BIN_NOISE = ("python", "activate", "Activate.ps1", "pip")
+# Files `python -m venv` writes to bin/ that no distribution records; a baseline checks their content.
+_VENV_BIN_FILE = re.compile(r"python(3(\.\d+)?)?|activate(\.(csh|fish|nu|bat|ps1))?|Activate\.ps1")
 # Files a RECORD lists without a hash by design: itself, and its signatures.
 _UNHASHED_OK = (".dist-info/RECORD", ".dist-info/RECORD.jws", ".dist-info/RECORD.p7s")
 _CODE_SUFFIXES = (".py", ".pyc", ".so", ".pth", ".pyd", ".dylib")
@@ -178,8 +187,6 @@ def survey(
 
 
 def _owner(entry: Entry) -> str:
-    import pwd
-
     try:
         user = pwd.getpwuid(entry.uid).pw_name
     except KeyError:
@@ -474,7 +481,7 @@ def verify_against_records(
             findings.append(_unexpected(entry, "in site-packages but recorded by no installed distribution"))
         elif layout.is_venv and location.startswith(bin_dir):
             name = os.path.basename(location)
-            if not name.startswith(_VENV_BIN_NOISE):
+            if not _VENV_BIN_FILE.fullmatch(name):
                 findings.append(
                     _unexpected(entry, "in the environment's bin/ but installed by no distribution")
                 )
@@ -510,7 +517,7 @@ def verify_against_records(
         limitations=limitations,
         compiled=compiled,
     )
-    clean = {p for p in verified if p not in bad} | good
+    clean = verified | good
     return report, clean
 
 
@@ -526,7 +533,7 @@ def _outside(location: str, survey_: Survey) -> Entry | None:
         st = os.lstat(location)
     except OSError:
         return None
-    entry = _walk_entry(location, location, st)
+    entry = entry_of(location, location, st)
     survey_.entries[entry.path] = entry
     survey_.by_location[location] = entry
     if entry.kind == "file":
@@ -539,8 +546,6 @@ def _outside(location: str, survey_: Survey) -> Entry | None:
 
 
 def _other_digest(location: str, algorithm: str | None) -> bytes | None:
-    import hashlib
-
     if algorithm not in {"sha384", "sha512", "sha3_256", "blake2b"}:
         return None
     try:
