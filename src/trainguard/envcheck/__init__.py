@@ -11,8 +11,9 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from trainguard._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from trainguard.envcheck._api import snapshot_environment, verify_environment
@@ -48,8 +49,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'trainguard.envcheck' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"trainguard.envcheck.{module}"), name)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())

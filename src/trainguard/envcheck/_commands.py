@@ -17,7 +17,7 @@ from typing import Any
 from trainguard._cli_common import load_signing_key, trusted_keys
 from trainguard.envcheck._baseline import read_baseline, write_baseline
 from trainguard.envcheck._findings import EnvFinding
-from trainguard.envcheck._verify import EnvReport
+from trainguard.envcheck._verify import EnvReport, Progress
 from trainguard.errors import ExitCode, UsageError, VerificationFailed
 from trainguard.ledger._record import record
 
@@ -28,7 +28,7 @@ EVENT_VERIFY = "env.verify"
 _MAX_EVENT_FINDINGS = 200
 
 
-def _progress(args: argparse.Namespace) -> Any:
+def _progress(args: argparse.Namespace) -> Progress | None:
     if not sys.stderr.isatty() and not args.verbose:
         return None
 

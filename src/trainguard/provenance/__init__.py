@@ -14,9 +14,9 @@ that leave the tree, symlink cycles, special files, unsafe names and empty model
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from trainguard._lazy import lazy_exports
 from trainguard.provenance._hashing import BUFFER_SIZE, FileDigests, hash_files
 from trainguard.provenance._keys import ALGORITHMS, PrivateKey, PublicKey
 from trainguard.provenance._manifest import (
@@ -104,13 +104,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}._oms"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(_LAZY, "_oms"), globals())
