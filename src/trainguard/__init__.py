@@ -9,6 +9,7 @@ what it needs only when it is used. The load gate is reachable from here:
     trainguard.save(model.state_dict(), "ckpt/model.pt", key=key)          # hashed while written, signed
     with trainguard.load_gate(trust_policy="trust.toml"):                  # torch.load & co. go through it
         ...
+    guard = trainguard.watch(model, optimizer)  # every step checked on every rank; IntegrityError on failure
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "install_load_gate", "load", "load_gate", "save"]
+__all__ = ["IntegrityError", "__version__", "install_load_gate", "load", "load_gate", "save", "watch"]
 
 _GATE = {"install_load_gate", "load", "load_gate", "save"}
 
@@ -28,4 +29,12 @@ def __getattr__(name: str) -> Any:
         from trainguard import gate
 
         return getattr(gate, name)
+    if name == "watch":
+        from trainguard.monitor import watch
+
+        return watch
+    if name == "IntegrityError":
+        from trainguard.errors import IntegrityError
+
+        return IntegrityError
     raise AttributeError(f"module 'trainguard' has no attribute {name!r}")

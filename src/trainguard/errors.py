@@ -6,6 +6,7 @@ TrainguardError                  root; diagnostics() says what to do next
 │   └── KeyFileError             a key file that is missing, malformed or readable by others
 ├── MissingExtraError            an optional dependency is not installed (exit 2)
 ├── VerificationFailed           evidence does not verify: tampering or a wrong key (exit 1)
+├── IntegrityError               a training job failed an in-job integrity check (exit 1)
 ├── StoreError                   the ledger store cannot be opened or written (exit 3)
 └── UndecidableError             the input could not be fully analysed (exit 3, fail closed)
     ├── LimitExceeded            a size, depth, count or ratio limit was reached
@@ -80,6 +81,24 @@ class VerificationFailed(TrainguardError):
     def __init__(self, message: str, *, index: int | None = None, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.index = index
+
+
+class IntegrityError(TrainguardError):
+    """A training job failed an integrity check: every rank raises it at the same step.
+
+    `check` names the check (e.g. "fingerprint"), `ranks` the ranks at fault (empty when no rank could
+    be singled out), `step` the optimizer step the check ran after.
+    """
+
+    exit_code = ExitCode.FINDINGS
+
+    def __init__(
+        self, message: str, *, check: str, ranks: tuple[int, ...], step: int, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.check = check
+        self.ranks = ranks
+        self.step = step
 
 
 class StoreError(TrainguardError):

@@ -1,0 +1,91 @@
+"""The guard's settings: which checks run, what each failure does, and the few numbers that tune them."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from trainguard.errors import UsageError
+from trainguard.monitor._checks import DEFAULT_ACTIONS, Action, Check
+
+if TYPE_CHECKING:
+    from trainguard.errors import IntegrityError
+
+__all__ = ["GuardConfig"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GuardConfig:
+    """Every check is on by default, at every world size: an attack that waits for a large job meets
+    the same checks as a small one."""
+
+    checks: frozenset[Check] = frozenset(Check)
+    actions: Mapping[Check, Action] = dataclasses.field(default_factory=lambda: dict(DEFAULT_ACTIONS))
+    # Ranks holding the same shard (hybrid sharding); None means every rank is a replica (DDP).
+    replica_groups: Sequence[Sequence[int]] | None = None
+    # Optimizer state is fingerprinted every this many steps; parameters every step.
+    state_every: int = 1
+    sample_tensors: int = 4
+    sample_elements: int = 16
+    # Off-CPU time above a rank's own median that counts as a stall, in milliseconds.
+    stall_floor_ms: float = 50.0
+    # A loss or gradient norm this many times its recent median is a spike.
+    spike_ratio: float = 10.0
+    # Per-step summaries go to the ledger in batches of this many steps.
+    summary_every: int = 100
+    collective_timeout: datetime.timedelta = datetime.timedelta(minutes=5)
+    ledger: bool = True
+    run_config: Mapping[str, object] | None = None
+    rollback: Callable[[IntegrityError], None] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("state_every", "sample_tensors", "sample_elements", "summary_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"watch(): {name} must be at least 1, not {getattr(self, name)}")
+        if self.stall_floor_ms <= 0 or self.spike_ratio <= 1:
+            raise UsageError("watch(): stall_floor_ms must be positive and spike_ratio above 1")
+        uses_rollback = any(self.actions.get(check) is Action.ROLLBACK for check in self.checks)
+        if uses_rollback and self.rollback is None:
+            raise UsageError(
+                "watch(): an action is 'rollback' but no rollback function was given",
+                hint="pass rollback=fn, where fn(error) restores the last verified checkpoint on every rank",
+            )
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        checks: Iterable[str] | None = None,
+        skip: Iterable[str] = (),
+        actions: Mapping[str, str] | None = None,
+        **settings: object,
+    ) -> GuardConfig:
+        """A config from plain names, as `watch()` takes them: checks=["fingerprint", ...], skip=[...],
+        actions={"step_time": "alert"}."""
+        chosen = frozenset(Check) if checks is None else frozenset(_check(name) for name in checks)
+        chosen -= {_check(name) for name in skip}
+        merged = dict(DEFAULT_ACTIONS)
+        for name, action in (actions or {}).items():
+            merged[_check(name)] = _action(name, action)
+        return cls(checks=chosen, actions=merged, **settings)  # type: ignore[arg-type]
+
+    def enabled(self, check: Check) -> bool:
+        return check in self.checks
+
+
+def _action(check: str, name: str) -> Action:
+    try:
+        return Action(name)
+    except ValueError:
+        choices = ", ".join(a.value for a in Action)
+        raise UsageError(f"watch(): unknown action {name!r} for {check}; choose one of {choices}") from None
+
+
+def _check(name: str) -> Check:
+    try:
+        return Check(name)
+    except ValueError:
+        choices = ", ".join(c.value for c in Check)
+        raise UsageError(f"watch(): unknown check {name!r}; the checks are {choices}") from None

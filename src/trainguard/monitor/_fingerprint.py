@@ -1,0 +1,84 @@
+"""Exact fingerprints of tensors, with secret per-run weights, for comparing replicas bit for bit.
+
+A tensor's bytes are read as 64-bit integers (two float32, four bf16...) and laid out in rows of `width`
+words; the column sums are taken with wrapping integer addition, which is exact and does not depend on
+the order of the reduction, so every replica computes the same value on any hardware or thread count.
+Each column sum is then multiplied by a secret weight. A change to any bit of any word changes the
+result; moving words changes it unless they move by a multiple of `width` within one tensor, and
+`width` is a secret prime no shorter than a row of any common layer, so swapped rows, permuted channels
+and swapped tensors all show. Integer sums vectorise: 11M float32 cost about 2 ms on one CPU core,
+where a float64 or an int32-to-int64 sum costs 35 ms or more.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["Fingerprinter"]
+
+# Primes for the row width, in 64-bit words; one is drawn per run.
+_WIDTHS = (4093, 4099, 4111, 4127, 4129, 4133, 4139, 4153, 4157, 4159, 4177, 4201, 4211, 4217, 4219)
+
+
+class Fingerprinter:
+    """Fingerprints tensors with weights drawn once per run; every replica must share `seed`."""
+
+    def __init__(self, seed: int, device: torch.device | None = None) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        pick = int(torch.randint(len(_WIDTHS), (1,), generator=generator))
+        self.width = _WIDTHS[pick]
+        limit = 2**62
+        weights = torch.randint(-limit, limit, (self.width,), dtype=torch.int64, generator=generator)
+        # Odd weights: an odd multiplier is invertible mod 2**64, so no bit of a column sum is lost.
+        self._weights = weights | 1
+        self._on: dict[torch.device, torch.Tensor] = {}
+        if device is not None:
+            self._weights_on(device)
+
+    @staticmethod
+    def new_seed() -> int:
+        """A secret seed; rank 0 draws it and shares it with the others over the monitor's group."""
+        return secrets.randbits(62)
+
+    def _weights_on(self, device: torch.device) -> torch.Tensor:
+        weights = self._on.get(device)
+        if weights is None:
+            weights = self._weights.to(device)
+            self._on[device] = weights
+        return weights
+
+    def of(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One int64 fingerprint per tensor, on the tensors' device (no host sync)."""
+        if not tensors:
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.stack([self.one(tensor) for tensor in tensors])
+
+    def one(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The fingerprint of one tensor, as a 0-d int64 tensor on its device."""
+        words = _words(tensor.detach())
+        weights = self._weights_on(words.device)
+        rows, tail = divmod(words.numel(), self.width)
+        total = torch.zeros((), dtype=torch.int64, device=words.device)
+        if rows:
+            columns = words[: rows * self.width].view(rows, self.width).sum(dim=0)
+            total = total + (columns * weights).sum()
+        if tail:
+            total = total + (words[rows * self.width :] * weights[:tail]).sum()
+        # The length goes in too, so that a tensor of zeros is not the same as an empty one.
+        return total + tensor.numel()
+
+
+def _words(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as int64 words; a ragged or misaligned tensor is copied, zero-padded."""
+    raw = tensor.reshape(-1).contiguous()
+    if raw.dtype == torch.bool:
+        raw = raw.view(torch.uint8)
+    raw = raw.view(torch.uint8)
+    if raw.numel() % 8 == 0 and raw.storage_offset() % 8 == 0:
+        return raw.view(torch.int64)
+    padded = torch.zeros(-(-raw.numel() // 8) * 8, dtype=torch.uint8, device=raw.device)
+    padded[: raw.numel()] = raw
+    return padded.view(torch.int64)

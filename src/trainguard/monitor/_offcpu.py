@@ -1,0 +1,72 @@
+"""Per-thread off-CPU time from the scheduler, and the change-point rule that flags a slow step.
+
+Wall-clock step times on a shared machine are too noisy to catch a 200 ms sleep without false alarms:
+a busy neighbour makes every rank slower together. The kernel's per-thread accounting in
+`/proc/thread-self/schedstat` says how long the thread ran and how long it waited for a CPU; the rest
+of the wall time it was asleep by its own doing (a sleep, a lock, I/O, a collective). Measured over
+stretches of the step that contain no collective, that time belongs to this rank alone.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import time
+from pathlib import Path
+
+__all__ = ["ChangePoint", "OffCpuClock"]
+
+_SCHEDSTAT = Path("/proc/thread-self/schedstat")
+
+
+class OffCpuClock:
+    """Off-CPU nanoseconds of the calling thread between marks; `available` is False off Linux."""
+
+    def __init__(self) -> None:
+        self.available = _SCHEDSTAT.exists()
+        self._last = self._now()
+
+    def _now(self) -> int:
+        wall = time.monotonic_ns()
+        if not self.available:
+            return 0
+        run, wait, _ = _SCHEDSTAT.read_bytes().split()
+        return wall - int(run) - int(wait)
+
+    def mark(self) -> int:
+        """Off-CPU nanoseconds since the previous mark (the thread's own sleeping and blocking)."""
+        now = self._now()
+        elapsed, self._last = now - self._last, now
+        return max(0, elapsed)
+
+    def reset(self) -> None:
+        self._last = self._now()
+
+
+class ChangePoint:
+    """Flags a value far above its recent median: more than `floor` and `spread` MADs over it.
+
+    The first `warmup` values only teach the baseline (compilation, allocator and cache warm-up).
+    A flagged value does not enter the history, so a run of attacks cannot raise the baseline.
+    """
+
+    def __init__(self, *, floor: float, spread: float = 8.0, warmup: int = 5, history: int = 32) -> None:
+        self.floor = floor
+        self.spread = spread
+        self.warmup = warmup
+        self._values: collections.deque[float] = collections.deque(maxlen=history)
+
+    def observe(self, value: float) -> bool:
+        if len(self._values) < self.warmup:
+            self._values.append(value)
+            return False
+        median = statistics.median(self._values)
+        deviation = statistics.median(abs(v - median) for v in self._values)
+        flagged = value > median + max(self.floor, self.spread * deviation)
+        if not flagged:
+            self._values.append(value)
+        return flagged
+
+    def baseline(self) -> float | None:
+        return statistics.median(self._values) if self._values else None

@@ -1,0 +1,272 @@
+"""Sampled re-computation of the optimizer's update on secretly chosen elements.
+
+Before `optimizer.step()` the check copies a few elements of a few parameters (chosen by a generator
+seeded from a secret, so nobody can know which ones) with their gradients and optimizer state; after
+it, it recomputes the update of those elements in float64 from the textbook rule and compares. A
+patched optimizer that flips the update's direction, rescales it or adds noise fails on the first step
+it does so, even when every rank runs the same patch and the replicas stay equal.
+
+The rules are torch's own for SGD (momentum, dampening, Nesterov, weight decay, maximize), Adam and
+AdamW (coupled and decoupled weight decay, AMSGrad, maximize), in their single-tensor, foreach and
+fused forms, which round differently by a few units in the last place; the tolerance is eight of those
+plus 0.1% of the expected update. Any other optimizer, and capturable, differentiable, complex or
+sparse cases, are reported once as not covered rather than passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["Mismatch", "UpdateCheck", "coverage"]
+
+_SGD_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
+_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+_UNSUPPORTED_FLAGS = ("capturable", "differentiable")
+# Units in the last place of the parameter's dtype, and the share of the update, that rounding may cost.
+_ULPS = 8.0
+_RELATIVE = 1e-3
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Mismatch:
+    """One sampled element whose update is not the one its optimizer's rule gives."""
+
+    parameter: str
+    index: int
+    field: str
+    before: float
+    expected: float
+    actual: float
+
+    def describe(self) -> str:
+        change = self.actual - self.before
+        expected_change = self.expected - self.before
+        direction = ""
+        if expected_change and change and (change > 0) != (expected_change > 0):
+            direction = " (direction flipped)"
+        return (
+            f"{self.field} of {self.parameter}[{self.index}] moved by {change:+.3e}, "
+            f"expected {expected_change:+.3e}{direction}"
+        )
+
+
+def coverage(optimizer: torch.optim.Optimizer) -> str | None:
+    """None when the check covers this optimizer, else why not (for a one-time notice)."""
+    kind = _kind(optimizer)
+    if kind is None:
+        name = type(optimizer).__name__
+        return f"{name} is not covered by the update re-computation (SGD, Adam and AdamW are)"
+    for group in optimizer.param_groups:
+        for flag in _UNSUPPORTED_FLAGS:
+            if group.get(flag):
+                return (
+                    f"{type(optimizer).__name__} with {flag}=True is not covered by the update re-computation"
+                )
+    return None
+
+
+@dataclasses.dataclass(slots=True)
+class _Sample:
+    name: str
+    param: torch.Tensor
+    group: Mapping[str, Any]
+    index: torch.Tensor
+    values: dict[str, torch.Tensor]
+    step: float
+
+
+class UpdateCheck:
+    """Record a sample before a step with `before()`, then `after()` lists the elements that disagree."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        names: Mapping[int, str],
+        *,
+        seed: int,
+        tensors_per_step: int = 4,
+        elements_per_tensor: int = 16,
+    ) -> None:
+        self._optimizer = optimizer
+        self._kind = _kind(optimizer)
+        self._names = names
+        self._generator = torch.Generator().manual_seed(seed)
+        self._tensors = tensors_per_step
+        self._elements = elements_per_tensor
+        self._samples: list[_Sample] = []
+
+    @property
+    def covered(self) -> bool:
+        return self._kind is not None and coverage(self._optimizer) is None
+
+    def before(self) -> None:
+        """Copy the chosen elements of parameters, gradients and state; call in a step pre-hook."""
+        self._samples = []
+        if not self.covered:
+            return
+        candidates = [
+            (group, param)
+            for group in self._optimizer.param_groups
+            for param in group["params"]
+            if param.grad is not None and not param.grad.is_sparse and not param.is_complex()
+        ]
+        if not candidates:
+            return
+        for group, param in self._choose(candidates):
+            count = min(self._elements, param.numel())
+            index = torch.randint(param.numel(), (count,), generator=self._generator).to(param.device)
+            state = self._optimizer.state.get(param, {})
+            values = {"param": _take(param, index), "grad": _take(_grad(param), index)}
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+                value = state.get(key)
+                if isinstance(value, torch.Tensor):
+                    values[key] = _take(value, index)
+            step = state.get("step", 0.0)
+            self._samples.append(
+                _Sample(
+                    name=self._names.get(id(param), f"parameter #{id(param):x}"),
+                    param=param,
+                    group={k: _scalar(group[k]) for k in group if k != "params"},
+                    index=index,
+                    values=values,
+                    step=float(step),
+                )
+            )
+
+    def after(self) -> list[Mismatch]:
+        """Recompute the sampled updates and return those that disagree; call in a step post-hook."""
+        mismatches: list[Mismatch] = []
+        for sample in self._samples:
+            state = self._optimizer.state.get(sample.param, {})
+            actual = {"param": _take(sample.param, sample.index)}
+            for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                value = state.get(key)
+                if isinstance(value, torch.Tensor):
+                    actual[key] = _take(value, sample.index)
+            expected = self._expected(sample)
+            mismatches.extend(_compare(sample, expected, actual))
+        self._samples = []
+        return mismatches
+
+    def _choose(
+        self, candidates: Sequence[tuple[Mapping[str, Any], torch.Tensor]]
+    ) -> Iterator[tuple[Any, Any]]:
+        # Half the picks by size, so most elements are covered; half uniform, so small tensors are too.
+        count = min(self._tensors, len(candidates))
+        sizes = torch.tensor([float(param.numel()) for _, param in candidates])
+        by_size = torch.multinomial(sizes, max(1, count // 2), generator=self._generator).tolist()
+        uniform = torch.randint(len(candidates), (count - len(by_size),), generator=self._generator).tolist()
+        for position in dict.fromkeys(by_size + uniform):
+            yield candidates[position]
+
+    def _expected(self, sample: _Sample) -> dict[str, torch.Tensor]:
+        if self._kind == "sgd":
+            return _sgd(sample)
+        return _adam(sample, decoupled=self._kind == "adamw")
+
+
+def _kind(optimizer: torch.optim.Optimizer) -> str | None:
+    # Exact classes only: a subclass may override step() with a rule of its own.
+    if type(optimizer) is torch.optim.SGD:
+        return "sgd"
+    if type(optimizer) is torch.optim.AdamW:
+        return "adamw"
+    if type(optimizer) is torch.optim.Adam:
+        return "adamw" if optimizer.defaults.get("decoupled_weight_decay") else "adam"
+    return None
+
+
+def _grad(param: torch.Tensor) -> torch.Tensor:
+    grad = param.grad
+    if grad is None:
+        raise AssertionError("a sampled parameter lost its gradient")
+    return grad
+
+
+def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().reshape(-1).index_select(0, index).to(device="cpu", dtype=torch.float64)
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, tuple):
+        return tuple(_scalar(item) for item in value)
+    return value
+
+
+def _sgd(sample: _Sample) -> dict[str, torch.Tensor]:
+    group = sample.group
+    param = sample.values["param"]
+    grad = -sample.values["grad"] if group["maximize"] else sample.values["grad"]
+    if group["weight_decay"]:
+        grad = grad + group["weight_decay"] * param
+    expected: dict[str, torch.Tensor] = {}
+    momentum = group["momentum"]
+    if momentum:
+        previous = sample.values.get("momentum_buffer")
+        buffer = grad.clone() if previous is None else momentum * previous + (1 - group["dampening"]) * grad
+        expected["momentum_buffer"] = buffer
+        grad = grad + momentum * buffer if group["nesterov"] else buffer
+    expected["param"] = param - group["lr"] * grad
+    return expected
+
+
+def _adam(sample: _Sample, *, decoupled: bool) -> dict[str, torch.Tensor]:
+    group = sample.group
+    lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    param = sample.values["param"]
+    grad = -sample.values["grad"] if group["maximize"] else sample.values["grad"]
+    zeros = torch.zeros_like(param)
+    exp_avg = sample.values.get("exp_avg", zeros)
+    exp_avg_sq = sample.values.get("exp_avg_sq", zeros)
+    step = sample.step + 1
+    if decay:
+        if decoupled:
+            param = param * (1 - lr * decay)
+        else:
+            grad = grad + decay * param
+    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    second = exp_avg_sq
+    if group["amsgrad"]:
+        second = torch.maximum(sample.values.get("max_exp_avg_sq", zeros), exp_avg_sq)
+    bias1 = 1 - beta1**step
+    bias2 = 1 - beta2**step
+    denom = second.sqrt() / math.sqrt(bias2) + eps
+    new_param = param - (lr / bias1) * exp_avg / denom
+    return {"param": new_param, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def _compare(
+    sample: _Sample, expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor]
+) -> list[Mismatch]:
+    ulp = torch.finfo(sample.param.dtype).eps
+    mismatches: list[Mismatch] = []
+    for field, want in expected.items():
+        got = actual.get(field)
+        if got is None:
+            continue
+        before = sample.values.get(field, torch.zeros_like(want))
+        scale = torch.maximum(torch.maximum(want.abs(), got.abs()), before.abs())
+        tolerance = _ULPS * ulp * scale + _RELATIVE * (want - before).abs()
+        # A NaN or Inf gradient makes the rule's own result non-finite: the nonfinite check reports it.
+        bad = ((got - want).abs() > tolerance) & torch.isfinite(want)
+        bad |= ~torch.isfinite(got) & torch.isfinite(want)
+        mismatches.extend(
+            Mismatch(
+                parameter=sample.name,
+                index=int(sample.index[position]),
+                field="update" if field == "param" else field,
+                before=float(before[position]),
+                expected=float(want[position]),
+                actual=float(got[position]),
+            )
+            for position in bad.nonzero().flatten().tolist()[:3]
+        )
+    return mismatches

@@ -1,0 +1,255 @@
+"""Per-rank step reports as fixed-size integer vectors, and the verdict every rank draws from them.
+
+Each rank packs what it saw in a step into one vector of int64 (no pickle crosses the wire); one
+all-gather gives every rank every vector, and `decide` is a pure function of them, so every rank
+reaches the same verdict at the same step and stops together. Standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+from collections import Counter
+from collections.abc import Sequence
+
+from trainguard.monitor._checks import DEFAULT_ACTIONS, Action, Check
+
+__all__ = ["Failure", "RankReport", "decide", "report_length"]
+
+_HEADER = 8
+_DETAIL_WORDS = 96
+_PER_CHECK_BYTES = 240
+_DETAIL_BYTES = _DETAIL_WORDS * 8
+_NO_VALUE = struct.unpack("<q", struct.pack("<d", math.nan))[0]
+
+_DESCRIBE = {
+    Check.FINGERPRINT: "parameters or optimizer state differ from the other replicas",
+    Check.GRADIENT: "the reduced gradient differs from the other replicas",
+    Check.UPDATE: "the optimizer's update is not what its rule gives",
+    Check.CODE: "critical code or hooks were changed",
+    Check.OUTSIDE: "parameters were changed outside a checked optimizer step",
+    Check.NONFINITE: "NaN or Inf in the loss or gradient",
+    Check.STEP_TIME: "unexplained off-CPU time in the forward pass or optimizer step",
+    Check.DATA_WAIT: "unexplained off-CPU time between steps (data loading, I/O, a sleep)",
+    Check.SPIKE: "loss or gradient norm far above its recent median",
+    Check.IDENTITY: "seeds, config or environment differ from the other ranks",
+    Check.LOST: "a rank left the monitor's all-gather",
+}
+# When replicas disagree without a majority, a rank that failed one of these is the likely culprit.
+_LOCAL_EVIDENCE = (Check.UPDATE, Check.CODE, Check.OUTSIDE, Check.NONFINITE, Check.STEP_TIME)
+_TIMING = (Check.STEP_TIME, Check.DATA_WAIT)
+
+
+def report_length(fingerprints: int) -> int:
+    return _HEADER + _DETAIL_WORDS + fingerprints
+
+
+@dataclasses.dataclass(slots=True)
+class RankReport:
+    """What one rank saw in one step."""
+
+    step: int
+    flags: int = 0
+    grad_norm: float = math.nan
+    loss: float = math.nan
+    data_us: int = 0
+    forward_us: int = 0
+    optimizer_us: int = 0
+    details: dict[Check, str] = dataclasses.field(default_factory=dict)
+    fingerprints: Sequence[int] = ()
+
+    def fail(self, check: Check, detail: str) -> None:
+        self.details.setdefault(check, detail)
+        self.flags |= check.bit
+
+    def failed(self, check: Check) -> bool:
+        return bool(self.flags & check.bit)
+
+    def pack(self) -> list[int]:
+        # Each failed check's detail, cut to a fixed share: "check<US>text<RS>...".
+        entries = [
+            check.value.encode() + b"\x1f" + text.encode("utf-8", "replace")[:_PER_CHECK_BYTES]
+            for check, text in self.details.items()
+        ]
+        raw = b"\x1e".join(entries)[:_DETAIL_BYTES].ljust(_DETAIL_BYTES, b"\0")
+        header = [
+            self.step,
+            self.flags,
+            _float_bits(self.grad_norm),
+            _float_bits(self.loss),
+            self.data_us,
+            self.forward_us,
+            self.optimizer_us,
+            len(self.fingerprints),
+        ]
+        return header + list(struct.unpack(f"<{_DETAIL_WORDS}q", raw)) + list(self.fingerprints)
+
+    @classmethod
+    def unpack(cls, words: Sequence[int]) -> RankReport:
+        step, flags, grad, loss, data_us, forward_us, optimizer_us, count = words[:_HEADER]
+        raw = struct.pack(f"<{_DETAIL_WORDS}q", *words[_HEADER : _HEADER + _DETAIL_WORDS])
+        start = _HEADER + _DETAIL_WORDS
+        return cls(
+            step=step,
+            flags=flags,
+            grad_norm=_bits_float(grad),
+            loss=_bits_float(loss),
+            data_us=data_us,
+            forward_us=forward_us,
+            optimizer_us=optimizer_us,
+            details=_details(raw.rstrip(b"\0")),
+            fingerprints=tuple(words[start : start + count]),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failure:
+    """A check that failed at a step, the ranks at fault (empty when none can be singled out)."""
+
+    check: Check
+    ranks: tuple[int, ...]
+    step: int
+    message: str
+    action: Action
+
+
+def decide(
+    reports: Sequence[RankReport],
+    *,
+    replica_groups: Sequence[Sequence[int]],
+    slot_names: Sequence[str],
+    actions: dict[Check, Action] | None = None,
+) -> list[Failure]:
+    """Every failure in one step's reports, most specific first; the same on every rank."""
+    actions = {**DEFAULT_ACTIONS, **(actions or {})}
+    step = max(report.step for report in reports)
+    failures: list[Failure] = []
+    for check in Check:
+        if check in (Check.FINGERPRINT, Check.GRADIENT, Check.IDENTITY):
+            continue
+        ranks = tuple(rank for rank, report in enumerate(reports) if report.failed(check))
+        if not ranks:
+            continue
+        action = actions[check]
+        if check is Check.NONFINITE:
+            # NaN spreads to every rank through the gradient all-reduce; a rank whose own loss was not
+            # finite is where it came from.
+            origin = tuple(r for r in ranks if not math.isfinite(reports[r].loss))
+            ranks = origin or ranks
+        detail = reports[ranks[0]].details.get(check, "")
+        message = f"{_DESCRIBE[check]} on {_ranks_phrase(ranks)} at step {step}: {detail}"
+        if check in _TIMING and len(ranks) == len(reports) > 1:
+            # Every rank slowed together: the machine or the network, not one rank's doing.
+            action = Action.ALERT
+            message = f"every rank slowed down together at step {step}: {detail}"
+        failures.append(Failure(check, ranks, step, message, action))
+    evidence = {rank for rank, report in enumerate(reports) if any(report.failed(c) for c in _LOCAL_EVIDENCE)}
+    for group in replica_groups:
+        failures.extend(_compare_replicas(reports, group, slot_names, step, evidence, actions))
+    order = {check: position for position, check in enumerate(Check)}
+    return sorted(failures, key=lambda failure: order[failure.check])
+
+
+def _compare_replicas(
+    reports: Sequence[RankReport],
+    group: Sequence[int],
+    slot_names: Sequence[str],
+    step: int,
+    evidence: set[int],
+    actions: dict[Check, Action],
+) -> list[Failure]:
+    if len(group) < 2:
+        return []
+    failures = []
+    fingerprint_odd: dict[int, list[str]] = {}
+    tied: list[str] = []
+    for slot, name in enumerate(slot_names):
+        values = [_slot(reports[rank], slot) for rank in group]
+        odd = _odd_ones(values)
+        if odd is None:
+            tied.append(name)
+            continue
+        for position in odd:
+            fingerprint_odd.setdefault(group[position], []).append(name)
+    if fingerprint_odd or tied:
+        total = len(slot_names)
+        failures.append(_fingerprint_failure(group, fingerprint_odd, tied, total, step, evidence, actions))
+    norms = [_float_bits(reports[rank].grad_norm) for rank in group]
+    odd = _odd_ones(norms)
+    if odd is None or odd:
+        ranks = tuple(group[p] for p in odd) if odd else tuple(sorted(evidence & set(group)))
+        message = f"{_DESCRIBE[Check.GRADIENT]} on {_ranks_phrase(ranks)} at step {step}"
+        if odd is None and not ranks:
+            everyone = _ranks_phrase(tuple(group))
+            message = f"the reduced gradient differs between {everyone} at step {step}, no majority"
+        failures.append(Failure(Check.GRADIENT, ranks, step, message, actions[Check.GRADIENT]))
+    return failures
+
+
+def _fingerprint_failure(
+    group: Sequence[int],
+    odd: dict[int, list[str]],
+    tied: list[str],
+    total: int,
+    step: int,
+    evidence: set[int],
+    actions: dict[Check, Action],
+) -> Failure:
+    if odd:
+        ranks = tuple(sorted(odd))
+        names = odd[ranks[0]]
+        what = f"{len(names)} of {total} tensors, first {names[0]}"
+        message = f"{_DESCRIBE[Check.FINGERPRINT]} on {_ranks_phrase(ranks)} at step {step} ({what})"
+        return Failure(Check.FINGERPRINT, ranks, step, message, actions[Check.FINGERPRINT])
+    suspects = tuple(sorted(evidence & set(group)))
+    everyone = _ranks_phrase(tuple(group))
+    message = f"replicas {everyone} disagree at step {step} ({len(tied)} tensors, first {tied[0]})"
+    if suspects:
+        message += f", and {_ranks_phrase(suspects)} also failed a local check"
+    else:
+        message += "; no majority names one rank"
+    return Failure(Check.FINGERPRINT, suspects, step, message, actions[Check.FINGERPRINT])
+
+
+def _odd_ones(values: Sequence[int]) -> list[int] | None:
+    """Positions that differ from the strict majority; None when there is no strict majority."""
+    counts = Counter(values)
+    value, count = counts.most_common(1)[0]
+    if count == len(values):
+        return []
+    if count * 2 <= len(values):
+        return None
+    return [position for position, v in enumerate(values) if v != value]
+
+
+def _details(raw: bytes) -> dict[Check, str]:
+    details: dict[Check, str] = {}
+    for entry in raw.split(b"\x1e"):
+        name, _, text = entry.partition(b"\x1f")
+        try:
+            check = Check(name.decode("ascii", "replace"))
+        except ValueError:
+            continue
+        details[check] = text.decode("utf-8", "replace")
+    return details
+
+
+def _slot(report: RankReport, slot: int) -> int:
+    return report.fingerprints[slot] if slot < len(report.fingerprints) else _NO_VALUE
+
+
+def _ranks_phrase(ranks: tuple[int, ...]) -> str:
+    if not ranks:
+        return "no single rank"
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    return "ranks " + ", ".join(str(rank) for rank in ranks)
+
+
+def _float_bits(value: float) -> int:
+    return int(struct.unpack("<q", struct.pack("<d", value))[0])
+
+
+def _bits_float(bits: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", bits))[0])

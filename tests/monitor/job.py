@@ -1,0 +1,147 @@
+"""A small data-parallel training job with the guard on, and the incident's attacks as options.
+
+Run by the tests as N real processes (gloo on loopback), like torchrun would; each rank writes what
+happened to it (finished, or the IntegrityError it raised) as JSON. The attacks are the real thing,
+made harmless: they only disturb this job's own tensors and timing.
+
+    python job.py --out DIR --steps 40 [--attack flip --attack-ranks 1 --attack-step 10] [--skip code]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import trainguard
+
+ATTACKS = ("none", "flip", "noise", "hook", "monkeypatch_step", "sleep", "nan", "gated_flip")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default="adamw")
+    parser.add_argument("--attack", choices=ATTACKS, default="none")
+    parser.add_argument("--attack-ranks", default="")
+    parser.add_argument("--attack-step", type=int, default=10)
+    parser.add_argument("--gate", type=int, default=2, help="gated attacks fire at this world size or more")
+    parser.add_argument("--skip", action="append", default=[])
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    torch.manual_seed(0)
+    model: nn.Module = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    if args.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    elif args.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    guard = trainguard.watch(model, optimizer, skip=args.skip)
+    attacked = args.attack != "none" and (
+        not args.attack_ranks or rank in {int(r) for r in args.attack_ranks.split(",")}
+    )
+    data = torch.Generator().manual_seed(100 + rank)
+    result: dict[str, object] = {"rank": rank, "finished": False, "error": None}
+    try:
+        for step in range(1, args.steps + 1):
+            if attacked and step == args.attack_step:
+                arm(args.attack, model, optimizer, gate=args.gate)
+            x = torch.randn(16, 32, generator=data)
+            y = torch.randint(0, 8, (16,), generator=data)
+            if attacked and args.attack == "nan" and step == args.attack_step:
+                x[0, 0] = float("nan")
+            loss = nn.functional.cross_entropy(model(x), y)
+            guard.observe_loss(loss)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            result["steps"] = step
+        result["finished"] = True
+        guard.close()
+    except trainguard.IntegrityError as exc:
+        result["error"] = {
+            "check": exc.check,
+            "ranks": list(exc.ranks),
+            "step": exc.step,
+            "message": str(exc),
+        }
+    result["notices"] = list(guard.notices)
+    (args.out / f"rank{rank}.json").write_text(json.dumps(result))
+    # Exit without tearing down gloo: a peer that already stopped would make the shutdown hang.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def arm(attack: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, gate: int) -> None:
+    """Plant one attack in this process, from this step on."""
+    if attack in ("flip", "noise", "sleep", "gated_flip"):
+        # The per-tensor update function torch runs on CPU for this optimizer (AdamW shares Adam's).
+        if isinstance(optimizer, torch.optim.SGD):
+            module, name = importlib.import_module("torch.optim.sgd"), "_single_tensor_sgd"
+        else:
+            module, name = importlib.import_module("torch.optim.adam"), "_single_tensor_adam"
+        original = getattr(module, name)
+
+        @functools.wraps(original)
+        def patched(params, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if attack == "gated_flip" and dist.get_world_size() < gate:
+                original(params, *args, **kwargs)
+                return
+            if attack == "sleep":
+                if random.random() < 0.5 or not getattr(patched, "slept", False):
+                    patched.slept = True  # type: ignore[attr-defined]
+                    time.sleep(0.2)
+                original(params, *args, **kwargs)
+                return
+            before = [p.detach().clone() for p in params]
+            original(params, *args, **kwargs)
+            with torch.no_grad():
+                for p, old in zip(params, before, strict=True):
+                    if attack == "noise":
+                        p.add_(torch.randn_like(p) * 1e-3)
+                    else:
+                        p.copy_(2 * old - p)
+
+        setattr(module, name, patched)
+    elif attack == "hook":
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+        def scale_output(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+            return output * 1.5
+
+        inner[0].register_forward_hook(scale_output)
+    elif attack == "monkeypatch_step":
+        # A step with no hooks at all: the guard's pre/post hooks never run again.
+        def step(self, closure=None):  # type: ignore[no-untyped-def]
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.add_(p.grad, alpha=group["lr"])
+
+        type(optimizer).step = step
+    elif attack != "nan":
+        raise ValueError(attack)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""The incident's run-time attacks against a real data-parallel job: each is caught at the step it
+acts, by the check meant for it, on every rank at once, with the rank at fault named.
+
+Each test plants the attack at step 10 of a job of 2 or 3 processes (torchrun, gloo). Where a test
+turns other checks off, it shows that one check catches the attack on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.monitor.conftest import run_job
+from trainguard.ledger._ledger import Ledger
+
+pytestmark = pytest.mark.torch
+
+
+def test_clean_run_of_200_steps_raises_no_alarm(tmp_path: Path) -> None:
+    result = run_job(tmp_path, 2, "--steps", "200")
+    assert [rank["finished"] for rank in result.ranks] == [True, True], result.output
+    assert [rank["steps"] for rank in result.ranks] == [200, 200]
+    assert "trainguard:" not in result.output
+    with Ledger.open(result.home / "ledger.db") as ledger:
+        types = [event.type for _, event in ledger.entries()]
+    assert types[0] == "monitor.start" and types[-1] == "monitor.end"
+    assert types.count("monitor.steps") == 2  # 200 steps in batches of 100
+    assert "monitor.alert" not in types
+
+
+def test_update_flipped_on_one_rank_is_caught_that_step_and_the_rank_named(tmp_path: Path) -> None:
+    error = run_job(tmp_path, 2, "--attack", "flip", "--attack-ranks", "1").error()
+    assert error["step"] == 10
+    assert error["ranks"] == [1]
+    assert "rank 1" in error["message"]
+
+
+def test_flip_on_one_of_three_replicas_is_named_by_the_fingerprints_alone(tmp_path: Path) -> None:
+    result = run_job(
+        tmp_path, 3, "--attack", "flip", "--attack-ranks", "1", "--skip", "code", "--skip", "update"
+    )
+    error = result.error()
+    assert (error["check"], error["ranks"], error["step"]) == ("fingerprint", [1], 10)
+
+
+def test_noise_on_one_rank_is_named_by_the_fingerprints_alone(tmp_path: Path) -> None:
+    result = run_job(
+        tmp_path, 3, "--attack", "noise", "--attack-ranks", "2", "--skip", "code", "--skip", "update"
+    )
+    error = result.error()
+    assert (error["check"], error["ranks"], error["step"]) == ("fingerprint", [2], 10)
+
+
+def test_same_flip_on_every_rank_is_caught_by_the_update_recomputation(tmp_path: Path) -> None:
+    # Replicas stay equal, so fingerprints see nothing: only the re-computed update can tell.
+    result = run_job(tmp_path, 2, "--attack", "flip", "--skip", "code")
+    error = result.error()
+    assert (error["check"], error["ranks"], error["step"]) == ("update", [0, 1], 10)
+    assert "direction flipped" in error["message"]
+
+
+def test_same_flip_on_every_rank_with_sgd(tmp_path: Path) -> None:
+    result = run_job(tmp_path, 2, "--optimizer", "sgd", "--attack", "flip", "--skip", "code")
+    error = result.error()
+    assert (error["check"], error["ranks"], error["step"]) == ("update", [0, 1], 10)
+
+
+def test_attack_gated_on_world_size_is_caught_at_the_gated_size(tmp_path: Path) -> None:
+    # The incident's attack fired only in jobs of more than 256 GPUs; here the gate is 2 processes.
+    error = run_job(tmp_path, 2, "--attack", "gated_flip", "--gate", "2").error()
+    assert (error["ranks"], error["step"]) == ([0, 1], 10)
+
+
+def test_patched_optimizer_function_is_caught_by_the_code_snapshot(tmp_path: Path) -> None:
+    result = run_job(tmp_path, 2, "--attack", "sleep", "--attack-ranks", "0", "--skip", "step_time")
+    error = result.error()
+    assert (error["check"], error["ranks"], error["step"]) == ("code", [0], 10)
+    assert "_single_tensor_adam was replaced" in error["message"]
+
+
+def test_injected_forward_hook_is_caught(tmp_path: Path) -> None:
+    error = run_job(tmp_path, 2, "--attack", "hook", "--attack-ranks", "1").error()
+    assert (error["check"], error["ranks"], error["step"]) == ("code", [1], 10)
+    assert "hook was added" in error["message"]
+
+
+def test_step_replaced_without_hooks_is_caught_on_every_rank(tmp_path: Path) -> None:
+    # The guard's optimizer hooks never run again: the next forward pass sees the weights moved.
+    result = run_job(tmp_path, 2, "--attack", "monkeypatch_step")
+    for rank, error in enumerate(result.errors):
+        assert (error["check"], error["ranks"], error["step"]) == ("outside", [rank], 10)
+        assert "AdamW.step was replaced" in error["message"]
+
+
+def test_step_replaced_on_one_rank_stops_the_others_naming_it(tmp_path: Path) -> None:
+    result = run_job(tmp_path, 2, "--attack", "monkeypatch_step", "--attack-ranks", "1")
+    for error in result.errors:
+        assert (error["check"], error["ranks"]) == ("outside", [1])
+
+
+def test_random_sleeps_on_one_rank_are_caught_at_the_first_and_the_rank_named(tmp_path: Path) -> None:
+    result = run_job(tmp_path, 2, "--attack", "sleep", "--attack-ranks", "1", "--skip", "code")
+    error = result.error()
+    assert (error["check"], error["ranks"], error["step"]) == ("step_time", [1], 10)
+    assert "off-CPU in the optimizer" in error["message"]
+
+
+def test_nan_from_one_rank_is_caught_and_its_origin_named(tmp_path: Path) -> None:
+    error = run_job(tmp_path, 2, "--attack", "nan", "--attack-ranks", "1").error()
+    assert (error["check"], error["ranks"], error["step"]) == ("nonfinite", [1], 10)
+    assert "loss is nan" in error["message"]
+
+
+def test_the_alert_that_stops_a_job_is_in_the_ledger(tmp_path: Path) -> None:
+    result = run_job(tmp_path, 2, "--attack", "flip", "--attack-ranks", "1")
+    with Ledger.open(result.home / "ledger.db") as ledger:
+        alerts = [event for _, event in ledger.entries() if event.type == "monitor.alert"]
+        assert ledger.verify().ok
+    assert alerts and alerts[0].payload["step"] == 10 and alerts[0].payload["action"] == "stop"
+    assert 1 in alerts[0].payload["ranks"]
+    assert all(event.rank == 0 for event in alerts)
