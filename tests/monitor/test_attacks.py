@@ -87,16 +87,16 @@ def test_injected_forward_hook_is_caught(tmp_path: Path) -> None:
 
 def test_step_replaced_without_hooks_is_caught_on_every_rank(tmp_path: Path) -> None:
     # The guard's optimizer hooks never run again: the next forward pass sees the weights moved.
-    result = run_job(tmp_path, 2, "--attack", "monkeypatch_step")
-    for rank, error in enumerate(result.errors):
-        assert (error["check"], error["ranks"], error["step"]) == ("outside", [rank], 10)
-        assert "AdamW.step was replaced" in error["message"]
+    error = run_job(tmp_path, 2, "--attack", "monkeypatch_step").error()
+    assert (error["check"], error["ranks"], error["step"]) == ("outside", [0, 1], 10)
+    assert "AdamW.step was replaced" in error["message"]
 
 
 def test_step_replaced_on_one_rank_stops_the_others_naming_it(tmp_path: Path) -> None:
-    result = run_job(tmp_path, 2, "--attack", "monkeypatch_step", "--attack-ranks", "1")
-    for error in result.errors:
-        assert (error["check"], error["ranks"]) == ("outside", [1])
+    # The other rank gathers the report the bypassed rank sends from its next forward pass.
+    error = run_job(tmp_path, 2, "--attack", "monkeypatch_step", "--attack-ranks", "1").error()
+    assert (error["ranks"], error["step"]) == ([1], 10)
+    assert "rank 1 changed without passing the guard's optimizer hooks" in error["message"]
 
 
 def test_random_sleeps_on_one_rank_are_caught_at_the_first_and_the_rank_named(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ class Check(enum.Enum):
     STEP_TIME = "step_time"  # off-CPU time in the forward pass or optimizer step jumped
     DATA_WAIT = "data_wait"  # off-CPU time between steps (data loading, I/O) jumped
     SPIKE = "spike"  # loss or gradient norm far above its recent median
-    IDENTITY = "identity"  # seeds, config or environment differ between ranks
+    IDENTITY = "identity"  # run config or environment differ between ranks
+    SEED = "seed"  # torch's initial seed differs between ranks
     LOST = "lost"  # a rank left the monitor's all-gather (died, was killed, or stopped on its own)
 
     @property
@@ -38,4 +39,6 @@ DEFAULT_ACTIONS: dict[Check, Action] = {
     # Legitimate causes exist (checkpoint writes, slow storage, a hard batch): say so, keep training.
     Check.DATA_WAIT: Action.ALERT,
     Check.SPIKE: Action.ALERT,
+    # Unseeded scripts differ here without harm (DDP copies rank 0's weights); seeded ones should not.
+    Check.SEED: Action.ALERT,
 }

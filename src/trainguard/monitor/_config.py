@@ -25,8 +25,8 @@ class GuardConfig:
     actions: Mapping[Check, Action] = dataclasses.field(default_factory=lambda: dict(DEFAULT_ACTIONS))
     # Ranks holding the same shard (hybrid sharding); None means every rank is a replica (DDP).
     replica_groups: Sequence[Sequence[int]] | None = None
-    # Optimizer state is fingerprinted every this many steps; parameters every step.
-    state_every: int = 1
+    # Parameters are fingerprinted every step; the optimizer state in turns, all of it every this many.
+    state_every: int = 4
     sample_tensors: int = 4
     sample_elements: int = 16
     # Off-CPU time above a rank's own median that counts as a stall, in milliseconds.

@@ -2,15 +2,19 @@
 
 A step, as the guard sees it:
 
-    forward pre-hook    (first forward after a step) parameters unchanged since the last check?
-                        off-CPU time since the last step (data loading)
+    forward pre-hook    parameters unchanged since the last check? (every pass: a bypassed step
+                        leaves no other trace); off-CPU time since the last step (data loading)
     forward hook        off-CPU time in the forward pass
-    step pre-hook       gradient norm, NaN/Inf; copy the secretly sampled elements
+    step pre-hook       the verdict on the previous step; gradient norm, NaN/Inf; copy the secretly
+                        sampled elements
     step post-hook      off-CPU time in the optimizer; re-compute the sampled update; code snapshot;
-                        fingerprints; one all-gather of every rank's report; the verdict; the ledger
+                        fingerprints; start an all-gather of every rank's report
 
-The verdict is a pure function of the gathered reports, so every rank stops at the same step. The
-stretches timed for stalls hold no collective: off-CPU time there is the rank's own.
+The verdict on step N is a pure function of the gathered reports, so every rank draws the same one.
+It is drawn when step N+1 reaches its optimizer, before that step changes anything: by then the ranks
+have met in the gradient all-reduce, so the gather has finished and no rank waits for another (a
+single process decides at once). `close()` draws the last step's verdict. The stretches timed for
+stalls hold no collective: off-CPU time there is the rank's own.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import os
 import sys
 import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -31,7 +35,7 @@ from trainguard.envcheck._inprocess import CodeSnapshot
 from trainguard.errors import IntegrityError
 from trainguard.monitor._checks import Action, Check
 from trainguard.monitor._config import GuardConfig
-from trainguard.monitor._distributed import Channel
+from trainguard.monitor._distributed import Channel, Gathering
 from trainguard.monitor._fingerprint import Fingerprinter
 from trainguard.monitor._offcpu import ChangePoint, OffCpuClock
 from trainguard.monitor._recompute import UpdateCheck, coverage
@@ -76,6 +80,7 @@ class Guard:
         self._grad_history = ChangePoint(floor=math.log(config.spike_ratio), warmup=10)
         self._loss_history = ChangePoint(floor=math.log(config.spike_ratio), warmup=10)
         self._report = RankReport(step=0)
+        self._pending: Gathering | None = None
         self._loss: torch.Tensor | None = None
         self._between_steps = True
         self._in_step = False
@@ -109,12 +114,19 @@ class Guard:
         return tuple(self._notices)
 
     def close(self) -> None:
-        """Remove the hooks and write the last summaries to the ledger."""
+        """Remove the hooks, draw the verdict on the last step (raising IntegrityError if it failed)
+        and write the last summaries to the ledger."""
         if self._closed:
             return
-        self._closed = True
         for handle in self._handles:
             handle.remove()
+        try:
+            self._resolve()
+        finally:
+            self._closed = True
+            self._finish()
+
+    def _finish(self) -> None:
         self._flush_summaries()
         self._record("monitor.end", {"steps": self.step})
         if self._sink is not None:
@@ -163,13 +175,18 @@ class Guard:
         if self._closed:
             return
         elapsed = self._clock.mark()
-        if self._between_steps:
+        first = self._between_steps
+        if first:
             # The first forward pass after a checked step (later ones are gradient accumulation).
             self._between_steps = False
             self._report.data_us += elapsed // 1000
+            # Last step's verdict, before this step runs any collective: a rank that stops here
+            # leaves no other rank waiting in the gradient all-reduce.
+            self._resolve()
         # Every pass: a step whose hooks were bypassed leaves no other trace.
         if self.config.enabled(Check.OUTSIDE) and self._param_versions() != self._versions:
-            self._outside_change()
+            self._outside_change(bypassed=not first)
+        self._clock.mark()
 
     def _forward_post(self) -> None:
         if not self._closed:
@@ -178,21 +195,28 @@ class Guard:
     def _step_pre(self) -> None:
         if self._closed:
             return
-        self._in_step = True
         self._clock.mark()
+        # A step with no forward pass since the last one: its verdict is drawn here instead.
+        self._resolve()
+        self._in_step = True
         report = self._report
         if self._loss is not None:
             report.loss = float(self._loss)
             if self.config.enabled(Check.NONFINITE) and not math.isfinite(report.loss):
                 report.fail(Check.NONFINITE, f"loss is {report.loss}")
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if grads:
-            report.grad_norm = float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
-        if self.config.enabled(Check.NONFINITE) and not math.isfinite(report.grad_norm) and grads:
-            report.fail(Check.NONFINITE, f"gradient norm is {report.grad_norm}")
+        self._measure_gradient(report)
         if self.config.enabled(Check.UPDATE):
             self._update.before()
         self._clock.mark()
+
+    def _measure_gradient(self, report: RankReport) -> None:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return
+        norms = torch._foreach_norm(grads)
+        report.grad_norm = float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+        if self.config.enabled(Check.NONFINITE) and not math.isfinite(report.grad_norm):
+            report.fail(Check.NONFINITE, f"gradient norm is {report.grad_norm}")
 
     def _step_post(self) -> None:
         if self._closed or not self._in_step:
@@ -204,8 +228,22 @@ class Guard:
         report.step = self.step
         self._local_checks(report)
         report.fingerprints = self._fingerprints() if self.config.enabled(Check.FINGERPRINT) else ()
+        self._pending = self._channel.start_gather(report.pack())
+        self._report = RankReport(step=self.step)
+        self._loss = None
+        self._versions = self._param_versions()
+        self._between_steps = True
+        if not self._channel.distributed:
+            self._resolve()
+        self._clock.mark()
+
+    def _resolve(self) -> None:
+        """Draw the verdict on the last step from every rank's report, and act on it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
         try:
-            reports = [RankReport.unpack(words) for words in self._channel.gather(report.pack())]
+            reports = [RankReport.unpack(words) for words in pending.wait()]
         except RuntimeError as exc:
             self._peer_lost(exc)
         failures = decide(
@@ -214,14 +252,8 @@ class Guard:
             slot_names=self._slot_names,
             actions=dict(self.config.actions),
         )
-        failures = [f for f in failures if self.config.enabled(f.check)]
         self._summarize(reports)
-        self._report = RankReport(step=self.step)
-        self._loss = None
-        self._act(failures)
-        self._versions = self._param_versions()
-        self._between_steps = True
-        self._clock.mark()
+        self._act([f for f in failures if self.config.enabled(f.check)])
 
     # -- checks -----------------------------------------------------------------------------------
 
@@ -265,37 +297,39 @@ class Guard:
 
     def _fingerprints(self) -> list[int]:
         params = self._fingerprinter.of(self._params)
-        if self.step % self.config.state_every == 0:
-            self._state_fingerprints = self._state_fingerprint_values()
+        # A rotating share of the optimizer state each step, the same share on every replica; a
+        # difference in the state never heals (the moments decay it, bits stay apart), so it shows
+        # within `state_every` steps, and one step later in the parameters it moves.
+        turn = self.step % self.config.state_every
+        for position, param in enumerate(self._params):
+            if position % self.config.state_every == turn:
+                self._state_fingerprints[position] = self._state_fingerprint(param)
         return [*params.tolist(), *self._state_fingerprints]
 
-    def _state_fingerprint_values(self) -> list[int]:
-        values = []
-        for param in self._params:
-            state = self._optimizer.state.get(param, {})
-            tensors = [state[key] for key in sorted(state) if isinstance(state[key], torch.Tensor)]
-            if not tensors:
-                values.append(0)
-                continue
-            prints = self._fingerprinter.of(tensors)
-            # Position in the state dict matters: exp_avg and exp_avg_sq swapped must show.
-            weights = torch.arange(1, len(tensors) + 1, dtype=torch.int64, device=prints.device) * 2 + 1
-            values.append(int((prints * weights).sum()))
-        return values
+    def _state_fingerprint(self, param: torch.Tensor) -> int:
+        state = self._optimizer.state.get(param, {})
+        tensors = [state[key] for key in sorted(state) if isinstance(state[key], torch.Tensor)]
+        if not tensors:
+            return 0
+        prints = self._fingerprinter.of(tensors)
+        # Position in the state dict matters: exp_avg and exp_avg_sq swapped must show.
+        weights = torch.arange(1, len(tensors) + 1, dtype=torch.int64, device=prints.device) * 2 + 1
+        return int((prints * weights).sum())
 
     def _param_versions(self) -> list[int]:
         return [param._version for param in self._params]
 
     def _check_identity(self) -> None:
-        if not self.config.enabled(Check.IDENTITY):
-            return
         fields = {
-            "seed": torch.initial_seed(),
-            "config": _digest(self.config.run_config or {}),
-            "environment": _environment_digest(),
+            "seed": (Check.SEED, _digest(torch.initial_seed())),
+            "run config": (Check.IDENTITY, _digest(self.config.run_config or {})),
+            "environment": (Check.IDENTITY, _environment_digest()),
         }
-        values = self._channel.gather(list(fields.values()))
-        for position, name in enumerate(fields):
+        values = self._channel.gather([value for _, value in fields.values()])
+        failures = []
+        for position, (name, (check, _)) in enumerate(fields.items()):
+            if not self.config.enabled(check):
+                continue
             column = [row[position] for row in values]
             if len(set(column)) == 1:
                 continue
@@ -310,14 +344,9 @@ class Guard:
                 if len(odd) == 1
                 else ("ranks " + ", ".join(map(str, odd)) if odd else "the ranks")
             )
-            failure = Failure(
-                Check.IDENTITY,
-                odd,
-                0,
-                f"the {name} of {who} differs from the other ranks' at the start of the run",
-                self.config.actions.get(Check.IDENTITY, Action.STOP),
-            )
-            self._act([failure])
+            message = f"the {name} of {who} differs from the other ranks' at the start of the run"
+            failures.append(Failure(check, odd, 0, message, self.config.actions[check]))
+        self._act(failures)
 
     # -- outcomes -----------------------------------------------------------------------------------
 
@@ -348,63 +377,36 @@ class Guard:
             self.config.rollback(_integrity_error(rollbacks))
             self._versions = self._param_versions()
 
-    def _outside_change(self) -> None:
+    def _outside_change(self, *, bypassed: bool) -> None:
         changes = self._snapshot.changes() if self._snapshot is not None else []
         cause = f"; {changes[0].message}" if changes else ""
-        step = self.step + 1
         message = (
-            f"the parameters of rank {self.rank} changed at step {step} without passing the guard's "
-            f"optimizer hooks: the step was bypassed or the weights were written directly{cause}"
+            f"the parameters of rank {self.rank} changed without passing the guard's optimizer hooks: "
+            f"the step was bypassed or the weights were written directly{cause}"
         )
-        failure = Failure(Check.OUTSIDE, (self.rank,), step, message, self.config.actions[Check.OUTSIDE])
-        if failure.action is Action.STOP:
-            # The optimizer hooks may never run again, so this rank cannot wait for the next gather.
-            self._channel.leave_note(message)
-            self._record(
-                "monitor.alert",
-                {
-                    "check": "outside",
-                    "ranks": [self.rank],
-                    "step": self.step,
-                    "message": message,
-                    "action": "stop",
-                },
-            )
-            if self._sink is not None:
-                self._sink.flush()
-            _LOG.warning("trainguard: %s", message)
-            raise _integrity_error([failure])
         self._report.fail(Check.OUTSIDE, message)
         self._versions = self._param_versions()
+        if bypassed:
+            # No checked step since the last forward pass, yet the weights moved: this rank's step
+            # hooks no longer run. It sends, now, the report its next step would have sent (the other
+            # ranks gather it when they reach this point), and all stop together.
+            self.step += 1
+            report = self._report
+            report.step = self.step
+            self._measure_gradient(report)
+            if self.config.enabled(Check.FINGERPRINT):
+                report.fingerprints = self._fingerprints()
+            self._pending = self._channel.start_gather(report.pack())
+            self._report = RankReport(step=self.step)
+            self._resolve()
 
-    def _peer_lost(self, exc: RuntimeError) -> None:
-        notes = self._channel.notes()
-        notes.pop(self.rank, None)
-        if notes:
-            ranks = tuple(sorted(notes))
-            message = f"{notes[ranks[0]]} (rank {self.rank} stops with it)"
-            check = Check.OUTSIDE
-        else:
-            ranks = ()
-            message = (
-                f"a rank left the monitor's all-gather at step {self.step} ({str(exc).splitlines()[0]}); "
-                "`trainguard run` names the rank that died and who killed it"
-            )
-            check = Check.LOST
-        failure = Failure(check, ranks, self.step, message, Action.STOP)
-        self._record(
-            "monitor.alert",
-            {
-                "check": check.value,
-                "ranks": list(ranks),
-                "step": self.step,
-                "message": message,
-                "action": "stop",
-            },
+    def _peer_lost(self, exc: RuntimeError) -> NoReturn:
+        message = (
+            f"a rank left the monitor's all-gather at step {self.step} ({str(exc).splitlines()[0]}); "
+            "`trainguard run` names the rank that died and who killed it"
         )
-        if self._sink is not None:
-            self._sink.flush()
-        raise _integrity_error([failure]) from exc
+        self._act([Failure(Check.LOST, (), self.step, message, Action.STOP)])
+        raise AssertionError("unreachable: a stop action raises")
 
     # -- ledger -------------------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ _DESCRIBE = {
     Check.STEP_TIME: "unexplained off-CPU time in the forward pass or optimizer step",
     Check.DATA_WAIT: "unexplained off-CPU time between steps (data loading, I/O, a sleep)",
     Check.SPIKE: "loss or gradient norm far above its recent median",
-    Check.IDENTITY: "seeds, config or environment differ from the other ranks",
+    Check.IDENTITY: "the run config or environment differ from the other ranks",
+    Check.SEED: "torch's initial seed differs from the other ranks",
     Check.LOST: "a rank left the monitor's all-gather",
 }
 # When replicas disagree without a majority, a rank that failed one of these is the likely culprit.
@@ -126,7 +127,7 @@ def decide(
     step = max(report.step for report in reports)
     failures: list[Failure] = []
     for check in Check:
-        if check in (Check.FINGERPRINT, Check.GRADIENT, Check.IDENTITY):
+        if check in (Check.FINGERPRINT, Check.GRADIENT, Check.IDENTITY, Check.SEED):
             continue
         ranks = tuple(rank for rank, report in enumerate(reports) if report.failed(check))
         if not ranks:

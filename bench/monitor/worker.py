@@ -1,0 +1,89 @@
+"""One rank of the monitor benchmark: blocks of steps with and without the guard, interleaved.
+
+Run by bench/monitor/run.py under torchrun; rank 0 writes the per-step times as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import trainguard
+
+
+def build(hidden: int, layers: int) -> nn.Module:
+    blocks: list[nn.Module] = [nn.Linear(1024, hidden), nn.ReLU()]
+    for _ in range(layers):
+        blocks += [nn.Linear(hidden, hidden), nn.ReLU()]
+    blocks.append(nn.Linear(hidden, 10))
+    return nn.Sequential(*blocks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--samples", type=int, default=256, help="per step, over all ranks")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--block", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "cuda" else None
+    if device is not None:
+        torch.cuda.set_device(device)
+    torch.manual_seed(0)
+    model = build(args.hidden, args.layers).to(device or "cpu")
+    params = sum(p.numel() for p in model.parameters())
+    ddp = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
+    per_rank = args.samples // world
+    generator = torch.Generator().manual_seed(rank)
+    x = torch.randn(per_rank, 1024, generator=generator).to(device or "cpu")
+    y = torch.randint(0, 10, (per_rank,), generator=generator).to(device or "cpu")
+
+    def step() -> float:
+        start = time.perf_counter()
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device is not None:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        step()
+    times: dict[str, list[float]] = {"without": [], "with": []}
+    for _ in range(args.rounds):
+        for mode in ("without", "with"):
+            guard = trainguard.watch(ddp, optimizer) if mode == "with" else None
+            # The first guarded step of a block includes the guard's set-up; it is not a steady step.
+            if guard is not None:
+                step()
+            dist.barrier()
+            times[mode] += [step() for _ in range(args.block)]
+            if guard is not None:
+                guard.close()
+    if rank == 0:
+        report = {"parameters": params, "world_size": world, "samples": args.samples, "times": times}
+        args.out.write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
