@@ -37,6 +37,9 @@ class GuardConfig:
     summary_every: int = 100
     collective_timeout: datetime.timedelta = datetime.timedelta(minutes=5)
     ledger: bool = True
+    # False for framework callbacks: a failure is kept in `guard.failure` and the callback stops the
+    # framework's loop, instead of an exception from inside optimizer.step().
+    raise_errors: bool = True
     run_config: Mapping[str, object] | None = None
     rollback: Callable[[IntegrityError], None] | None = None
 

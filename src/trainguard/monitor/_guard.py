@@ -88,6 +88,8 @@ class Guard:
         self._summaries: list[list[Any]] = []
         self._sink = LedgerSink(self.run_id) if config.ledger and self.rank == 0 else None
         self._closed = False
+        self._active = True
+        self.failure: IntegrityError | None = None
         self._notices: list[str] = []
         if config.enabled(Check.UPDATE) and (notice := coverage(optimizer)) is not None:
             self._notice(notice)
@@ -108,6 +110,14 @@ class Guard:
         """Give the guard this step's loss (optional: gradients are checked without it)."""
         self._loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
 
+    def check_now(self) -> IntegrityError | None:
+        """Draw the verdict on the last step now (waiting for the other ranks' reports) and return
+        the failure that stops the job, if any: the framework callbacks stop through the framework at
+        the very step. With `raise_errors` (the default) a failure is raised instead."""
+        if self._active:
+            self._resolve()
+        return self.failure
+
     @property
     def notices(self) -> tuple[str, ...]:
         """What the guard could not cover here (an optimizer it cannot re-compute, no schedstat...)."""
@@ -121,8 +131,10 @@ class Guard:
         for handle in self._handles:
             handle.remove()
         try:
-            self._resolve()
+            if self._active:
+                self._resolve()
         finally:
+            self._active = False
             self._closed = True
             self._finish()
 
@@ -172,7 +184,7 @@ class Guard:
         ]
 
     def _forward_pre(self) -> None:
-        if self._closed:
+        if not self._active:
             return
         elapsed = self._clock.mark()
         first = self._between_steps
@@ -189,11 +201,11 @@ class Guard:
         self._clock.mark()
 
     def _forward_post(self) -> None:
-        if not self._closed:
+        if self._active:
             self._report.forward_us += self._clock.mark() // 1000
 
     def _step_pre(self) -> None:
-        if self._closed:
+        if not self._active:
             return
         self._clock.mark()
         # A step with no forward pass since the last one: its verdict is drawn here instead.
@@ -219,7 +231,7 @@ class Guard:
             report.fail(Check.NONFINITE, f"gradient norm is {report.grad_norm}")
 
     def _step_post(self) -> None:
-        if self._closed or not self._in_step:
+        if not self._active or not self._in_step:
             return
         self._in_step = False
         report = self._report
@@ -372,7 +384,12 @@ class Guard:
             self._flush_summaries()
             if self._sink is not None:
                 self._sink.flush()
-            raise _integrity_error(stops)
+            self.failure = _integrity_error(stops)
+            # Checks end here: every rank has the same verdict and stops at this step.
+            self._active = False
+            if self.config.raise_errors:
+                raise self.failure
+            return
         if rollbacks and self.config.rollback is not None:
             self.config.rollback(_integrity_error(rollbacks))
             self._versions = self._param_versions()
