@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import sys
-import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
@@ -154,27 +153,19 @@ class Guard:
     # -- hooks ------------------------------------------------------------------------------------
 
     def _install_hooks(self) -> list[Any]:
-        this = weakref.ref(self)
-
+        # The hooks hold the guard: `trainguard.watch(model, optimizer)` without keeping the result
+        # must go on guarding until close().
         def forward_pre(module: torch.nn.Module, args: Any) -> None:
-            guard = this()
-            if guard is not None:
-                guard._forward_pre()
+            self._forward_pre()
 
         def forward_post(module: torch.nn.Module, args: Any, output: Any) -> None:
-            guard = this()
-            if guard is not None:
-                guard._forward_post()
+            self._forward_post()
 
         def step_pre(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            guard = this()
-            if guard is not None:
-                guard._step_pre()
+            self._step_pre()
 
         def step_post(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            guard = this()
-            if guard is not None:
-                guard._step_post()
+            self._step_post()
 
         return [
             self._model.register_forward_pre_hook(forward_pre, prepend=True),

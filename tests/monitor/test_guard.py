@@ -1,0 +1,197 @@
+"""The guard in a single process: the plain-loop contract (IntegrityError from optimizer.step()), the
+actions, the settings, and what it leaves in the ledger."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+import trainguard  # noqa: E402
+from trainguard.errors import IntegrityError, UsageError  # noqa: E402
+from trainguard.ledger._ledger import Ledger  # noqa: E402
+from trainguard.monitor import Guard  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TRAINGUARD_LEDGER", raising=False)
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def _steps(model: nn.Module, optimizer: torch.optim.Optimizer, count: int) -> Iterator[int]:
+    for step in range(1, count + 1):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        yield step
+
+
+def _write_weights(model: nn.Module) -> None:
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1.0
+
+
+def test_clean_loop_runs_and_leaves_start_summaries_and_end_in_the_ledger(
+    model: nn.Module, home: Path
+) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with trainguard.watch(model, optimizer, summary_every=10) as guard:
+        assert list(_steps(model, optimizer, 25))[-1] == 25
+    assert guard.step == 25 and guard.failure is None and guard.notices == ()
+    with Ledger.open(home / "ledger.db") as ledger:
+        events = [event for _, event in ledger.entries()]
+    assert [e.type for e in events] == [
+        "monitor.start",
+        "monitor.steps",
+        "monitor.steps",
+        "monitor.steps",
+        "monitor.end",
+    ]
+    assert events[0].payload["checks"] and events[0].payload["world_size"] == 1
+    assert sum(len(e.payload["rows"]) for e in events if e.type == "monitor.steps") == 25
+    assert {e.run_id for e in events} == {guard.run_id}
+
+
+def test_weights_written_between_steps_raise_from_the_next_step(model: nn.Module) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainguard.watch(model, optimizer, ledger=False)
+    steps = _steps(model, optimizer, 10)
+    next(steps)
+    _write_weights(model)
+    with pytest.raises(IntegrityError) as caught:
+        next(steps)
+    assert (caught.value.check, caught.value.ranks, caught.value.step) == ("outside", (0,), 2)
+    assert "rank 0" in str(caught.value)
+
+
+def test_alert_action_warns_and_keeps_training(model: nn.Module, caplog: pytest.LogCaptureFixture) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainguard.watch(model, optimizer, ledger=False, actions={"outside": "alert"})
+    steps = _steps(model, optimizer, 5)
+    next(steps)
+    _write_weights(model)
+    with caplog.at_level(logging.WARNING, logger="trainguard.monitor"):
+        assert list(steps) == [2, 3, 4, 5]
+    assert "changed without passing the guard's optimizer hooks" in caplog.text
+
+
+def test_rollback_action_calls_the_given_function_and_training_goes_on(model: nn.Module) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls: list[IntegrityError] = []
+    trainguard.watch(model, optimizer, ledger=False, actions={"outside": "rollback"}, rollback=calls.append)
+    steps = _steps(model, optimizer, 5)
+    next(steps)
+    _write_weights(model)
+    assert list(steps) == [2, 3, 4, 5]
+    assert [error.check for error in calls] == ["outside"]
+
+
+def test_callbacks_get_the_failure_instead_of_an_exception(model: nn.Module) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = trainguard.watch(model, optimizer, ledger=False, raise_errors=False)
+    steps = _steps(model, optimizer, 5)
+    next(steps)
+    _write_weights(model)
+    assert list(steps) == [2, 3, 4, 5]
+    failure = guard.check_now()
+    assert failure is not None and failure.step == 2
+    # The guard went inert at the failure: later steps were not checked.
+    assert guard.step == 2
+
+
+def test_a_patched_update_is_caught_at_its_step(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    sgd = importlib.import_module("torch.optim.sgd")
+    original = sgd._single_tensor_sgd
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainguard.watch(model, optimizer, ledger=False, skip=["code"])
+    steps = _steps(model, optimizer, 10)
+    next(steps)
+
+    def flipped(params, grads, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original(params, [-g for g in grads], *args, **kwargs)
+
+    monkeypatch.setattr(sgd, "_single_tensor_sgd", flipped)
+    with pytest.raises(IntegrityError) as caught:
+        next(steps)
+    assert (caught.value.check, caught.value.step) == ("update", 2)
+    assert "direction flipped" in str(caught.value)
+
+
+def test_closing_removes_the_hooks(model: nn.Module) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = trainguard.watch(model, optimizer, ledger=False)
+    list(_steps(model, optimizer, 2))
+    guard.close()
+    guard.close()
+    _write_weights(model)
+    assert list(_steps(model, optimizer, 2)) == [1, 2]
+
+
+def test_an_optimizer_it_cannot_recompute_gets_a_notice(model: nn.Module) -> None:
+    guard = trainguard.watch(model, torch.optim.RMSprop(model.parameters()), ledger=False)
+    assert any("RMSprop is not covered" in notice for notice in guard.notices)
+    guard.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"checks": ["fingerprints"]}, "unknown check 'fingerprints'"),
+        ({"actions": {"update": "panic"}}, "unknown action 'panic'"),
+        ({"actions": {"update": "rollback"}}, "no rollback function"),
+        ({"state_every": 0}, "state_every must be at least 1"),
+    ],
+)
+def test_bad_settings_are_usage_errors(model: nn.Module, settings: dict[str, object], says: str) -> None:
+    with pytest.raises(UsageError, match=says):
+        trainguard.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), ledger=False, **settings)  # type: ignore[arg-type]
+
+
+def test_watch_is_reachable_from_the_package_without_importing_torch_first() -> None:
+    code = (
+        "import sys, trainguard\n"
+        "assert 'torch' not in sys.modules\n"
+        "import trainguard.monitor\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert callable(trainguard.watch) and trainguard.IntegrityError\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_guard_is_the_public_type() -> None:
+    assert trainguard.monitor.Guard is Guard
+
+
+def test_the_guard_lives_on_without_a_reference_to_it(model: nn.Module) -> None:
+    import gc
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainguard.watch(model, optimizer, ledger=False)
+    gc.collect()
+    steps = _steps(model, optimizer, 3)
+    next(steps)
+    _write_weights(model)
+    with pytest.raises(IntegrityError):
+        next(steps)

@@ -1,0 +1,119 @@
+"""The sampled re-computation of the optimizer's update: silent on honest steps of every variant of
+SGD, Adam and AdamW, loud on a flipped, scaled or noisy update."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from trainguard.monitor._recompute import UpdateCheck, coverage  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+Factory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+OPTIMIZERS: dict[str, Factory] = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "sgd-momentum-nesterov-decay": lambda ps: torch.optim.SGD(
+        ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2
+    ),
+    "sgd-dampening-maximize": lambda ps: torch.optim.SGD(
+        ps, lr=0.05, momentum=0.9, dampening=0.3, maximize=True
+    ),
+    "sgd-foreach": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.5, foreach=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+    "adam-decay-amsgrad": lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=0.1, amsgrad=True),
+    "adam-maximize": lambda ps: torch.optim.Adam(ps, lr=1e-2, maximize=True, weight_decay=0.01),
+    "adam-foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+    "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+    "adamw-amsgrad": lambda ps: torch.optim.AdamW(ps, lr=3e-3, amsgrad=True, weight_decay=0.05),
+    "adamw-tensor-lr": lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-3)),
+}
+
+
+def _train(
+    factory: Factory, attack: Callable[[torch.Tensor, torch.Tensor], None] | None, steps: int = 16
+) -> list[int]:
+    """Steps (1-based) at which the check found a mismatch; the attack acts from step 9 on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    optimizer = factory(model.parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    check = UpdateCheck(optimizer, names, seed=3, tensors_per_step=4, elements_per_tensor=32)
+    flagged = []
+    for step in range(1, steps + 1):
+        loss = model(torch.randn(8, 16)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        check.before()
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.step()
+        if attack is not None and step >= 9:
+            with torch.no_grad():
+                for param, old in zip(model.parameters(), before, strict=True):
+                    attack(param, old)
+        if check.after():
+            flagged.append(step)
+    return flagged
+
+
+def _flip(param: torch.Tensor, old: torch.Tensor) -> None:
+    param.copy_(2 * old - param)
+
+
+def _scale(param: torch.Tensor, old: torch.Tensor) -> None:
+    param.copy_(old + 1.05 * (param - old))
+
+
+def _noise(param: torch.Tensor, old: torch.Tensor) -> None:
+    param.add_(torch.randn_like(param) * 1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_honest_steps_pass(name: str) -> None:
+    assert _train(OPTIMIZERS[name], None) == []
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("attack", [_flip, _scale, _noise], ids=["flip", "scale-5%", "noise"])
+def test_tampered_update_is_caught_at_its_first_step(
+    name: str, attack: Callable[[torch.Tensor, torch.Tensor], None]
+) -> None:
+    assert _train(OPTIMIZERS[name], attack) == list(range(9, 17))
+
+
+def test_flip_is_described_as_a_flip() -> None:
+    torch.manual_seed(0)
+    param = nn.Parameter(torch.randn(64))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    check = UpdateCheck(optimizer, {id(param): "w"}, seed=1)
+    param.grad = torch.ones(64)
+    check.before()
+    old = param.detach().clone()
+    optimizer.step()
+    with torch.no_grad():
+        param.copy_(2 * old - param)
+    mismatches = check.after()
+    assert mismatches and "w[" in mismatches[0].describe()
+    assert "direction flipped" in mismatches[0].describe()
+
+
+def test_other_optimizers_are_reported_not_covered() -> None:
+    param = nn.Parameter(torch.randn(4))
+    assert "RMSprop is not covered" in (coverage(torch.optim.RMSprop([param])) or "")
+    assert "capturable=True" in (coverage(torch.optim.Adam([param], capturable=True)) or "")
+    assert coverage(torch.optim.AdamW([param])) is None
+
+
+def test_a_subclass_is_not_assumed_to_follow_its_parents_rule() -> None:
+    class Custom(torch.optim.SGD):
+        pass
+
+    param = nn.Parameter(torch.randn(4))
+    assert coverage(Custom([param], lr=0.1)) is not None

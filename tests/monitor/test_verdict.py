@@ -1,0 +1,109 @@
+"""The verdict drawn from every rank's report: the same on every rank, naming the odd rank out."""
+
+from __future__ import annotations
+
+import math
+
+from trainguard.monitor._checks import Action, Check
+from trainguard.monitor._verdict import RankReport, decide
+
+NAMES = ["w", "b", "state of w", "state of b"]
+
+
+def _reports(*fingerprints: tuple[int, ...], norm: float = 1.5) -> list[RankReport]:
+    return [RankReport(step=7, grad_norm=norm, fingerprints=prints) for prints in fingerprints]
+
+
+def _decide(reports: list[RankReport], groups: list[list[int]] | None = None) -> list:  # type: ignore[type-arg]
+    return decide(reports, replica_groups=groups or [list(range(len(reports)))], slot_names=NAMES)
+
+
+def test_reports_survive_packing() -> None:
+    report = RankReport(step=3, grad_norm=2.5, loss=math.inf, data_us=9, forward_us=8, optimizer_us=7)
+    report.fail(Check.UPDATE, "update of w[3] moved by +1")
+    report.fail(Check.CODE, "é" * 500)
+    report.fingerprints = (1, -2, 2**63 - 1, -(2**63))
+    back = RankReport.unpack(report.pack())
+    assert (back.step, back.grad_norm, back.loss, back.forward_us) == (3, 2.5, math.inf, 8)
+    assert back.details[Check.UPDATE] == "update of w[3] moved by +1"
+    assert back.details[Check.CODE].startswith("éé")
+    assert back.fingerprints == report.fingerprints
+    assert back.failed(Check.UPDATE) and back.failed(Check.CODE) and not back.failed(Check.OUTSIDE)
+    assert len(report.pack()) == len(RankReport(step=1, fingerprints=(0, 0, 0, 0)).pack())
+
+
+def test_equal_replicas_pass() -> None:
+    assert _decide(_reports((1, 2, 3, 4), (1, 2, 3, 4), (1, 2, 3, 4))) == []
+
+
+def test_the_odd_replica_is_named_by_majority() -> None:
+    [failure] = _decide(_reports((1, 2, 3, 4), (1, 9, 3, 4), (1, 2, 3, 4)))
+    assert (failure.check, failure.ranks, failure.step, failure.action) == (
+        Check.FINGERPRINT,
+        (1,),
+        7,
+        Action.STOP,
+    )
+    assert "rank 1" in failure.message and "first b" in failure.message
+
+
+def test_two_disagreeing_replicas_name_the_one_with_local_evidence() -> None:
+    reports = _reports((1, 2, 3, 4), (1, 9, 3, 4))
+    reports[1].fail(Check.UPDATE, "direction flipped")
+    failures = _decide(reports)
+    assert [f.check for f in failures] == [Check.FINGERPRINT, Check.UPDATE]
+    assert all(f.ranks == (1,) for f in failures)
+
+
+def test_two_disagreeing_replicas_without_evidence_name_nobody() -> None:
+    [failure] = _decide(_reports((1, 2, 3, 4), (1, 9, 3, 4)))
+    assert failure.ranks == ()
+    assert "no majority" in failure.message
+
+
+def test_replicas_are_compared_only_within_their_group() -> None:
+    # Hybrid sharding: ranks 0 and 1 hold one shard, 2 and 3 another.
+    reports = _reports((1, 2, 3, 4), (1, 2, 3, 4), (5, 6, 7, 8), (5, 6, 7, 8))
+    assert _decide(reports, [[0, 2], [1, 3]]) != []
+    assert _decide(reports, [[0, 1], [2, 3]]) == []
+
+
+def test_a_different_reduced_gradient_is_named() -> None:
+    reports = _reports((1, 2, 3, 4), (1, 2, 3, 4), (1, 2, 3, 4))
+    reports[2].grad_norm = 1.25
+    [failure] = _decide(reports)
+    assert (failure.check, failure.ranks) == (Check.GRADIENT, (2,))
+
+
+def test_every_rank_stalling_together_is_only_an_alert() -> None:
+    reports = _reports((), ())
+    for report in reports:
+        report.fail(Check.STEP_TIME, "300 ms off-CPU in the optimizer")
+    [failure] = decide(reports, replica_groups=[], slot_names=[])
+    assert failure.action is Action.ALERT
+    assert "every rank slowed down together" in failure.message
+
+
+def test_one_rank_stalling_is_named_with_its_detail() -> None:
+    reports = _reports((), (), ())
+    reports[1].fail(Check.STEP_TIME, "200 ms off-CPU in the optimizer")
+    [failure] = decide(reports, replica_groups=[], slot_names=[])
+    assert (failure.ranks, failure.action) == ((1,), Action.STOP)
+    assert failure.message.endswith("200 ms off-CPU in the optimizer")
+
+
+def test_nan_is_traced_to_the_rank_whose_loss_was_not_finite() -> None:
+    reports = _reports((), (), norm=math.nan)
+    for report in reports:
+        report.fail(Check.NONFINITE, "gradient norm is nan")
+    reports[1].loss = math.nan
+    reports[0].loss = 0.5
+    [failure] = decide(reports, replica_groups=[], slot_names=[])
+    assert failure.ranks == (1,)
+
+
+def test_actions_can_be_changed_per_check() -> None:
+    reports = _reports((), ())
+    reports[0].fail(Check.CODE, "hook added")
+    [failure] = decide(reports, replica_groups=[], slot_names=[], actions={Check.CODE: Action.ALERT})
+    assert failure.action is Action.ALERT
