@@ -79,6 +79,8 @@ class Guard:
         self._grad_history = ChangePoint(floor=math.log(config.spike_ratio), warmup=10)
         self._loss_history = ChangePoint(floor=math.log(config.spike_ratio), warmup=10)
         self._report = RankReport(step=0)
+        self._data_digest = 0
+        self._batches: list[torch.Tensor] = []
         self._pending: Gathering | None = None
         self._loss: torch.Tensor | None = None
         self._between_steps = True
@@ -155,8 +157,8 @@ class Guard:
     def _install_hooks(self) -> list[Any]:
         # The hooks hold the guard: `trainguard.watch(model, optimizer)` without keeping the result
         # must go on guarding until close().
-        def forward_pre(module: torch.nn.Module, args: Any) -> None:
-            self._forward_pre()
+        def forward_pre(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+            self._forward_pre(args, kwargs)
 
         def forward_post(module: torch.nn.Module, args: Any, output: Any) -> None:
             self._forward_post()
@@ -168,13 +170,13 @@ class Guard:
             self._step_post()
 
         return [
-            self._model.register_forward_pre_hook(forward_pre, prepend=True),
+            self._model.register_forward_pre_hook(forward_pre, prepend=True, with_kwargs=True),
             self._model.register_forward_hook(forward_post),
             self._optimizer.register_step_pre_hook(step_pre),
             self._optimizer.register_step_post_hook(step_post),
         ]
 
-    def _forward_pre(self) -> None:
+    def _forward_pre(self, args: Any = (), kwargs: Any = None) -> None:
         if not self._active:
             return
         elapsed = self._clock.mark()
@@ -183,6 +185,10 @@ class Guard:
             # The first forward pass after a checked step (later ones are gradient accumulation).
             self._between_steps = False
             self._report.data_us += elapsed // 1000
+        tensors = [value for value in (*args, *(kwargs or {}).values()) if isinstance(value, torch.Tensor)]
+        if tensors:
+            # Read at the step's end, so a GPU is not made to wait here.
+            self._batches.append(self._fingerprinter.of(tensors).sum())
             # Last step's verdict, before this step runs any collective: a rank that stops here
             # leaves no other rank waiting in the gradient all-reduce.
             self._resolve()
@@ -190,6 +196,15 @@ class Guard:
         if self.config.enabled(Check.OUTSIDE) and self._param_versions() != self._versions:
             self._outside_change(bypassed=not first)
         self._clock.mark()
+
+    def _data_order(self) -> int:
+        """The running data-order digest, extended by this step's batches: exact, and signed int64."""
+        digest = self._data_digest
+        for batch in self._batches:
+            digest = (digest * 0x100000001B3 + int(batch)) % (1 << 64)
+        self._batches = []
+        self._data_digest = digest
+        return digest - (1 << 64) if digest >= 1 << 63 else digest
 
     def _forward_post(self) -> None:
         if self._active:
@@ -229,6 +244,7 @@ class Guard:
         report.optimizer_us = self._clock.mark() // 1000
         self.step += 1
         report.step = self.step
+        report.data_digest = self._data_order()
         self._local_checks(report)
         report.fingerprints = self._fingerprints() if self.config.enabled(Check.FINGERPRINT) else ()
         self._pending = self._channel.start_gather(report.pack())
@@ -434,6 +450,7 @@ class Guard:
                 [round(r.optimizer_us / 1000, 1) for r in reports],
                 [round(r.forward_us / 1000, 1) for r in reports],
                 [round(r.data_us / 1000, 1) for r in reports],
+                [f"{r.data_digest & (2**64 - 1):016x}" for r in reports],
             ]
         )
         if len(self._summaries) >= self.config.summary_every:
@@ -448,6 +465,7 @@ class Guard:
                 "optimizer_off_cpu_ms",
                 "forward_off_cpu_ms",
                 "data_off_cpu_ms",
+                "data_order_digest",
             ]
             self._record("monitor.steps", {"columns": columns, "rows": self._summaries})
             self._summaries = []

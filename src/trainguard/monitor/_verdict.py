@@ -17,7 +17,7 @@ from trainguard.monitor._checks import DEFAULT_ACTIONS, Action, Check
 
 __all__ = ["Failure", "RankReport", "decide", "report_length"]
 
-_HEADER = 8
+_HEADER = 9
 _DETAIL_WORDS = 96
 _PER_CHECK_BYTES = 240
 _DETAIL_BYTES = _DETAIL_WORDS * 8
@@ -55,6 +55,8 @@ class RankReport:
     grad_norm: float = math.nan
     loss: float = math.nan
     data_us: int = 0
+    # A running digest of every input batch this rank has seen: its data order, for the ledger.
+    data_digest: int = 0
     forward_us: int = 0
     optimizer_us: int = 0
     details: dict[Check, str] = dataclasses.field(default_factory=dict)
@@ -80,6 +82,7 @@ class RankReport:
             _float_bits(self.grad_norm),
             _float_bits(self.loss),
             self.data_us,
+            self.data_digest,
             self.forward_us,
             self.optimizer_us,
             len(self.fingerprints),
@@ -88,7 +91,7 @@ class RankReport:
 
     @classmethod
     def unpack(cls, words: Sequence[int]) -> RankReport:
-        step, flags, grad, loss, data_us, forward_us, optimizer_us, count = words[:_HEADER]
+        step, flags, grad, loss, data_us, data_digest, forward_us, optimizer_us, count = words[:_HEADER]
         raw = struct.pack(f"<{_DETAIL_WORDS}q", *words[_HEADER : _HEADER + _DETAIL_WORDS])
         start = _HEADER + _DETAIL_WORDS
         return cls(
@@ -97,6 +100,7 @@ class RankReport:
             grad_norm=_bits_float(grad),
             loss=_bits_float(loss),
             data_us=data_us,
+            data_digest=data_digest,
             forward_us=forward_us,
             optimizer_us=optimizer_us,
             details=_details(raw.rstrip(b"\0")),
