@@ -197,3 +197,27 @@ def test_the_guard_lives_on_without_a_reference_to_it(model: nn.Module) -> None:
     _write_weights(model)
     with pytest.raises(IntegrityError):
         next(steps)
+
+
+def test_fully_sharded_parameters_are_checked_by_shard_and_not_compared(tmp_path: Path) -> None:
+    # FSDP2 on a real (one-process, gloo) group: every shard is a DTensor.
+    code = f"""
+import torch, torch.distributed as dist
+from torch import nn
+dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
+from torch.distributed.fsdp import fully_shard
+import trainguard
+model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+fully_shard(model)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+guard = trainguard.watch(model, optimizer, ledger=False)
+assert any("sharded" in notice for notice in guard.notices), guard.notices
+for _ in range(5):
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+guard.close()
+assert guard.step == 5 and guard.failure is None
+dist.destroy_process_group()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -354,10 +354,19 @@ def _layers(obj: object) -> tuple[_Layer, ...]:
         elif isinstance(current, functools.partial):
             out.append((current, current.args, current.keywords, *dict.items(current.keywords)))
             after = current.func
+        elif _is_wrapped_hook(current):
+            # torch wraps module hooks registered with a module reference; what runs is `.hook`.
+            out.append((current,))
+            after = vars(current).get("hook", _MISSING)
         else:
             out.append((current,))
         current = after
     return tuple(out)
+
+
+def _is_wrapped_hook(obj: object) -> bool:
+    kind = type(obj)
+    return kind.__name__ == "_WrappedHook" and kind.__module__ == "torch.nn.modules.module"
 
 
 def _fingerprint(layers: tuple[_Layer, ...]) -> tuple[int, ...]:
@@ -489,6 +498,7 @@ class _Context:
 
     wrappers: tuple[_Wrapper, ...]
     ddp_file: str | None
+    fsdp_dir: str | None
     roots: tuple[str, ...] | None
 
 
@@ -618,11 +628,13 @@ class CodeSnapshot:
         return findings
 
     def _is_torch_hook(self, hook: object) -> bool:
-        ddp_file = self._context.ddp_file
-        if ddp_file is None:
-            return False
+        # DDP and FSDP register hooks of their own, some lazily at the first forward pass.
         codes = _codes(hook)
-        return bool(codes) and all(code.co_filename == ddp_file for code in codes)
+        ddp_file, fsdp_dir = self._context.ddp_file, self._context.fsdp_dir
+        return bool(codes) and all(
+            code.co_filename == ddp_file or (fsdp_dir is not None and code.co_filename.startswith(fsdp_dir))
+            for code in codes
+        )
 
     def _check_new_callables(self) -> list[EnvFinding]:
         """A critical callable whose module was loaded after the snapshot: it has no earlier state, so
@@ -790,11 +802,14 @@ def _context() -> _Context:
     ]
     ddp = sys.modules.get("torch.nn.parallel.distributed")
     ddp_file = getattr(ddp, "__file__", None) if isinstance(ddp, types.ModuleType) else None
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_file = getattr(fsdp, "__file__", None) if isinstance(fsdp, types.ModuleType) else None
+    fsdp_dir = os.path.dirname(fsdp_file) + os.sep if isinstance(fsdp_file, str) else None
     try:
         roots: tuple[str, ...] | None = _default_roots()
     except (TrainguardError, OSError):  # no layout: late-loaded callables go unchecked, the rest still are
         roots = None
-    return _Context(tuple(wrappers), ddp_file if isinstance(ddp_file, str) else None, roots)
+    return _Context(tuple(wrappers), ddp_file if isinstance(ddp_file, str) else None, fsdp_dir, roots)
 
 
 def _torch_wrapper(

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from trainguard.monitor._tensors import local
+
 __all__ = ["Fingerprinter"]
 
 # Primes for the row width, in 64-bit words; one is drawn per run.
@@ -58,7 +60,7 @@ class Fingerprinter:
 
     def one(self, tensor: torch.Tensor) -> torch.Tensor:
         """The fingerprint of one tensor, as a 0-d int64 tensor on its device."""
-        words = _words(tensor.detach())
+        words = _words(local(tensor.detach()))
         weights = self._weights_on(words.device)
         rows, tail = divmod(words.numel(), self.width)
         total = torch.zeros((), dtype=torch.int64, device=words.device)

@@ -39,6 +39,7 @@ from trainguard.monitor._fingerprint import Fingerprinter
 from trainguard.monitor._offcpu import ChangePoint, OffCpuClock
 from trainguard.monitor._recompute import UpdateCheck, coverage
 from trainguard.monitor._sink import LedgerSink
+from trainguard.monitor._tensors import local
 from trainguard.monitor._verdict import Failure, RankReport, decide
 
 __all__ = ["Guard"]
@@ -53,6 +54,7 @@ class Guard:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: GuardConfig) -> None:
         self.config = config
         self.step = 0
+        self._notices: list[str] = []
         self._model = _inner(model)
         self._optimizer = optimizer
         self._channel = Channel(config.collective_timeout)
@@ -72,7 +74,7 @@ class Guard:
             elements_per_tensor=config.sample_elements,
         )
         self._slot_names = self._names + [f"optimizer state of {name}" for name in self._names]
-        self._replica_groups = [list(g) for g in config.replica_groups or [range(self.world_size)]]
+        self._replica_groups = self._replicas(model)
         self._clock = OffCpuClock()
         floor = config.stall_floor_ms * 1000
         self._stalls = {window: ChangePoint(floor=floor) for window in ("data", "forward", "optimizer")}
@@ -91,7 +93,6 @@ class Guard:
         self._closed = False
         self._active = True
         self.failure: IntegrityError | None = None
-        self._notices: list[str] = []
         if config.enabled(Check.UPDATE) and (notice := coverage(optimizer)) is not None:
             self._notice(notice)
         if config.enabled(Check.STEP_TIME) and not self._clock.available:
@@ -228,7 +229,7 @@ class Guard:
         self._clock.mark()
 
     def _measure_gradient(self, report: RankReport) -> None:
-        grads = [p.grad for p in self._params if p.grad is not None]
+        grads = [local(p.grad) for p in self._params if p.grad is not None]
         if not grads:
             return
         norms = torch._foreach_norm(grads)
@@ -334,6 +335,18 @@ class Guard:
         # Position in the state dict matters: exp_avg and exp_avg_sq swapped must show.
         weights = torch.arange(1, len(tensors) + 1, dtype=torch.int64, device=prints.device) * 2 + 1
         return int((prints * weights).sum())
+
+    def _replicas(self, model: torch.nn.Module) -> list[list[int]]:
+        if self.config.replica_groups is not None:
+            return [list(group) for group in self.config.replica_groups]
+        if _sharded(model):
+            # Each rank holds its own shard: without the replica layout there is nothing equal to compare.
+            self._notice(
+                "the model's parameters are sharded (FSDP or DTensor): replicas are not compared; "
+                "pass replica_groups=[[ranks holding the same shard], ...] to compare them"
+            )
+            return []
+        return [list(range(self.world_size))]
 
     def _param_versions(self) -> list[int]:
         return [param._version for param in self._params]
@@ -492,6 +505,15 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
     # DDP's forward runs collectives (buffer broadcast); the wrapped module's forward does not.
     parallel = torch.nn.parallel.DistributedDataParallel
     return model.module if isinstance(model, parallel) else model
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    for module in model.modules():
+        if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule") or any(
+            type(base).__name__ == "FSDPModule" for base in type(module).__mro__
+        ):
+            return True
+    return any(type(param).__name__ == "DTensor" for param in model.parameters())
 
 
 def _integrity_error(failures: Sequence[Failure]) -> IntegrityError:

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from trainguard.monitor._tensors import local
+
 __all__ = ["Mismatch", "UpdateCheck", "coverage"]
 
 _SGD_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
@@ -118,8 +120,11 @@ class UpdateCheck:
         if not candidates:
             return
         for group, param in self._choose(candidates):
-            count = min(self._elements, param.numel())
-            index = torch.randint(param.numel(), (count,), generator=self._generator).to(param.device)
+            shard = local(param)
+            count = min(self._elements, shard.numel())
+            if not count:
+                continue
+            index = torch.randint(shard.numel(), (count,), generator=self._generator).to(shard.device)
             state = self._optimizer.state.get(param, {})
             values = {"param": _take(param, index), "grad": _take(_grad(param), index)}
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
@@ -158,7 +163,7 @@ class UpdateCheck:
     ) -> Iterator[tuple[Any, Any]]:
         # Half the picks by size, so most elements are covered; half uniform, so small tensors are too.
         count = min(self._tensors, len(candidates))
-        sizes = torch.tensor([float(param.numel()) for _, param in candidates])
+        sizes = torch.tensor([float(local(param).numel()) + 1.0 for _, param in candidates])
         by_size = torch.multinomial(sizes, max(1, count // 2), generator=self._generator).tolist()
         uniform = torch.randint(len(candidates), (count - len(by_size),), generator=self._generator).tolist()
         for position in dict.fromkeys(by_size + uniform):
@@ -189,7 +194,7 @@ def _grad(param: torch.Tensor) -> torch.Tensor:
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().reshape(-1).index_select(0, index).to(device="cpu", dtype=torch.float64)
+    return local(tensor.detach()).reshape(-1).index_select(0, index).to(device="cpu", dtype=torch.float64)
 
 
 def _scalar(value: Any) -> Any:
