@@ -221,3 +221,58 @@ assert guard.step == 5 and guard.failure is None
 dist.destroy_process_group()
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_rollback_restores_the_newest_checkpoint_that_verifies(model: nn.Module, tmp_path: Path) -> None:
+    from trainguard.monitor import rollback_to_verified
+    from trainguard.provenance import PrivateKey
+
+    key = PrivateKey.generate("ed25519")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rollback = rollback_to_verified(folder, model, optimizer, trusted=[key.public()])
+    guard = trainguard.watch(
+        model, optimizer, ledger=False, actions={"outside": "rollback"}, rollback=rollback
+    )
+    steps = _steps(model, optimizer, 6)
+    next(steps)
+    good = {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+    }
+    trainguard.save(good, folder / "step1.pt", key=key)
+    next(steps)
+    # A newer checkpoint the attacker planted, unsigned: refused, so the older one is restored.
+    torch.save({"model": {k: v * 0 for k, v in model.state_dict().items()}}, folder / "step2.pt")
+    _write_weights(model)
+    restored: list[torch.Tensor] = []
+    original = model.load_state_dict
+
+    def spy(state, *args, **kwargs):  # type: ignore[no-untyped-def]
+        restored.append(state["0.weight"].clone())
+        return original(state, *args, **kwargs)
+
+    model.load_state_dict = spy  # type: ignore[method-assign]
+    assert list(steps) == [3, 4, 5, 6]
+    assert len(restored) == 1 and torch.equal(restored[0], good["model"]["0.weight"])
+    assert guard.failure is None
+
+
+def test_a_failure_that_persists_after_rollbacks_stops(model: nn.Module) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls: list[IntegrityError] = []
+    trainguard.watch(
+        model,
+        optimizer,
+        ledger=False,
+        actions={"outside": "rollback"},
+        rollback=calls.append,
+        max_rollbacks=2,
+    )
+    steps = _steps(model, optimizer, 10)
+    next(steps)
+    with pytest.raises(IntegrityError, match="after 2 rollbacks the failure persists"):
+        for _ in steps:
+            _write_weights(model)
+    assert len(calls) == 2

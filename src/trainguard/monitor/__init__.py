@@ -17,15 +17,17 @@ if TYPE_CHECKING:
     from trainguard.monitor._checks import Action, Check
     from trainguard.monitor._config import GuardConfig
     from trainguard.monitor._guard import Guard
+    from trainguard.monitor._rollback import rollback_to_verified
     from trainguard.monitor._watch import watch
 
-__all__ = ["Action", "Check", "Guard", "GuardConfig", "watch"]
+__all__ = ["Action", "Check", "Guard", "GuardConfig", "rollback_to_verified", "watch"]
 
 _WHERE = {
     "Action": "_checks",
     "Check": "_checks",
     "GuardConfig": "_config",
     "Guard": "_guard",
+    "rollback_to_verified": "_rollback",
     "watch": "_watch",
 }
 

@@ -42,6 +42,8 @@ class GuardConfig:
     raise_errors: bool = True
     run_config: Mapping[str, object] | None = None
     rollback: Callable[[IntegrityError], None] | None = None
+    # After this many rollbacks a failure stops the job: an attack that persists would loop forever.
+    max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
         for name in ("state_every", "sample_tensors", "sample_elements", "summary_every"):

@@ -92,6 +92,7 @@ class Guard:
         self._sink = LedgerSink(self.run_id) if config.ledger and self.rank == 0 else None
         self._closed = False
         self._active = True
+        self._rollbacks = 0
         self.failure: IntegrityError | None = None
         if config.enabled(Check.UPDATE) and (notice := coverage(optimizer)) is not None:
             self._notice(notice)
@@ -411,7 +412,24 @@ class Guard:
                 raise self.failure
             return
         if rollbacks and self.config.rollback is not None:
-            self.config.rollback(_integrity_error(rollbacks))
+            error = _integrity_error(rollbacks)
+            self._rollbacks += 1
+            if self._rollbacks > self.config.max_rollbacks:
+                self.failure = IntegrityError(
+                    f"{error.message} (after {self.config.max_rollbacks} rollbacks the failure persists)",
+                    check=error.check,
+                    ranks=error.ranks,
+                    step=error.step,
+                    hint=_HINT,
+                )
+                self._active = False
+                if self.config.raise_errors:
+                    raise self.failure
+                return
+            self._record(
+                "monitor.rollback", {"check": error.check, "step": error.step, "count": self._rollbacks}
+            )
+            self.config.rollback(error)
             self._versions = self._param_versions()
 
     def _outside_change(self, *, bypassed: bool) -> None:
