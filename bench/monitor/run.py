@@ -24,7 +24,9 @@ WORKER = Path(__file__).with_name("worker.py")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args, worker_args = parser.parse_known_args()

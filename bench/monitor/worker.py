@@ -43,7 +43,9 @@ def main() -> None:
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "cuda" else None
+    device = (
+        torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "cuda" else None
+    )
     if device is not None:
         torch.cuda.set_device(device)
     torch.manual_seed(0)

@@ -27,8 +27,9 @@ class GuardConfig:
     replica_groups: Sequence[Sequence[int]] | None = None
     # Parameters are fingerprinted every step; the optimizer state in turns, all of it every this many.
     state_every: int = 4
-    sample_tensors: int = 4
-    sample_elements: int = 16
+    # Sampled per step for the update re-computation: a flip shows in any element it touches.
+    sample_tensors: int = 2
+    sample_elements: int = 32
     # Off-CPU time above a rank's own median that counts as a stall, in milliseconds.
     stall_floor_ms: float = 50.0
     # A loss or gradient norm this many times its recent median is a spike.

@@ -1,0 +1,113 @@
+"""What each of the guard's per-step checks costs, one process, on the benchmark's 11M-parameter model.
+
+    python bench/monitor/components.py [--repeat 30]
+
+Times, interleaved round by round (medians), one training step without the guard and each piece of
+work the guard adds to a step: the parameter fingerprint, one turn of the optimizer-state fingerprint,
+the gradient norm, the sampled update re-computation (before and after a step), the code snapshot
+check, and packing one report and drawing a verdict from two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from worker import build
+
+from trainguard.envcheck import CodeSnapshot
+from trainguard.monitor._fingerprint import Fingerprinter
+from trainguard.monitor._recompute import UpdateCheck
+from trainguard.monitor._verdict import RankReport, decide
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--samples", type=int, default=128, help="per rank (the 2-rank benchmark's share)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = build(2048, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.randn(args.samples, 1024), torch.randint(0, 10, (args.samples,))
+    params = list(model.parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def step() -> None:
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    fingerprinter = Fingerprinter(Fingerprinter.new_seed())
+    update = UpdateCheck(optimizer, names, seed=1, tensors_per_step=2, elements_per_tensor=32)
+    snapshot = CodeSnapshot.take(model, optimizer)
+    state = [t for p in params for t in optimizer.state[p].values() if isinstance(t, torch.Tensor)]
+    share = state[: max(1, len(state) // 4)]
+    slots = [f"slot{i}" for i in range(2 * len(params))]
+
+    def update_check() -> float:
+        # Around a real optimizer step, which is not counted.
+        start = time.perf_counter()
+        update.before()
+        middle = time.perf_counter()
+        optimizer.step()
+        resumed = time.perf_counter()
+        mismatches = update.after()
+        assert not mismatches, mismatches
+        return (middle - start) + (time.perf_counter() - resumed)
+
+    def gradient_norm() -> float:
+        norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+    def verdict() -> None:
+        report = RankReport(step=1, fingerprints=tuple(range(len(slots))))
+        words = report.pack()
+        decide(
+            [RankReport.unpack(words), RankReport.unpack(words)], replica_groups=[[0, 1]], slot_names=slots
+        )
+
+    cases: dict[str, Callable[[], object]] = {
+        "training step (no guard)": step,
+        "parameter fingerprint (all)": lambda: fingerprinter.of(params).tolist(),
+        "optimizer-state fingerprint (one turn of 4)": lambda: fingerprinter.of(share).tolist(),
+        "gradient norm": gradient_norm,
+        "update re-computation (2 tensors x 32 elements)": update_check,
+        "code snapshot check": snapshot.changes,
+        "report pack + verdict (2 ranks)": verdict,
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.repeat):
+        for name, case in cases.items():
+            start = time.perf_counter()
+            own = case()
+            elapsed = time.perf_counter() - start
+            times[name].append(own if isinstance(own, float) and name.startswith("update") else elapsed)
+    base = statistics.median(times["training step (no guard)"])
+    total = 0.0
+    print(f"{sum(p.numel() for p in params) / 1e6:.1f}M parameters, {args.samples} samples, 1 thread\n")
+    print("| work | median | share of a step |")
+    print("|---|---:|---:|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        if name != "training step (no guard)":
+            total += median
+        print(f"| {name} | {median * 1000:.2f} ms | {median / base * 100:.1f}% |")
+    print(f"| **sum of the guard's work** | {total * 1000:.2f} ms | {total / base * 100:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
