@@ -15,6 +15,7 @@ from trainguard._argtypes import positive_int, ratio
 from trainguard._cli_env import add_commands as add_env_commands
 from trainguard._cli_ledger import add_commands as add_ledger_commands
 from trainguard._cli_provenance import add_commands as add_provenance_commands
+from trainguard._cli_run import add_commands as add_run_commands
 from trainguard.errors import ExitCode, TrainguardError, UsageError
 
 log = logging.getLogger("trainguard")
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     add_ledger_commands(commands, common)
     add_provenance_commands(commands, common)
     add_env_commands(commands, common)
+    add_run_commands(commands, common)
     return parser
 
 

@@ -25,6 +25,8 @@ import logging
 import math
 import os
 import sys
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
@@ -36,8 +38,10 @@ from trainguard.monitor._checks import Action, Check
 from trainguard.monitor._config import GuardConfig
 from trainguard.monitor._distributed import Channel, Gathering
 from trainguard.monitor._fingerprint import Fingerprinter
+from trainguard.monitor._heartbeat import HeartbeatSender
 from trainguard.monitor._offcpu import ChangePoint, OffCpuClock
 from trainguard.monitor._recompute import UpdateCheck, coverage
+from trainguard.monitor._signals import SignalEvent, watch_signals
 from trainguard.monitor._sink import LedgerSink
 from trainguard.monitor._tensors import local
 from trainguard.monitor._verdict import Failure, RankReport, decide
@@ -101,6 +105,9 @@ class Guard:
                 "off-CPU step timing needs Linux's /proc/thread-self/schedstat; stalls are not timed"
             )
         self._handles = self._install_hooks()
+        # Under `trainguard run`: beats that say this rank is alive, and who sends it signals.
+        self._heartbeat = HeartbeatSender.from_environment(self.rank)
+        _watch_signals(self)
         self._snapshot = CodeSnapshot.take(model, optimizer) if config.enabled(Check.CODE) else None
         self._versions = self._param_versions()
         self._check_identity()
@@ -142,6 +149,9 @@ class Guard:
             self._finish()
 
     def _finish(self) -> None:
+        _LIVE.discard(self)
+        if self._heartbeat is not None:
+            self._heartbeat.close()
         self._flush_summaries()
         self._record("monitor.end", {"steps": self.step})
         if self._sink is not None:
@@ -250,6 +260,8 @@ class Guard:
         self._local_checks(report)
         report.fingerprints = self._fingerprints() if self.config.enabled(Check.FINGERPRINT) else ()
         self._pending = self._channel.start_gather(report.pack())
+        if self._heartbeat is not None:
+            self._heartbeat.set_step(self.step)
         self._report = RankReport(step=self.step)
         self._loss = None
         self._versions = self._param_versions()
@@ -513,10 +525,42 @@ class Guard:
             "notices": self._notices,
         }
 
+    def _on_signal(self, event: SignalEvent) -> None:
+        """Runs on the signal thread before the signal takes effect: say who sent it, while we can."""
+        sender = f"pid {event.sender_pid}, uid {event.sender_uid}"
+        if event.sender_cmdline:
+            sender += f": {event.sender_cmdline}"
+        _LOG.warning("trainguard: rank %d received %s from %s", self.rank, event.name, sender)
+        if self._heartbeat is not None:
+            self._heartbeat.send("signal", event.payload())
+        if self._sink is not None:
+            self._sink.put("monitor.signal", {"rank": self.rank, "step": self.step, **event.payload()})
+            # The default action may end the process next: the evidence is written first.
+            self._sink.flush(timeout=5.0)
+
     def _notice(self, message: str) -> None:
         self._notices.append(message)
         if self.rank == 0:
             _LOG.warning("trainguard: notice: %s", message)
+
+
+_LIVE: weakref.WeakSet[Guard] = weakref.WeakSet()
+_SIGNALS = threading.Lock()
+_signals_watched = False
+
+
+def _watch_signals(guard: Guard) -> None:
+    """One signal watcher per process, reporting to every guard still open."""
+    global _signals_watched
+    _LIVE.add(guard)
+    with _SIGNALS:
+        if not _signals_watched:
+            _signals_watched = watch_signals(_report_signal)
+
+
+def _report_signal(event: SignalEvent) -> None:
+    for guard in list(_LIVE):
+        guard._on_signal(event)
 
 
 def _inner(model: torch.nn.Module) -> torch.nn.Module:
