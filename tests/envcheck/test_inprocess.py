@@ -368,3 +368,17 @@ def test_patch_before_snapshot_is_foreign_code(attacks: dict[str, Any]) -> None:
     found = attacks["foreign-before-snapshot"]
     assert ["patched-function", "torch.optim.sgd.SGD.step"] in [f[:2] for f in found]
     assert "child.py" in next(f[2] for f in found if f[1] == "torch.optim.sgd.SGD.step")
+
+
+@pytest.mark.torch
+def test_a_method_bound_back_to_its_own_module_is_no_override() -> None:
+    # Lightning runs training_step through forward and then sets `module.forward = module.forward`.
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    other = torch.nn.Linear(2, 2)
+    snapshot = CodeSnapshot.take(model)
+    model[0].forward = model[0].forward
+    assert snapshot.changes() == []
+    # The same code bound to another module computes with that module's weights: an override.
+    model[0].forward = other.forward
+    assert [(f.kind, f.path) for f in snapshot.changes()] == [("patched-function", "Sequential.0.forward")]

@@ -276,3 +276,23 @@ def test_a_failure_that_persists_after_rollbacks_stops(model: nn.Module) -> None
         for _ in steps:
             _write_weights(model)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("positional", [True, False])
+def test_a_step_closure_is_checked_after_it_has_run(model: nn.Module, positional: bool) -> None:
+    # step(closure) runs forward and backward inside step(): the sampled re-computation must see this
+    # step's gradients, not the last one's, or every honest step would fail.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    guard = trainguard.watch(model, optimizer, ledger=False)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(6):
+        loss = optimizer.step(closure) if positional else optimizer.step(closure=closure)
+        assert isinstance(loss, torch.Tensor)
+    assert guard.check_now() is None and guard.step == 6
+    guard.close()

@@ -728,7 +728,7 @@ def _object_parts(obj: object) -> tuple[list[_Callable], list[_Registry]]:
         params: list[tuple[str, object]] = []
         for path, module in _submodules(obj, label, seen):
             callables.append(_Callable(f"type({path})", _type_getter(module), type(module), ()))
-            callables.append(_record(f"{path}.forward", _dict_getter(module, "forward")))
+            callables.append(_record(f"{path}.forward", _override_getter(module, "forward")))
             registries.extend(
                 _registry(f"{path}.{attr}", _dict_getter(module, attr)) for attr in _MODULE_HOOKS
             )
@@ -786,6 +786,24 @@ def _dict_getter(obj: object, name: str) -> Callable[[], object]:
     def get() -> object:
         namespace = getattr(obj, "__dict__", None)
         return namespace.get(name, _MISSING) if isinstance(namespace, dict) else _MISSING
+
+    return get
+
+
+def _override_getter(obj: object, name: str) -> Callable[[], object]:
+    """An instance-level override of a method, or _MISSING. The class's own method bound to the same
+    object is no override: Lightning assigns `module.forward = module.forward` around training_step."""
+    read = _dict_getter(obj, name)
+
+    def get() -> object:
+        value = read()
+        if (
+            isinstance(value, types.MethodType)
+            and value.__self__ is obj
+            and value.__func__ is _static_get(type(obj), name)
+        ):
+            return _MISSING
+        return value
 
     return get
 

@@ -28,7 +28,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
@@ -175,8 +175,23 @@ class Guard:
         def forward_post(module: torch.nn.Module, args: Any, output: Any) -> None:
             self._forward_post()
 
-        def step_pre(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self._step_pre()
+        def step_pre(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+            # `args` are step()'s own, the optimizer first. A closure (Lightning always passes one)
+            # runs the forward and backward passes inside step(): the step's own work is checked once
+            # it has run, or the gradients read would be the last step's.
+            closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+            if closure is None:
+                self._step_pre()
+                return None
+
+            def closure_then_check() -> Any:
+                result = closure()
+                self._step_pre()
+                return result
+
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": closure_then_check}
+            return (args[0], closure_then_check, *args[2:]), kwargs
 
         def step_post(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self._step_post()
@@ -192,21 +207,25 @@ class Guard:
         if not self._active:
             return
         elapsed = self._clock.mark()
-        first = self._between_steps
+        # Evaluation passes (no gradient) are not part of a training step: they neither time nor
+        # count as data, though the weights must still be as the last step left them.
+        training = torch.is_grad_enabled()
+        first = training and self._between_steps
         if first:
             # The first forward pass after a checked step (later ones are gradient accumulation).
             self._between_steps = False
             self._report.data_us += elapsed // 1000
-        tensors = [value for value in (*args, *(kwargs or {}).values()) if isinstance(value, torch.Tensor)]
-        if tensors:
-            # Read at the step's end, so a GPU is not made to wait here.
-            self._batches.append(self._fingerprinter.of(tensors).sum())
             # Last step's verdict, before this step runs any collective: a rank that stops here
             # leaves no other rank waiting in the gradient all-reduce.
             self._resolve()
+        if training:
+            tensors = list(_tensors_in((args, kwargs or {})))
+            if tensors:
+                # Read at the step's end, so that a GPU is not made to wait here.
+                self._batches.append(self._fingerprinter.of(tensors).sum())
         # Every pass: a step whose hooks were bypassed leaves no other trace.
         if self.config.enabled(Check.OUTSIDE) and self._param_versions() != self._versions:
-            self._outside_change(bypassed=not first)
+            self._outside_change(bypassed=training and not first)
         self._clock.mark()
 
     def _data_order(self) -> int:
@@ -279,6 +298,7 @@ class Guard:
             reports = [RankReport.unpack(words) for words in pending.wait()]
         except RuntimeError as exc:
             self._peer_lost(exc)
+            return
         failures = decide(
             reports,
             replica_groups=self._replica_groups if self.config.enabled(Check.FINGERPRINT) else [],
@@ -467,13 +487,13 @@ class Guard:
             self._report = RankReport(step=self.step)
             self._resolve()
 
-    def _peer_lost(self, exc: RuntimeError) -> NoReturn:
+    def _peer_lost(self, exc: RuntimeError) -> None:
         message = (
             f"a rank left the monitor's all-gather at step {self.step} ({str(exc).splitlines()[0]}); "
             "`trainguard run` names the rank that died and who killed it"
         )
+        # Raises, unless failures are kept for a framework callback to stop on.
         self._act([Failure(Check.LOST, (), self.step, message, Action.STOP)])
-        raise AssertionError("unreachable: a stop action raises")
 
     # -- ledger -------------------------------------------------------------------------------------
 
@@ -561,6 +581,18 @@ def _watch_signals(guard: Guard) -> None:
 def _report_signal(event: SignalEvent) -> None:
     for guard in list(_LIVE):
         guard._on_signal(event)
+
+
+def _tensors_in(value: object, depth: int = 0) -> Iterator[torch.Tensor]:
+    """The tensors of a batch as a model receives it: arguments, lists, tuples and dicts, a few deep."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth < 4 and isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item, depth + 1)
+    elif depth < 4 and isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item, depth + 1)
 
 
 def _inner(model: torch.nn.Module) -> torch.nn.Module:
