@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("torch")
 
 JOB = Path(__file__).with_name("job.py")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -41,21 +42,26 @@ class JobResult:
         return first
 
 
-def run_job(tmp_path: Path, nproc: int, *args: str, timeout: float = 240) -> JobResult:
+def run_job(
+    tmp_path: Path, nproc: int, *args: str, script: Path = JOB, timeout: float = 240, **env: str
+) -> JobResult:
+    """Run `script` (job.py unless told) under torchrun; `env` adds environment variables."""
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    env = {
+    environment = {
         **os.environ,
         "TRAINGUARD_HOME": str(tmp_path / "home"),
         "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **env,
     }
-    env.pop("TRAINGUARD_LEDGER", None)
+    environment.pop("TRAINGUARD_LEDGER", None)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "--max-restarts=0", str(JOB), "--out", str(out), *args,
+        "--max-restarts=0", str(script), "--out", str(out), *args,
     ]  # fmt: skip
     completed = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, check=False
+        command, env=environment, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, check=False
     )
     output = completed.stdout + completed.stderr
     files = sorted(out.glob("rank*.json"))

@@ -21,6 +21,7 @@ from trainguard.monitor._watch import watch
 __all__ = [
     "CallbackSettings",
     "LightningGuard",
+    "close_guard",
     "jsonable",
     "log_failure",
     "torch_optimizer",
@@ -101,6 +102,14 @@ def log_failure(guard: Guard, error: IntegrityError, global_step: int) -> None:
     # Rank 0 and the ranks at fault, as the guard's own alerts: not one line per rank of a large job.
     if guard.rank == 0 or guard.rank in error.ranks:
         _LOG.error("trainguard: training stopped at global step %d: %s", global_step, error.diagnostics())
+
+
+def close_guard(guard: Guard | None, failure: IntegrityError | None) -> IntegrityError | None:
+    """Close a callback's guard; the failure the callback keeps: its own, else the guard's last."""
+    if guard is None:
+        return failure
+    guard.close()
+    return failure if failure is not None else guard.failure
 
 
 class LightningGuard:
@@ -189,10 +198,7 @@ class LightningGuard:
     def close(self) -> None:
         """Remove the guard's hooks and write its last ledger entries (the end of training does this)."""
         guard, self.guard = self.guard, None
-        if guard is not None:
-            guard.close()
-            if guard.failure is not None and self.failure is None:
-                self.failure = guard.failure
+        self.failure = close_guard(guard, self.failure)
 
     def _stop(self, trainer: Any, failure: IntegrityError) -> None:
         self.failure = failure

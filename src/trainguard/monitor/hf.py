@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from trainguard.errors import IntegrityError, MissingExtraError, UsageError
-from trainguard.monitor._callback import CallbackSettings, log_failure
+from trainguard.monitor._callback import CallbackSettings, close_guard, log_failure
 from trainguard.monitor._guard import Guard
 
 try:
@@ -109,10 +109,7 @@ class TrainguardCallback(TrainerCallback):
     def close(self) -> None:
         """Remove the guard's hooks and write its last ledger entries (the end of training does this)."""
         guard, self.guard = self.guard, None
-        if guard is not None:
-            guard.close()
-            if guard.failure is not None and self.failure is None:
-                self.failure = guard.failure
+        self.failure = close_guard(guard, self.failure)
 
     def _record(self, state: TrainerState, failure: IntegrityError) -> None:
         self.failure = failure
