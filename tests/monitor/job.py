@@ -38,6 +38,7 @@ def main() -> int:
     parser.add_argument("--attack-step", type=int, default=10)
     parser.add_argument("--gate", type=int, default=2, help="gated attacks fire at this world size or more")
     parser.add_argument("--skip", action="append", default=[])
+    parser.add_argument("--params-every", type=int, default=1)
     parser.add_argument("--ready", type=Path, help="write rankN.ready.json (pid) here once guarded")
     args = parser.parse_args()
 
@@ -56,7 +57,7 @@ def main() -> int:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    guard = trainguard.watch(model, optimizer, skip=args.skip)
+    guard = trainguard.watch(model, optimizer, skip=args.skip, params_every=args.params_every)
     if args.ready is not None:
         (args.ready / f"rank{rank}.ready.json").write_text(json.dumps({"pid": os.getpid()}))
     attacked = args.attack != "none" and (

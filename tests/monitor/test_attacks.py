@@ -44,6 +44,16 @@ def test_flip_on_one_of_three_replicas_is_named_by_the_fingerprints_alone(tmp_pa
     assert (error["check"], error["ranks"], error["step"]) == ("fingerprint", [1], 10)
 
 
+def test_fingerprints_in_turns_still_catch_a_flip_at_its_step(tmp_path: Path) -> None:
+    # Half the parameters each step: a tampered update touches every tensor, so the turn sees it.
+    result = run_job(
+        tmp_path, 3, "--attack", "flip", "--attack-ranks", "0", "--skip", "code", "--skip", "update",
+        "--params-every", "2",
+    )  # fmt: skip
+    error = result.error()
+    assert (error["check"], error["ranks"], error["step"]) == ("fingerprint", [0], 10)
+
+
 def test_noise_on_one_rank_is_named_by_the_fingerprints_alone(tmp_path: Path) -> None:
     result = run_job(
         tmp_path, 3, "--attack", "noise", "--attack-ranks", "2", "--skip", "code", "--skip", "update"

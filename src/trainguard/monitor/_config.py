@@ -25,7 +25,9 @@ class GuardConfig:
     actions: Mapping[Check, Action] = dataclasses.field(default_factory=lambda: dict(DEFAULT_ACTIONS))
     # Ranks holding the same shard (hybrid sharding); None means every rank is a replica (DDP).
     replica_groups: Sequence[Sequence[int]] | None = None
-    # Parameters are fingerprinted every step; the optimizer state in turns, all of it every this many.
+    # Tensors are fingerprinted in turns: all parameters every `params_every` steps (1: each step) and
+    # all optimizer state every `state_every`.
+    params_every: int = 1
     state_every: int = 4
     # Sampled per step for the update re-computation: a flip shows in any element it touches.
     sample_tensors: int = 2
@@ -47,7 +49,7 @@ class GuardConfig:
     max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("state_every", "sample_tensors", "sample_elements", "summary_every"):
+        for name in ("params_every", "state_every", "sample_tensors", "sample_elements", "summary_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"watch(): {name} must be at least 1, not {getattr(self, name)}")
         if self.stall_floor_ms <= 0 or self.spike_ratio <= 1:

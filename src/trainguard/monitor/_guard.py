@@ -91,6 +91,7 @@ class Guard:
         self._loss: torch.Tensor | None = None
         self._between_steps = True
         self._in_step = False
+        self._param_fingerprints: list[int] = [0] * len(self._params)
         self._state_fingerprints: list[int] = [0] * len(self._params)
         self._summaries: list[list[Any]] = []
         self._sink = LedgerSink(self.run_id) if config.ledger and self.rank == 0 else None
@@ -349,15 +350,21 @@ class Guard:
             )
 
     def _fingerprints(self) -> list[int]:
-        params = self._fingerprinter.of(self._params)
-        # A rotating share of the optimizer state each step, the same share on every replica; a
-        # difference in the state never heals (the moments decay it, bits stay apart), so it shows
-        # within `state_every` steps, and one step later in the parameters it moves.
-        turn = self.step % self.config.state_every
+        # Each tensor in its turn, the same turns on every replica: all parameters every
+        # `params_every` steps (every step by default), the optimizer state every `state_every`. A
+        # difference between replicas never heals by itself (the moments decay it, the bits stay
+        # apart), so it shows at the tensor's next turn; an update tampered on one rank touches every
+        # tensor, and shows at once.
+        params_turn = self.step % self.config.params_every
+        chosen = [p for i, p in enumerate(self._params) if i % self.config.params_every == params_turn]
+        values = iter(self._fingerprinter.of(chosen).tolist())
+        state_turn = self.step % self.config.state_every
         for position, param in enumerate(self._params):
-            if position % self.config.state_every == turn:
+            if position % self.config.params_every == params_turn:
+                self._param_fingerprints[position] = next(values)
+            if position % self.config.state_every == state_turn:
                 self._state_fingerprints[position] = self._state_fingerprint(param)
-        return [*params.tolist(), *self._state_fingerprints]
+        return [*self._param_fingerprints, *self._state_fingerprints]
 
     def _state_fingerprint(self, param: torch.Tensor) -> int:
         state = self._optimizer.state.get(param, {})
