@@ -130,3 +130,11 @@ def test_the_alert_that_stops_a_job_is_in_the_ledger(tmp_path: Path) -> None:
     assert alerts and alerts[0].payload["step"] == 10 and alerts[0].payload["action"] == "stop"
     assert 1 in alerts[0].payload["ranks"]
     assert all(event.rank == 0 for event in alerts)
+
+
+def test_ranks_guarding_models_of_different_shapes_share_one_gather(tmp_path: Path) -> None:
+    # Pipeline stages: reports of different lengths are padded, not a collective mismatch that aborts.
+    result = run_job(tmp_path, 2, script=Path(__file__).with_name("stages_job.py"))
+    assert [(rank["finished"], rank.get("steps")) for rank in result.ranks] == [(True, 12), (True, 12)], (
+        result.output
+    )

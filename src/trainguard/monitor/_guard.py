@@ -44,7 +44,7 @@ from trainguard.monitor._recompute import UpdateCheck, coverage
 from trainguard.monitor._signals import SignalEvent, watch_signals
 from trainguard.monitor._sink import LedgerSink
 from trainguard.monitor._tensors import local
-from trainguard.monitor._verdict import Failure, RankReport, decide
+from trainguard.monitor._verdict import Failure, RankReport, decide, report_length
 
 __all__ = ["Guard"]
 
@@ -85,6 +85,7 @@ class Guard:
         self._grad_history = ChangePoint(floor=math.log(config.spike_ratio), warmup=10)
         self._loss_history = ChangePoint(floor=math.log(config.spike_ratio), warmup=10)
         self._report = RankReport(step=0)
+        self._report_length = 0
         self._data_digest = 0
         self._batches: list[torch.Tensor] = []
         self._pending: Gathering | None = None
@@ -279,7 +280,7 @@ class Guard:
         report.data_digest = self._data_order()
         self._local_checks(report)
         report.fingerprints = self._fingerprints() if self.config.enabled(Check.FINGERPRINT) else ()
-        self._pending = self._channel.start_gather(report.pack())
+        self._pending = self._channel.start_gather(report.pack(self._report_length))
         if self._heartbeat is not None:
             self._heartbeat.set_step(self.step)
         self._report = RankReport(step=self.step)
@@ -397,7 +398,11 @@ class Guard:
             "run config": (Check.IDENTITY, _digest(self.config.run_config or {})),
             "environment": (Check.IDENTITY, _environment_digest()),
         }
-        values = self._channel.gather([value for _, value in fields.values()])
+        length = report_length(len(self._slot_names))
+        values = self._channel.gather([length, *(value for _, value in fields.values())])
+        # Every rank's report is padded to the longest, so that one all-gather fits all.
+        self._report_length = max(row[0] for row in values)
+        values = [row[1:] for row in values]
         failures = []
         for position, (name, (check, _)) in enumerate(fields.items()):
             if not self.config.enabled(check):
@@ -490,7 +495,7 @@ class Guard:
             self._measure_gradient(report)
             if self.config.enabled(Check.FINGERPRINT):
                 report.fingerprints = self._fingerprints()
-            self._pending = self._channel.start_gather(report.pack())
+            self._pending = self._channel.start_gather(report.pack(self._report_length))
             self._report = RankReport(step=self.step)
             self._resolve()
 

@@ -69,7 +69,9 @@ class RankReport:
     def failed(self, check: Check) -> bool:
         return bool(self.flags & check.bit)
 
-    def pack(self) -> list[int]:
+    def pack(self, length: int = 0) -> list[int]:
+        """The report as int64 words, zero-padded to `length` (ranks guarding models of different
+        shapes, pipeline stages say, must still send vectors of one length)."""
         # Each failed check's detail, cut to a fixed share: "check<US>text<RS>...".
         entries = [
             check.value.encode() + b"\x1f" + text.encode("utf-8", "replace")[:_PER_CHECK_BYTES]
@@ -87,7 +89,8 @@ class RankReport:
             self.optimizer_us,
             len(self.fingerprints),
         ]
-        return header + list(struct.unpack(f"<{_DETAIL_WORDS}q", raw)) + list(self.fingerprints)
+        words = header + list(struct.unpack(f"<{_DETAIL_WORDS}q", raw)) + list(self.fingerprints)
+        return words + [0] * (length - len(words))
 
     @classmethod
     def unpack(cls, words: Sequence[int]) -> RankReport:
