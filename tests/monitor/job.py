@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--gate", type=int, default=2, help="gated attacks fire at this world size or more")
     parser.add_argument("--skip", action="append", default=[])
     parser.add_argument("--params-every", type=int, default=1)
+    parser.add_argument("--defer", action="store_true", help="read the evidence one step late, as on a GPU")
     parser.add_argument("--ready", type=Path, help="write rankN.ready.json (pid) here once guarded")
     args = parser.parse_args()
 
@@ -57,7 +58,9 @@ def main() -> int:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    guard = trainguard.watch(model, optimizer, skip=args.skip, params_every=args.params_every)
+    guard = trainguard.watch(
+        model, optimizer, skip=args.skip, params_every=args.params_every, defer=args.defer
+    )
     if args.ready is not None:
         (args.ready / f"rank{rank}.ready.json").write_text(json.dumps({"pid": os.getpid()}))
     attacked = args.attack != "none" and (

@@ -138,3 +138,39 @@ def test_ranks_guarding_models_of_different_shapes_share_one_gather(tmp_path: Pa
     assert [(rank["finished"], rank.get("steps")) for rank in result.ranks] == [(True, 12), (True, 12)], (
         result.output
     )
+
+
+# One step late, as on a GPU (forced here on the CPU): the same attacks, the same step in the verdict,
+# which every rank draws one step later.
+FLIP_ONE = ["--attack", "flip", "--attack-ranks", "1", "--skip", "code", "--skip", "update"]
+SLEEP_ONE = ["--attack", "sleep", "--attack-ranks", "1", "--skip", "code"]
+DEFERRED = [
+    ("flip on one of three", 3, FLIP_ONE, ("fingerprint", [1], 10)),
+    ("flip on every rank", 2, ["--attack", "flip", "--skip", "code"], ("update", [0, 1], 10)),
+    ("sleeps on one rank", 2, SLEEP_ONE, ("step_time", [1], 10)),
+    ("nan from one rank", 2, ["--attack", "nan", "--attack-ranks", "1"], ("nonfinite", [1], 10)),
+    ("hook on one rank", 2, ["--attack", "hook", "--attack-ranks", "1"], ("code", [1], 10)),
+]
+
+
+@pytest.mark.parametrize(("name", "nproc", "args", "expected"), DEFERRED, ids=[d[0] for d in DEFERRED])
+def test_read_one_step_late_the_same_attacks_are_caught(
+    tmp_path: Path, name: str, nproc: int, args: list[str], expected: tuple[str, list[int], int]
+) -> None:
+    result = run_job(tmp_path, nproc, *args, "--defer")
+    error = result.error()
+    assert (error["check"], error["ranks"], error["step"]) == expected
+    # Raised when step 12 began: the verdict on step 10 is drawn at the start of step 12.
+    assert {rank["steps"] for rank in result.ranks} == {11}
+
+
+def test_read_one_step_late_a_bypassed_step_on_one_rank_stops_both(tmp_path: Path) -> None:
+    error = run_job(tmp_path, 2, "--attack", "monkeypatch_step", "--attack-ranks", "1", "--defer").error()
+    assert error["ranks"] == [1]
+    assert "rank 1 changed without passing the guard's optimizer hooks" in error["message"]
+
+
+def test_read_one_step_late_a_clean_run_raises_no_alarm(tmp_path: Path) -> None:
+    result = run_job(tmp_path, 2, "--steps", "60", "--defer")
+    assert [rank["finished"] for rank in result.ranks] == [True, True], result.output
+    assert "trainguard:" not in result.output

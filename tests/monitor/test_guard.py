@@ -296,3 +296,46 @@ def test_a_step_closure_is_checked_after_it_has_run(model: nn.Module, positional
         assert isinstance(loss, torch.Tensor)
     assert guard.check_now() is None and guard.step == 6
     guard.close()
+
+
+def test_read_one_step_late_the_failure_names_its_step_and_comes_a_step_later(model: nn.Module) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = trainguard.watch(model, optimizer, ledger=False, defer=True)
+    assert guard.config.defer is True
+    steps = _steps(model, optimizer, 10)
+    next(steps)
+    _write_weights(model)
+    assert next(steps) == 2  # step 2's evidence is still on its way
+    with pytest.raises(IntegrityError) as caught:
+        next(steps)
+    assert (caught.value.check, caught.value.step) == ("outside", 2)
+
+
+def test_read_one_step_late_close_draws_the_last_verdict(model: nn.Module) -> None:
+    import importlib
+
+    sgd = importlib.import_module("torch.optim.sgd")
+    original = sgd._single_tensor_sgd
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = trainguard.watch(model, optimizer, ledger=False, defer=True, skip=["code"])
+    steps = _steps(model, optimizer, 3)
+    next(steps)
+    next(steps)
+
+    def flipped(params, grads, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original(params, [-g for g in grads], *args, **kwargs)
+
+    sgd._single_tensor_sgd = flipped
+    try:
+        assert next(steps) == 3  # the last step: nothing later would draw its verdict
+        with pytest.raises(IntegrityError) as caught:
+            guard.close()
+    finally:
+        sgd._single_tensor_sgd = original
+    assert (caught.value.check, caught.value.step) == ("update", 3)
+
+
+def test_on_the_cpu_evidence_is_read_at_once(model: nn.Module) -> None:
+    guard = trainguard.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), ledger=False)
+    assert guard._defer is False
+    guard.close()

@@ -40,6 +40,9 @@ class GuardConfig:
     summary_every: int = 100
     collective_timeout: datetime.timedelta = datetime.timedelta(minutes=5)
     ledger: bool = True
+    # Read the device-side evidence (fingerprints, samples, norms) one step late, so that no step
+    # waits for the device: None decides by the parameters' device (on for CUDA).
+    defer: bool | None = None
     # False for framework callbacks: a failure is kept in `guard.failure` and the callback stops the
     # framework's loop, instead of an exception from inside optimizer.step().
     raise_errors: bool = True

@@ -5,10 +5,16 @@ A step, as the guard sees it:
     forward pre-hook    parameters unchanged since the last check? (every pass: a bypassed step
                         leaves no other trace); off-CPU time since the last step (data loading)
     forward hook        off-CPU time in the forward pass
-    step pre-hook       the verdict on the previous step; gradient norm, NaN/Inf; copy the secretly
-                        sampled elements
-    step post-hook      off-CPU time in the optimizer; re-compute the sampled update; code snapshot;
-                        fingerprints; start an all-gather of every rank's report
+    step pre-hook       (a step with no forward pass) the verdict; the gradient norm; the secretly
+                        sampled elements, taken where they are (after the step's closure, if any)
+    step post-hook      off-CPU time in the optimizer and the code snapshot, on the host; the
+                        fingerprints, the samples after the step, the norms and batch digests packed
+                        on the device and copied to the host; the report completed from those copies
+                        (NaN/Inf, spikes, the re-computed update) and an all-gather of every rank's
+                        report started
+
+On a GPU (`defer`) the copies are read one step late, when they have long arrived, so that no step
+waits for the device: step N's report is completed and sent at step N+1's end.
 
 The verdict on step N is a pure function of the gathered reports, so every rank draws the same one.
 It is drawn when step N+1 reaches its optimizer, before that step changes anything: by then the ranks
@@ -19,11 +25,13 @@ stalls hold no collective: off-CPU time there is the rank's own.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import struct
 import sys
 import threading
 import weakref
@@ -40,7 +48,7 @@ from trainguard.monitor._distributed import Channel, Gathering
 from trainguard.monitor._fingerprint import Fingerprinter
 from trainguard.monitor._heartbeat import HeartbeatSender
 from trainguard.monitor._offcpu import ChangePoint, OffCpuClock
-from trainguard.monitor._recompute import UpdateCheck, coverage
+from trainguard.monitor._recompute import Samples, UpdateCheck, coverage
 from trainguard.monitor._signals import SignalEvent, watch_signals
 from trainguard.monitor._sink import LedgerSink
 from trainguard.monitor._tensors import local
@@ -90,6 +98,12 @@ class Guard:
         self._batches: list[torch.Tensor] = []
         self._pending: Gathering | None = None
         self._loss: torch.Tensor | None = None
+        self._step_loss: torch.Tensor | None = None
+        self._grad_norm: torch.Tensor | None = None
+        self._deferred: _Captured | None = None
+        on_gpu = bool(self._params) and self._params[0].device.type == "cuda"
+        # On a GPU the evidence is read one step late, so that no step waits for the device.
+        self._defer = on_gpu if config.defer is None else config.defer
         self._between_steps = True
         self._in_step = False
         self._param_fingerprints: list[int] = [0] * len(self._params)
@@ -145,6 +159,11 @@ class Guard:
         try:
             if self._active:
                 self._resolve()
+                if self._deferred is not None:
+                    # Every rank closes at the same point: the last step's report goes out now.
+                    deferred, self._deferred = self._deferred, None
+                    self._send(self._complete(deferred))
+                    self._resolve()
         finally:
             self._active = False
             self._closed = True
@@ -230,12 +249,11 @@ class Guard:
             self._outside_change(bypassed=training and not first)
         self._clock.mark()
 
-    def _data_order(self) -> int:
-        """The running data-order digest, extended by this step's batches: exact, and signed int64."""
+    def _data_order(self, batches: Sequence[int]) -> int:
+        """The running data-order digest, extended by a step's batches: exact, and signed int64."""
         digest = self._data_digest
-        for batch in self._batches:
-            digest = (digest * 0x100000001B3 + int(batch)) % (1 << 64)
-        self._batches = []
+        for batch in batches:
+            digest = (digest * 0x100000001B3 + batch) % (1 << 64)
         self._data_digest = digest
         return digest - (1 << 64) if digest >= 1 << 63 else digest
 
@@ -250,24 +268,20 @@ class Guard:
         # A step with no forward pass since the last one: its verdict is drawn here instead.
         self._resolve()
         self._in_step = True
-        report = self._report
-        if self._loss is not None:
-            report.loss = float(self._loss)
-            if self.config.enabled(Check.NONFINITE) and not math.isfinite(report.loss):
-                report.fail(Check.NONFINITE, f"loss is {report.loss}")
-        self._measure_gradient(report)
+        self._step_loss, self._loss = self._loss, None
+        self._grad_norm = self._gradient_norm()
         if self.config.enabled(Check.UPDATE):
             self._update.before()
         self._clock.mark()
 
-    def _measure_gradient(self, report: RankReport) -> None:
+    def _gradient_norm(self) -> torch.Tensor | None:
+        """The gradient's norm, left on its device."""
         grads = [local(p.grad) for p in self._params if p.grad is not None]
         if not grads:
-            return
+            return None
         norms = torch._foreach_norm(grads)
-        report.grad_norm = float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
-        if self.config.enabled(Check.NONFINITE) and not math.isfinite(report.grad_norm):
-            report.fail(Check.NONFINITE, f"gradient norm is {report.grad_norm}")
+        norm: torch.Tensor = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+        return norm
 
     def _step_post(self) -> None:
         if not self._active or not self._in_step:
@@ -277,19 +291,25 @@ class Guard:
         report.optimizer_us = self._clock.mark() // 1000
         self.step += 1
         report.step = self.step
-        report.data_digest = self._data_order()
-        self._local_checks(report)
-        report.fingerprints = self._fingerprints() if self.config.enabled(Check.FINGERPRINT) else ()
-        self._pending = self._channel.start_gather(report.pack(self._report_length))
+        self._host_checks(report)
+        captured = self._capture(report)
+        ready: _Captured | None = captured
+        if self._defer:
+            # One step late: last step's copies have long arrived, this step's are under way.
+            ready, self._deferred = self._deferred, captured
+        if ready is not None:
+            self._send(self._complete(ready))
         if self._heartbeat is not None:
             self._heartbeat.set_step(self.step)
         self._report = RankReport(step=self.step)
-        self._loss = None
         self._versions = self._param_versions()
         self._between_steps = True
         if not self._channel.distributed:
             self._resolve()
         self._clock.mark()
+
+    def _send(self, report: RankReport) -> None:
+        self._pending = self._channel.start_gather(report.pack(self._report_length))
 
     def _resolve(self) -> None:
         """Draw the verdict on the last step from every rank's report, and act on it."""
@@ -312,24 +332,13 @@ class Guard:
 
     # -- checks -----------------------------------------------------------------------------------
 
-    def _local_checks(self, report: RankReport) -> None:
+    def _host_checks(self, report: RankReport) -> None:
+        """The checks that read nothing from a device: code, and time off the CPU."""
         config = self.config
-        if config.enabled(Check.UPDATE):
-            mismatches = self._update.after()
-            if mismatches:
-                report.fail(Check.UPDATE, mismatches[0].describe())
         if self._snapshot is not None:
             changes = self._snapshot.changes()
             if changes:
                 report.fail(Check.CODE, changes[0].message)
-        if config.enabled(Check.SPIKE):
-            for what, value, history in (
-                ("gradient norm", report.grad_norm, self._grad_history),
-                ("loss", report.loss, self._loss_history),
-            ):
-                if math.isfinite(value) and value > 0 and history.observe(math.log(value)):
-                    median = math.exp(history.baseline() or 0.0)
-                    report.fail(Check.SPIKE, f"{what} {value:.4g} against a recent median of {median:.4g}")
         if config.enabled(Check.STEP_TIME) and self._clock.available:
             for window, microseconds in (("forward", report.forward_us), ("optimizer", report.optimizer_us)):
                 if self._stalls[window].observe(microseconds):
@@ -350,32 +359,94 @@ class Guard:
                 f"{report.data_us / 1000:.0f} ms off-CPU between steps (its median is {baseline:.0f} ms)",
             )
 
-    def _fingerprints(self) -> list[int]:
-        # Each tensor in its turn, the same turns on every replica: all parameters every
-        # `params_every` steps (every step by default), the optimizer state every `state_every`. A
-        # difference between replicas never heals by itself (the moments decay it, the bits stay
-        # apart), so it shows at the tensor's next turn; an update tampered on one rank touches every
-        # tensor, and shows at once.
-        params_turn = self.step % self.config.params_every
-        chosen = [p for i, p in enumerate(self._params) if i % self.config.params_every == params_turn]
-        values = iter(self._fingerprinter.of(chosen).tolist())
-        state_turn = self.step % self.config.state_every
-        for position, param in enumerate(self._params):
-            if position % self.config.params_every == params_turn:
-                self._param_fingerprints[position] = next(values)
-            if position % self.config.state_every == state_turn:
-                self._state_fingerprints[position] = self._state_fingerprint(param)
-        return [*self._param_fingerprints, *self._state_fingerprints]
+    def _capture(self, report: RankReport) -> _Captured:
+        """This step's device-side evidence, packed in one vector whose copy to the host starts now."""
+        device = self._params[0].device if self._params else torch.device("cpu")
+        parts: list[torch.Tensor] = []
+        param_turn: list[int] = []
+        state_turn: list[int] = []
+        if self.config.enabled(Check.FINGERPRINT):
+            # Each tensor in its turn, the same turns on every replica: all parameters every
+            # `params_every` steps (every step by default), the optimizer state every `state_every`.
+            # A difference between replicas never heals by itself (the moments decay it, the bits
+            # stay apart), so it shows at the tensor's next turn; an update tampered on one rank
+            # touches every tensor, and shows at once.
+            param_turn = [
+                i
+                for i in range(len(self._params))
+                if i % self.config.params_every == self.step % self.config.params_every
+            ]
+            state_turn = [
+                i
+                for i in range(len(self._params))
+                if i % self.config.state_every == self.step % self.config.state_every
+            ]
+            if param_turn:
+                parts.append(self._fingerprinter.of([self._params[i] for i in param_turn]).to(device))
+            parts.extend(self._state_fingerprint(self._params[i], device) for i in state_turn)
+        batches, self._batches = self._batches, []
+        parts.extend(batch.to(device).reshape(1) for batch in batches)
+        for value in (self._grad_norm, self._step_loss):
+            number = torch.full((1,), math.nan, dtype=torch.float64, device=device)
+            if value is not None:
+                number = value.detach().to(device=device, dtype=torch.float64).reshape(1)
+            parts.append(number.view(torch.int64))
+        words = torch.cat([part.reshape(-1) for part in parts]).to("cpu", non_blocking=True)
+        samples = self._update.capture().to_host() if self.config.enabled(Check.UPDATE) else Samples()
+        event = None
+        if device.type == "cuda":
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record()
+        present = (self._grad_norm is not None, self._step_loss is not None)
+        self._grad_norm = self._step_loss = None
+        return _Captured(report, words, param_turn, state_turn, len(batches), *present, samples, event)
 
-    def _state_fingerprint(self, param: torch.Tensor) -> int:
+    def _complete(self, captured: _Captured) -> RankReport:
+        """The report on a captured step, once its copies have arrived: the checks that need them."""
+        if captured.event is not None:
+            captured.event.synchronize()
+        report, values = captured.report, captured.words.tolist()
+        params, states = len(captured.param_turn), len(captured.state_turn)
+        for position, value in zip(captured.param_turn, values[:params], strict=True):
+            self._param_fingerprints[position] = value
+        for position, value in zip(captured.state_turn, values[params : params + states], strict=True):
+            self._state_fingerprints[position] = value
+        if self.config.enabled(Check.FINGERPRINT):
+            report.fingerprints = [*self._param_fingerprints, *self._state_fingerprints]
+        batches = values[params + states : params + states + captured.batches]
+        report.data_digest = self._data_order(batches)
+        report.grad_norm, report.loss = (_bits_float(bits) for bits in values[-2:])
+        if self.config.enabled(Check.NONFINITE):
+            # The loss first: NaN spreads to every rank's gradient, a rank's own loss shows where from.
+            measured = (
+                ("loss", report.loss, captured.loss),
+                ("gradient norm", report.grad_norm, captured.grad),
+            )
+            for what, value, present in measured:
+                if present and not math.isfinite(value):
+                    report.fail(Check.NONFINITE, f"{what} is {value}")
+        if self.config.enabled(Check.SPIKE):
+            for what, value, history in (
+                ("gradient norm", report.grad_norm, self._grad_history),
+                ("loss", report.loss, self._loss_history),
+            ):
+                if math.isfinite(value) and value > 0 and history.observe(math.log(value)):
+                    median = math.exp(history.baseline() or 0.0)
+                    report.fail(Check.SPIKE, f"{what} {value:.4g} against a recent median of {median:.4g}")
+        mismatches = captured.samples.judge()
+        if mismatches:
+            report.fail(Check.UPDATE, mismatches[0].describe())
+        return report
+
+    def _state_fingerprint(self, param: torch.Tensor, device: torch.device) -> torch.Tensor:
         state = self._optimizer.state.get(param, {})
         tensors = [state[key] for key in sorted(state) if isinstance(state[key], torch.Tensor)]
         if not tensors:
-            return 0
-        prints = self._fingerprinter.of(tensors)
+            return torch.zeros(1, dtype=torch.int64, device=device)
+        prints = self._fingerprinter.of(tensors).to(device)
         # Position in the state dict matters: exp_avg and exp_avg_sq swapped must show.
-        weights = torch.arange(1, len(tensors) + 1, dtype=torch.int64, device=prints.device) * 2 + 1
-        return int((prints * weights).sum())
+        weights = torch.arange(1, len(tensors) + 1, dtype=torch.int64, device=device) * 2 + 1
+        return (prints * weights).sum().reshape(1)
 
     def _replicas(self, model: torch.nn.Module) -> list[list[int]]:
         if self.config.replica_groups is not None:
@@ -489,14 +560,18 @@ class Guard:
             # No checked step since the last forward pass, yet the weights moved: this rank's step
             # hooks no longer run. It sends, now, the report its next step would have sent (the other
             # ranks gather it when they reach this point), and all stop together.
-            self.step += 1
-            report = self._report
-            report.step = self.step
-            self._measure_gradient(report)
-            if self.config.enabled(Check.FINGERPRINT):
-                report.fingerprints = self._fingerprints()
-            self._pending = self._channel.start_gather(report.pack(self._report_length))
+            if self._deferred is not None:
+                # One step late, the others send the report this rank still holds: send it, marked.
+                report = self._complete(self._deferred)
+                self._deferred = None
+                report.fail(Check.OUTSIDE, message)
+            else:
+                self.step += 1
+                self._report.step = self.step
+                self._grad_norm = self._gradient_norm()
+                report = self._complete(self._capture(self._report))
             self._report = RankReport(step=self.step)
+            self._send(report)
             self._resolve()
 
     def _peer_lost(self, exc: RuntimeError) -> None:
@@ -576,6 +651,21 @@ class Guard:
             _LOG.warning("trainguard: notice: %s", message)
 
 
+@dataclasses.dataclass(slots=True)
+class _Captured:
+    """One step's report and device-side evidence, its copy to the host under way."""
+
+    report: RankReport
+    words: torch.Tensor  # fingerprints in turn, batch digests, gradient norm and loss bits
+    param_turn: list[int]
+    state_turn: list[int]
+    batches: int
+    grad: bool
+    loss: bool
+    samples: Samples
+    event: Any
+
+
 _LIVE: weakref.WeakSet[Guard] = weakref.WeakSet()
 _SIGNALS = threading.Lock()
 _signals_watched = False
@@ -648,6 +738,10 @@ def _loaded_versions() -> Iterator[str]:
         module = sys.modules.get(name)
         if module is not None:
             yield f"{name}=={getattr(module, '__version__', '?')}"
+
+
+def _bits_float(bits: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", bits))[0])
 
 
 def _finite(value: float) -> float | None:

@@ -24,7 +24,7 @@ import torch
 
 from trainguard.monitor._tensors import local
 
-__all__ = ["Mismatch", "UpdateCheck", "coverage"]
+__all__ = ["Mismatch", "Samples", "UpdateCheck", "coverage"]
 
 _SGD_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
@@ -80,6 +80,32 @@ class _Sample:
     index: torch.Tensor
     values: dict[str, torch.Tensor]
     step: float
+    dtype: torch.dtype
+    actual: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+class Samples(list[_Sample]):
+    """One step's samples, before and after, where they were taken (the device, on a GPU)."""
+
+    def to_host(self) -> Samples:
+        """Start copying everything to the host without waiting (a GPU's copies finish in order)."""
+        return Samples(
+            dataclasses.replace(
+                sample,
+                index=_host(sample.index),
+                values={k: _host(v) for k, v in sample.values.items()},
+                actual={k: _host(v) for k, v in sample.actual.items()},
+            )
+            for sample in self
+        )
+
+    def judge(self) -> list[Mismatch]:
+        """Recompute the sampled updates (on the host) and return the elements that disagree."""
+        mismatches: list[Mismatch] = []
+        for sample in self:
+            expected = _sgd(sample) if sample.group["_kind"] == "sgd" else _adam(sample)
+            mismatches.extend(_compare(sample, expected, sample.actual))
+        return mismatches
 
 
 class UpdateCheck:
@@ -136,27 +162,30 @@ class UpdateCheck:
                 _Sample(
                     name=self._names.get(id(param), f"parameter #{id(param):x}"),
                     param=param,
-                    group={k: _scalar(group[k]) for k in group if k != "params"},
+                    group={"_kind": self._kind, **{k: _scalar(group[k]) for k in group if k != "params"}},
                     index=index,
                     values=values,
                     step=float(step),
+                    dtype=param.dtype,
                 )
             )
 
-    def after(self) -> list[Mismatch]:
-        """Recompute the sampled updates and return those that disagree; call in a step post-hook."""
-        mismatches: list[Mismatch] = []
-        for sample in self._samples:
+    def capture(self) -> Samples:
+        """Take the sampled elements as the step left them; call in a step post-hook. Nothing is read
+        back from a GPU here: `Samples.to_host().judge()` does that when the copies are done."""
+        samples, self._samples = Samples(self._samples), []
+        for sample in samples:
             state = self._optimizer.state.get(sample.param, {})
-            actual = {"param": _take(sample.param, sample.index)}
+            sample.actual["param"] = _take(sample.param, sample.index)
             for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
                 value = state.get(key)
                 if isinstance(value, torch.Tensor):
-                    actual[key] = _take(value, sample.index)
-            expected = self._expected(sample)
-            mismatches.extend(_compare(sample, expected, actual))
-        self._samples = []
-        return mismatches
+                    sample.actual[key] = _take(value, sample.index)
+        return samples
+
+    def after(self) -> list[Mismatch]:
+        """Recompute the sampled updates now and return those that disagree; call in a step post-hook."""
+        return self.capture().to_host().judge()
 
     def _choose(
         self, candidates: Sequence[tuple[Mapping[str, Any], torch.Tensor]]
@@ -168,11 +197,6 @@ class UpdateCheck:
         uniform = torch.randint(len(candidates), (count - len(by_size),), generator=self._generator).tolist()
         for position in dict.fromkeys(by_size + uniform):
             yield candidates[position]
-
-    def _expected(self, sample: _Sample) -> dict[str, torch.Tensor]:
-        if self._kind == "sgd":
-            return _sgd(sample)
-        return _adam(sample, decoupled=self._kind == "adamw")
 
 
 def _kind(optimizer: torch.optim.Optimizer) -> str | None:
@@ -194,7 +218,11 @@ def _grad(param: torch.Tensor) -> torch.Tensor:
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return local(tensor.detach()).reshape(-1).index_select(0, index).to(device="cpu", dtype=torch.float64)
+    return local(tensor.detach()).reshape(-1).index_select(0, index).to(torch.float64)
+
+
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to("cpu", non_blocking=True)
 
 
 def _scalar(value: Any) -> Any:
@@ -222,7 +250,8 @@ def _sgd(sample: _Sample) -> dict[str, torch.Tensor]:
     return expected
 
 
-def _adam(sample: _Sample, *, decoupled: bool) -> dict[str, torch.Tensor]:
+def _adam(sample: _Sample) -> dict[str, torch.Tensor]:
+    decoupled = sample.group["_kind"] == "adamw"
     group = sample.group
     lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     param = sample.values["param"]
@@ -251,7 +280,7 @@ def _adam(sample: _Sample, *, decoupled: bool) -> dict[str, torch.Tensor]:
 def _compare(
     sample: _Sample, expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor]
 ) -> list[Mismatch]:
-    ulp = torch.finfo(sample.param.dtype).eps
+    ulp = torch.finfo(sample.dtype).eps
     mismatches: list[Mismatch] = []
     for field, want in expected.items():
         got = actual.get(field)
