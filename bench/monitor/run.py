@@ -52,11 +52,11 @@ def main() -> int:
     print("| mode | median step | ratio | mean step | ratio |")
     print("|---|---|---|---|---|")
     print(f"| without the guard | {without * 1000:.1f} ms | 1.00x | {mean_without * 1000:.1f} ms | 1.00x |")
-    label = (
-        "`trainguard.watch(..., params_every=2, state_every=8)`"
-        if "--lean" in worker_args
-        else "`trainguard.watch`"
-    )
+    settings = [
+        *(["params_every=2, state_every=8"] if "--lean" in worker_args else []),
+        *(["defer=True"] if "--defer" in worker_args else []),
+    ]
+    label = f"`trainguard.watch(..., {', '.join(settings)})`" if settings else "`trainguard.watch`"
     print(
         f"| {label} | {guarded * 1000:.1f} ms | {guarded / without:.3f}x "
         f"| {mean_guarded * 1000:.1f} ms | {mean_guarded / mean_without:.3f}x |"

@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lean", action="store_true", help="parameters in 2 turns, optimizer state in 8")
+    parser.add_argument("--defer", action="store_true", help="read the evidence one step late, as on a GPU")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -74,8 +75,10 @@ def main() -> None:
     times: dict[str, list[float]] = {"without": [], "with": []}
     for _ in range(args.rounds):
         for mode in ("without", "with"):
-            lean = {"params_every": 2, "state_every": 8} if args.lean else {}
-            guard = trainguard.watch(ddp, optimizer, **lean) if mode == "with" else None
+            settings: dict[str, object] = {"params_every": 2, "state_every": 8} if args.lean else {}
+            if args.defer:
+                settings["defer"] = True
+            guard = trainguard.watch(ddp, optimizer, **settings) if mode == "with" else None
             # The first guarded steps of a block include the guard's set-up (its ledger is opened and
             # the start recorded in the background): they are not steady steps.
             if guard is not None:
