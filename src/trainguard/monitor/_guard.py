@@ -25,14 +25,9 @@ stalls hold no collective: off-CPU time there is the rank's own.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
-import struct
-import sys
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -45,13 +40,14 @@ from trainguard.errors import IntegrityError
 from trainguard.monitor._checks import Action, Check
 from trainguard.monitor._config import GuardConfig
 from trainguard.monitor._distributed import Channel, Gathering
+from trainguard.monitor._evidence import Captured, Evidence, gradient_norm
 from trainguard.monitor._fingerprint import Fingerprinter
 from trainguard.monitor._heartbeat import HeartbeatSender
+from trainguard.monitor._identity import compare_identity, digest
 from trainguard.monitor._offcpu import ChangePoint, OffCpuClock
-from trainguard.monitor._recompute import Samples, UpdateCheck, coverage
+from trainguard.monitor._recompute import UpdateCheck, coverage
 from trainguard.monitor._signals import SignalEvent, watch_signals
 from trainguard.monitor._sink import LedgerSink
-from trainguard.monitor._tensors import local
 from trainguard.monitor._verdict import Failure, RankReport, decide, report_length
 
 __all__ = ["Guard"]
@@ -86,28 +82,24 @@ class Guard:
             elements_per_tensor=config.sample_elements,
         )
         self._slot_names = self._names + [f"optimizer state of {name}" for name in self._names]
+        self._evidence = Evidence(self._params, optimizer, self._update, self._fingerprinter, config)
         self._replica_groups = self._replicas(model)
         self._clock = OffCpuClock()
         floor = config.stall_floor_ms * 1000
         self._stalls = {window: ChangePoint(floor=floor) for window in ("data", "forward", "optimizer")}
-        self._grad_history = ChangePoint(floor=math.log(config.spike_ratio), warmup=10)
-        self._loss_history = ChangePoint(floor=math.log(config.spike_ratio), warmup=10)
         self._report = RankReport(step=0)
         self._report_length = 0
-        self._data_digest = 0
         self._batches: list[torch.Tensor] = []
         self._pending: Gathering | None = None
         self._loss: torch.Tensor | None = None
         self._step_loss: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
-        self._deferred: _Captured | None = None
+        self._deferred: Captured | None = None
         on_gpu = bool(self._params) and self._params[0].device.type == "cuda"
         # On a GPU the evidence is read one step late, so that no step waits for the device.
         self._defer = on_gpu if config.defer is None else config.defer
         self._between_steps = True
         self._in_step = False
-        self._param_fingerprints: list[int] = [0] * len(self._params)
-        self._state_fingerprints: list[int] = [0] * len(self._params)
         self._summaries: list[list[Any]] = []
         self._sink = LedgerSink(self.run_id) if config.ledger and self.rank == 0 else None
         self._closed = False
@@ -126,7 +118,10 @@ class Guard:
         _watch_signals(self)
         self._snapshot = CodeSnapshot.take(model, optimizer) if config.enabled(Check.CODE) else None
         self._versions = self._param_versions()
-        self._check_identity()
+        self._report_length, failures = compare_identity(
+            self._channel, config, report_length(len(self._slot_names))
+        )
+        self._act(failures)
         self._record("monitor.start", self._start_payload())
         self._clock.reset()
 
@@ -162,7 +157,7 @@ class Guard:
                 if self._deferred is not None:
                     # Every rank closes at the same point: the last step's report goes out now.
                     deferred, self._deferred = self._deferred, None
-                    self._send(self._complete(deferred))
+                    self._send(self._evidence.complete(deferred))
                     self._resolve()
         finally:
             self._active = False
@@ -249,14 +244,6 @@ class Guard:
             self._outside_change(bypassed=training and not first)
         self._clock.mark()
 
-    def _data_order(self, batches: Sequence[int]) -> int:
-        """The running data-order digest, extended by a step's batches: exact, and signed int64."""
-        digest = self._data_digest
-        for batch in batches:
-            digest = (digest * 0x100000001B3 + batch) % (1 << 64)
-        self._data_digest = digest
-        return digest - (1 << 64) if digest >= 1 << 63 else digest
-
     def _forward_post(self) -> None:
         if self._active:
             self._report.forward_us += self._clock.mark() // 1000
@@ -269,19 +256,10 @@ class Guard:
         self._resolve()
         self._in_step = True
         self._step_loss, self._loss = self._loss, None
-        self._grad_norm = self._gradient_norm()
+        self._grad_norm = gradient_norm(self._params)
         if self.config.enabled(Check.UPDATE):
             self._update.before()
         self._clock.mark()
-
-    def _gradient_norm(self) -> torch.Tensor | None:
-        """The gradient's norm, left on its device."""
-        grads = [local(p.grad) for p in self._params if p.grad is not None]
-        if not grads:
-            return None
-        norms = torch._foreach_norm(grads)
-        norm: torch.Tensor = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-        return norm
 
     def _step_post(self) -> None:
         if not self._active or not self._in_step:
@@ -293,12 +271,12 @@ class Guard:
         report.step = self.step
         self._host_checks(report)
         captured = self._capture(report)
-        ready: _Captured | None = captured
+        ready: Captured | None = captured
         if self._defer:
             # One step late: last step's copies have long arrived, this step's are under way.
             ready, self._deferred = self._deferred, captured
         if ready is not None:
-            self._send(self._complete(ready))
+            self._send(self._evidence.complete(ready))
         if self._heartbeat is not None:
             self._heartbeat.set_step(self.step)
         self._report = RankReport(step=self.step)
@@ -359,94 +337,10 @@ class Guard:
                 f"{report.data_us / 1000:.0f} ms off-CPU between steps (its median is {baseline:.0f} ms)",
             )
 
-    def _capture(self, report: RankReport) -> _Captured:
-        """This step's device-side evidence, packed in one vector whose copy to the host starts now."""
-        device = self._params[0].device if self._params else torch.device("cpu")
-        parts: list[torch.Tensor] = []
-        param_turn: list[int] = []
-        state_turn: list[int] = []
-        if self.config.enabled(Check.FINGERPRINT):
-            # Each tensor in its turn, the same turns on every replica: all parameters every
-            # `params_every` steps (every step by default), the optimizer state every `state_every`.
-            # A difference between replicas never heals by itself (the moments decay it, the bits
-            # stay apart), so it shows at the tensor's next turn; an update tampered on one rank
-            # touches every tensor, and shows at once.
-            param_turn = [
-                i
-                for i in range(len(self._params))
-                if i % self.config.params_every == self.step % self.config.params_every
-            ]
-            state_turn = [
-                i
-                for i in range(len(self._params))
-                if i % self.config.state_every == self.step % self.config.state_every
-            ]
-            if param_turn:
-                parts.append(self._fingerprinter.of([self._params[i] for i in param_turn]).to(device))
-            parts.extend(self._state_fingerprint(self._params[i], device) for i in state_turn)
+    def _capture(self, report: RankReport) -> Captured:
         batches, self._batches = self._batches, []
-        parts.extend(batch.to(device).reshape(1) for batch in batches)
-        for value in (self._grad_norm, self._step_loss):
-            number = torch.full((1,), math.nan, dtype=torch.float64, device=device)
-            if value is not None:
-                number = value.detach().to(device=device, dtype=torch.float64).reshape(1)
-            parts.append(number.view(torch.int64))
-        words = torch.cat([part.reshape(-1) for part in parts]).to("cpu", non_blocking=True)
-        samples = self._update.capture().to_host() if self.config.enabled(Check.UPDATE) else Samples()
-        event = None
-        if device.type == "cuda":
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record()
-        present = (self._grad_norm is not None, self._step_loss is not None)
-        self._grad_norm = self._step_loss = None
-        return _Captured(report, words, param_turn, state_turn, len(batches), *present, samples, event)
-
-    def _complete(self, captured: _Captured) -> RankReport:
-        """The report on a captured step, once its copies have arrived: the checks that need them."""
-        if captured.event is not None:
-            captured.event.synchronize()
-        report, values = captured.report, captured.words.tolist()
-        params, states = len(captured.param_turn), len(captured.state_turn)
-        for position, value in zip(captured.param_turn, values[:params], strict=True):
-            self._param_fingerprints[position] = value
-        for position, value in zip(captured.state_turn, values[params : params + states], strict=True):
-            self._state_fingerprints[position] = value
-        if self.config.enabled(Check.FINGERPRINT):
-            report.fingerprints = [*self._param_fingerprints, *self._state_fingerprints]
-        batches = values[params + states : params + states + captured.batches]
-        report.data_digest = self._data_order(batches)
-        report.grad_norm, report.loss = (_bits_float(bits) for bits in values[-2:])
-        if self.config.enabled(Check.NONFINITE):
-            # The loss first: NaN spreads to every rank's gradient, a rank's own loss shows where from.
-            measured = (
-                ("loss", report.loss, captured.loss),
-                ("gradient norm", report.grad_norm, captured.grad),
-            )
-            for what, value, present in measured:
-                if present and not math.isfinite(value):
-                    report.fail(Check.NONFINITE, f"{what} is {value}")
-        if self.config.enabled(Check.SPIKE):
-            for what, value, history in (
-                ("gradient norm", report.grad_norm, self._grad_history),
-                ("loss", report.loss, self._loss_history),
-            ):
-                if math.isfinite(value) and value > 0 and history.observe(math.log(value)):
-                    median = math.exp(history.baseline() or 0.0)
-                    report.fail(Check.SPIKE, f"{what} {value:.4g} against a recent median of {median:.4g}")
-        mismatches = captured.samples.judge()
-        if mismatches:
-            report.fail(Check.UPDATE, mismatches[0].describe())
-        return report
-
-    def _state_fingerprint(self, param: torch.Tensor, device: torch.device) -> torch.Tensor:
-        state = self._optimizer.state.get(param, {})
-        tensors = [state[key] for key in sorted(state) if isinstance(state[key], torch.Tensor)]
-        if not tensors:
-            return torch.zeros(1, dtype=torch.int64, device=device)
-        prints = self._fingerprinter.of(tensors).to(device)
-        # Position in the state dict matters: exp_avg and exp_avg_sq swapped must show.
-        weights = torch.arange(1, len(tensors) + 1, dtype=torch.int64, device=device) * 2 + 1
-        return (prints * weights).sum().reshape(1)
+        grad_norm, loss, self._grad_norm, self._step_loss = self._grad_norm, self._step_loss, None, None
+        return self._evidence.capture(report, self.step, grad_norm, loss, batches)
 
     def _replicas(self, model: torch.nn.Module) -> list[list[int]]:
         if self.config.replica_groups is not None:
@@ -462,39 +356,6 @@ class Guard:
 
     def _param_versions(self) -> list[int]:
         return [param._version for param in self._params]
-
-    def _check_identity(self) -> None:
-        fields = {
-            "seed": (Check.SEED, _digest(torch.initial_seed())),
-            "run config": (Check.IDENTITY, _digest(self.config.run_config or {})),
-            "environment": (Check.IDENTITY, _environment_digest()),
-        }
-        length = report_length(len(self._slot_names))
-        values = self._channel.gather([length, *(value for _, value in fields.values())])
-        # Every rank's report is padded to the longest, so that one all-gather fits all.
-        self._report_length = max(row[0] for row in values)
-        values = [row[1:] for row in values]
-        failures = []
-        for position, (name, (check, _)) in enumerate(fields.items()):
-            if not self.config.enabled(check):
-                continue
-            column = [row[position] for row in values]
-            if len(set(column)) == 1:
-                continue
-            majority = max(set(column), key=column.count)
-            odd = (
-                tuple(r for r, v in enumerate(column) if v != majority)
-                if column.count(majority) * 2 > len(column)
-                else ()
-            )
-            who = (
-                f"rank {odd[0]}"
-                if len(odd) == 1
-                else ("ranks " + ", ".join(map(str, odd)) if odd else "the ranks")
-            )
-            message = f"the {name} of {who} differs from the other ranks' at the start of the run"
-            failures.append(Failure(check, odd, 0, message, self.config.actions[check]))
-        self._act(failures)
 
     # -- outcomes -----------------------------------------------------------------------------------
 
@@ -562,14 +423,14 @@ class Guard:
             # ranks gather it when they reach this point), and all stop together.
             if self._deferred is not None:
                 # One step late, the others send the report this rank still holds: send it, marked.
-                report = self._complete(self._deferred)
+                report = self._evidence.complete(self._deferred)
                 self._deferred = None
                 report.fail(Check.OUTSIDE, message)
             else:
                 self.step += 1
                 self._report.step = self.step
-                self._grad_norm = self._gradient_norm()
-                report = self._complete(self._capture(self._report))
+                self._grad_norm = gradient_norm(self._params)
+                report = self._evidence.complete(self._capture(self._report))
             self._report = RankReport(step=self.step)
             self._send(report)
             self._resolve()
@@ -628,7 +489,7 @@ class Guard:
             "parameters": len(self._params),
             "elements": sum(p.numel() for p in self._params),
             "optimizer": type(self._optimizer).__name__,
-            "config_digest": f"{_digest(self.config.run_config or {}) & (2**64 - 1):016x}",
+            "config_digest": f"{digest(self.config.run_config or {}) & (2**64 - 1):016x}",
             "notices": self._notices,
         }
 
@@ -649,21 +510,6 @@ class Guard:
         self._notices.append(message)
         if self.rank == 0:
             _LOG.warning("trainguard: notice: %s", message)
-
-
-@dataclasses.dataclass(slots=True)
-class _Captured:
-    """One step's report and device-side evidence, its copy to the host under way."""
-
-    report: RankReport
-    words: torch.Tensor  # fingerprints in turn, batch digests, gradient norm and loss bits
-    param_turn: list[int]
-    state_turn: list[int]
-    batches: int
-    grad: bool
-    loss: bool
-    samples: Samples
-    event: Any
 
 
 _LIVE: weakref.WeakSet[Guard] = weakref.WeakSet()
@@ -718,30 +564,6 @@ def _integrity_error(failures: Sequence[Failure]) -> IntegrityError:
     if len(failures) > 1:
         message += "; also: " + "; ".join(f.message for f in failures[1:3])
     return IntegrityError(message, check=first.check.value, ranks=first.ranks, step=first.step, hint=_HINT)
-
-
-def _digest(value: object) -> int:
-    text = json.dumps(value, sort_keys=True, default=repr).encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little", signed=True)
-
-
-def _environment_digest() -> int:
-    """The environment digest `trainguard run` verified, else the versions this process runs."""
-    given = os.environ.get("TRAINGUARD_ENV_DIGEST")
-    if given:
-        return _digest(given)
-    return _digest([sys.version, torch.__version__, sorted(_loaded_versions())])
-
-
-def _loaded_versions() -> Iterator[str]:
-    for name in ("numpy", "transformers", "lightning", "pytorch_lightning", "accelerate", "trainguard"):
-        module = sys.modules.get(name)
-        if module is not None:
-            yield f"{name}=={getattr(module, '__version__', '?')}"
-
-
-def _bits_float(bits: int) -> float:
-    return float(struct.unpack("<d", struct.pack("<q", bits))[0])
 
 
 def _finite(value: float) -> float | None:

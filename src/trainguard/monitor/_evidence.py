@@ -1,0 +1,190 @@
+"""A step's evidence: what the guard reads from the device, packed, copied to the host without
+waiting, and judged once the copy has arrived (at once on a CPU, one step late on a GPU).
+
+    captured = evidence.capture(report, step, grad_norm, loss, batches)   # in the step post-hook
+    report = evidence.complete(captured)                                  # now, or a step later
+
+The vector holds the fingerprints whose turn it is, the digests of the step's input batches and the
+bits of the gradient norm and the loss; the update check's samples travel beside it. Completing it
+fills the fingerprint caches (so that tensors out of turn keep their last value, equally on every
+replica) and runs the checks that need the values: NaN/Inf, spikes, the re-computed update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from trainguard.monitor._checks import Check
+from trainguard.monitor._config import GuardConfig
+from trainguard.monitor._fingerprint import Fingerprinter
+from trainguard.monitor._offcpu import ChangePoint
+from trainguard.monitor._recompute import Samples, UpdateCheck
+from trainguard.monitor._tensors import local
+from trainguard.monitor._verdict import RankReport
+
+__all__ = ["Captured", "Evidence", "gradient_norm"]
+
+
+@dataclasses.dataclass(slots=True)
+class Captured:
+    """One step's report and device-side evidence, its copy to the host under way."""
+
+    report: RankReport
+    words: torch.Tensor  # fingerprints in turn, batch digests, gradient norm and loss bits
+    param_turn: list[int]
+    state_turn: list[int]
+    batches: int
+    grad: bool
+    loss: bool
+    samples: Samples
+    event: Any
+
+
+class Evidence:
+    """Captures and completes the device-side evidence of the steps of one model and optimizer."""
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        update: UpdateCheck,
+        fingerprinter: Fingerprinter,
+        config: GuardConfig,
+    ) -> None:
+        self._params = list(params)
+        self._optimizer = optimizer
+        self._update = update
+        self._fingerprinter = fingerprinter
+        self.config = config
+        self._param_fingerprints: list[int] = [0] * len(self._params)
+        self._state_fingerprints: list[int] = [0] * len(self._params)
+        self._data_digest = 0
+        self._grad_history = ChangePoint(floor=math.log(config.spike_ratio), warmup=10)
+        self._loss_history = ChangePoint(floor=math.log(config.spike_ratio), warmup=10)
+
+    def capture(
+        self,
+        report: RankReport,
+        step: int,
+        grad_norm: torch.Tensor | None,
+        loss: torch.Tensor | None,
+        batches: Sequence[torch.Tensor],
+    ) -> Captured:
+        """This step's device-side evidence, packed in one vector whose copy to the host starts now."""
+        device = self._params[0].device if self._params else torch.device("cpu")
+        parts: list[torch.Tensor] = []
+        param_turn: list[int] = []
+        state_turn: list[int] = []
+        if self.config.enabled(Check.FINGERPRINT):
+            # Each tensor in its turn, the same turns on every replica: all parameters every
+            # `params_every` steps (every step by default), the optimizer state every `state_every`.
+            # A difference between replicas never heals by itself (the moments decay it, the bits
+            # stay apart), so it shows at the tensor's next turn; an update tampered on one rank
+            # touches every tensor, and shows at once.
+            count = len(self._params)
+            param_turn = [
+                i for i in range(count) if i % self.config.params_every == step % self.config.params_every
+            ]
+            state_turn = [
+                i for i in range(count) if i % self.config.state_every == step % self.config.state_every
+            ]
+            if param_turn:
+                parts.append(self._fingerprinter.of([self._params[i] for i in param_turn]).to(device))
+            parts.extend(self._state_fingerprint(self._params[i], device) for i in state_turn)
+        parts.extend(batch.to(device).reshape(1) for batch in batches)
+        for value in (grad_norm, loss):
+            number = torch.full((1,), math.nan, dtype=torch.float64, device=device)
+            if value is not None:
+                number = value.detach().to(device=device, dtype=torch.float64).reshape(1)
+            parts.append(number.view(torch.int64))
+        words = torch.cat([part.reshape(-1) for part in parts]).to("cpu", non_blocking=True)
+        samples = self._update.capture().to_host() if self.config.enabled(Check.UPDATE) else Samples()
+        event = None
+        if device.type == "cuda":
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record()
+        return Captured(
+            report,
+            words,
+            param_turn,
+            state_turn,
+            len(batches),
+            grad_norm is not None,
+            loss is not None,
+            samples,
+            event,
+        )
+
+    def complete(self, captured: Captured) -> RankReport:
+        """The report on a captured step, once its copies have arrived: the checks that need them."""
+        if captured.event is not None:
+            captured.event.synchronize()
+        report, values = captured.report, captured.words.tolist()
+        params, states = len(captured.param_turn), len(captured.state_turn)
+        for position, value in zip(captured.param_turn, values[:params], strict=True):
+            self._param_fingerprints[position] = value
+        for position, value in zip(captured.state_turn, values[params : params + states], strict=True):
+            self._state_fingerprints[position] = value
+        if self.config.enabled(Check.FINGERPRINT):
+            report.fingerprints = [*self._param_fingerprints, *self._state_fingerprints]
+        report.data_digest = self._data_order(values[params + states : params + states + captured.batches])
+        report.grad_norm, report.loss = (_bits_float(bits) for bits in values[-2:])
+        if self.config.enabled(Check.NONFINITE):
+            # The loss first: NaN spreads to every rank's gradient, a rank's own loss shows where from.
+            measured = (
+                ("loss", report.loss, captured.loss),
+                ("gradient norm", report.grad_norm, captured.grad),
+            )
+            for what, value, present in measured:
+                if present and not math.isfinite(value):
+                    report.fail(Check.NONFINITE, f"{what} is {value}")
+        if self.config.enabled(Check.SPIKE):
+            for what, value, history in (
+                ("gradient norm", report.grad_norm, self._grad_history),
+                ("loss", report.loss, self._loss_history),
+            ):
+                if math.isfinite(value) and value > 0 and history.observe(math.log(value)):
+                    median = math.exp(history.baseline() or 0.0)
+                    report.fail(Check.SPIKE, f"{what} {value:.4g} against a recent median of {median:.4g}")
+        mismatches = captured.samples.judge()
+        if mismatches:
+            report.fail(Check.UPDATE, mismatches[0].describe())
+        return report
+
+    def _state_fingerprint(self, param: torch.Tensor, device: torch.device) -> torch.Tensor:
+        state = self._optimizer.state.get(param, {})
+        tensors = [state[key] for key in sorted(state) if isinstance(state[key], torch.Tensor)]
+        if not tensors:
+            return torch.zeros(1, dtype=torch.int64, device=device)
+        prints = self._fingerprinter.of(tensors).to(device)
+        # Position in the state dict matters: exp_avg and exp_avg_sq swapped must show.
+        weights = torch.arange(1, len(tensors) + 1, dtype=torch.int64, device=device) * 2 + 1
+        return (prints * weights).sum().reshape(1)
+
+    def _data_order(self, batches: Sequence[int]) -> int:
+        """The running data-order digest, extended by a step's batches: exact, and signed int64."""
+        digest = self._data_digest
+        for batch in batches:
+            digest = (digest * 0x100000001B3 + batch) % (1 << 64)
+        self._data_digest = digest
+        return digest - (1 << 64) if digest >= 1 << 63 else digest
+
+
+def gradient_norm(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The gradient's norm, left on its device."""
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads)
+    norm: torch.Tensor = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return norm
+
+
+def _bits_float(bits: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", bits))[0])
