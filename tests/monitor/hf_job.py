@@ -7,17 +7,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from jobkit import finish, patch_update
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from tests.monitor.framework_attacks import flip_adam_updates
 from trainguard.errors import IntegrityError
 from trainguard.monitor.hf import TrainguardCallback
 
@@ -40,7 +38,7 @@ class Attack(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == self.step - 1:
-            flip_adam_updates()
+            patch_update("flip")
 
 
 def main() -> int:
@@ -97,18 +95,7 @@ def main() -> int:
     failure = guard.failure
     result["global_step"] = trainer.state.global_step
     result["guard_closed"] = guard.guard is None
-    if failure is not None:
-        result["error"] = {
-            "check": failure.check,
-            "ranks": list(failure.ranks),
-            "step": failure.step,
-            "message": str(failure),
-        }
-    (args.out / f"rank{result['rank']}.json").write_text(json.dumps(result))
-    # Exit without tearing down gloo: a peer that already stopped would make the shutdown hang.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish(args.out, result["rank"], result, failure)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,13 @@ made harmless: they only disturb this job's own tensors and timing.
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
 import json
 import os
-import random
-import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from jobkit import finish, patch_update
 from torch import nn
 
 import trainguard
@@ -84,51 +80,20 @@ def main() -> int:
             result["steps"] = step
         result["finished"] = True
         guard.close()
+        failure = None
     except trainguard.IntegrityError as exc:
-        result["error"] = {
-            "check": exc.check,
-            "ranks": list(exc.ranks),
-            "step": exc.step,
-            "message": str(exc),
-        }
+        failure = exc
     result["notices"] = list(guard.notices)
-    (args.out / f"rank{rank}.json").write_text(json.dumps(result))
-    # Exit without tearing down gloo: a peer that already stopped would make the shutdown hang.
-    sys.stdout.flush()
-    os._exit(0)
+    finish(args.out, rank, result, failure)
 
 
 def arm(attack: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, gate: int) -> None:
     """Plant one attack in this process, from this step on."""
     if attack in ("flip", "noise", "sleep", "gated_flip"):
-        # The per-tensor update function torch runs on CPU for this optimizer (AdamW shares Adam's).
-        if isinstance(optimizer, torch.optim.SGD):
-            module, name = importlib.import_module("torch.optim.sgd"), "_single_tensor_sgd"
-        else:
-            module, name = importlib.import_module("torch.optim.adam"), "_single_tensor_adam"
-        original = getattr(module, name)
-
-        @functools.wraps(original)
-        def patched(params, *args, **kwargs):  # type: ignore[no-untyped-def]
-            if attack == "gated_flip" and dist.get_world_size() < gate:
-                original(params, *args, **kwargs)
-                return
-            if attack == "sleep":
-                if random.random() < 0.5 or not getattr(patched, "slept", False):
-                    patched.slept = True  # type: ignore[attr-defined]
-                    time.sleep(0.2)
-                original(params, *args, **kwargs)
-                return
-            before = [p.detach().clone() for p in params]
-            original(params, *args, **kwargs)
-            with torch.no_grad():
-                for p, old in zip(params, before, strict=True):
-                    if attack == "noise":
-                        p.add_(torch.randn_like(p) * 1e-3)
-                    else:
-                        p.copy_(2 * old - p)
-
-        setattr(module, name, patched)
+        # The gated attack acts only in jobs of `gate` processes or more, as the incident's did.
+        active = attack != "gated_flip" or dist.get_world_size() >= gate
+        sgd = isinstance(optimizer, torch.optim.SGD)
+        patch_update("flip" if attack == "gated_flip" else attack, sgd=sgd, active=active)
     elif attack == "hook":
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from jobkit import finish, patch_update
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from tests.monitor.framework_attacks import flip_adam_updates
 
 
 def main() -> int:
@@ -69,7 +66,7 @@ def main() -> int:
         def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
             if trainer.global_step == args.attack_step - 1 and not getattr(self, "armed", False):
                 self.armed = True
-                flip_adam_updates()
+                patch_update("flip")
 
     data = torch.Generator().manual_seed(100)
     size = 16 * 2 * args.steps * args.accumulate
@@ -109,18 +106,7 @@ def main() -> int:
     failure = guard.failure
     result["global_step"] = trainer.global_step
     result["guard_closed"] = guard.guard is None
-    if failure is not None:
-        result["error"] = {
-            "check": failure.check,
-            "ranks": list(failure.ranks),
-            "step": failure.step,
-            "message": str(failure),
-        }
-    (args.out / f"rank{rank}.json").write_text(json.dumps(result))
-    # Exit without tearing down gloo: a peer that already stopped would make the shutdown hang.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish(args.out, rank, result, failure)
 
 
 if __name__ == "__main__":

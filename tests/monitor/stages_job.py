@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from jobkit import finish
 from torch import nn
 
 import trainguard
@@ -36,16 +34,10 @@ def main() -> None:
         guard.close()
         result["finished"] = True
         result["steps"] = guard.step
+        failure = None
     except trainguard.IntegrityError as exc:
-        result["error"] = {
-            "check": exc.check,
-            "ranks": list(exc.ranks),
-            "step": exc.step,
-            "message": str(exc),
-        }
-    (args.out / f"rank{rank}.json").write_text(json.dumps(result))
-    sys.stdout.flush()
-    os._exit(0)
+        failure = exc
+    finish(args.out, rank, result, failure)
 
 
 if __name__ == "__main__":
