@@ -163,6 +163,7 @@ def test_an_optimizer_it_cannot_recompute_gets_a_notice(model: nn.Module) -> Non
         ({"actions": {"update": "panic"}}, "unknown action 'panic'"),
         ({"actions": {"update": "rollback"}}, "no rollback function"),
         ({"state_every": 0}, "state_every must be at least 1"),
+        ({"state_evry": 2}, "unknown setting 'state_evry'"),
     ],
 )
 def test_bad_settings_are_usage_errors(model: nn.Module, settings: dict[str, object], says: str) -> None:

@@ -80,6 +80,13 @@ class GuardConfig:
         merged = dict(DEFAULT_ACTIONS)
         for name, action in (actions or {}).items():
             merged[_check(name)] = _action(name, action)
+        known = {field.name for field in dataclasses.fields(cls)} - {"checks", "actions"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise UsageError(
+                f"watch(): unknown setting {unknown[0]!r}",
+                hint="the settings are checks, skip, actions, " + ", ".join(sorted(known)),
+            )
         return cls(checks=chosen, actions=merged, **settings)  # type: ignore[arg-type]
 
     def enabled(self, check: Check) -> bool:
