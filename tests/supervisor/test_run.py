@@ -177,6 +177,31 @@ def test_an_unwatched_rank_still_dies_on_sigterm(
     assert exit_event.payload["cause"] == "killed by SIGKILL on behalf of a pending SIGTERM"
 
 
+def test_sigterm_to_a_launcher_that_handles_it_but_does_not_watch_stops_the_job(
+    home: Path, tmp_path: Path, supervised: list[Supervised]
+) -> None:
+    # torchrun's agent: a SIGTERM handler of its own, and the supervisor's block inherited, so the
+    # handler never runs. The user's request to stop must stop the job all the same.
+    run = Supervised(
+        [sys.executable, RANK, "--no-watch", "--handler", "--ready", str(tmp_path)],
+        options=("--no-env-check", "--grace", "1"),
+    )
+    supervised.append(run)
+    rank = run.ready(tmp_path, 0)
+    assert not rank["watching"] and rank["blocked"]
+    attacker = killer(rank["pid"], signal.SIGTERM)
+    status, err = run.finish()
+    attacker.communicate(b"")
+
+    assert status != 0, err
+    sent = [e for e in events(home, "run.signal") if e.payload["to"] == "process"]
+    assert [e.payload["action"][:14] for e in sent] == ["a stop request"]
+    (forward,) = events(home, "run.forward")
+    assert rank["pid"] in forward.payload["pids"]
+    (exit_event,) = events(home, "run.exit")
+    assert "SIGKILL" in exit_event.payload["cause"]
+
+
 @pytest.mark.parametrize("how", ["untrusted baseline", "tampered input"])
 def test_preflight_refusal_launches_nothing(home: Path, tmp_path: Path, how: str) -> None:
     trusted = PrivateKey.generate("ed25519")

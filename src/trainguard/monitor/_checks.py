@@ -22,6 +22,8 @@ class Check(enum.Enum):
     IDENTITY = "identity"  # run config or environment differ between ranks
     SEED = "seed"  # torch's initial seed differs between ranks
     LOST = "lost"  # a rank left the monitor's all-gather (died, was killed, or stopped on its own)
+    HYPERPARAMETERS = "hyperparameters"  # optimizer settings changed outside a scheduler, or differ
+    SAMPLER = "sampler"  # a data sampler's seed or settings changed, or differ between ranks
 
     @property
     def bit(self) -> int:

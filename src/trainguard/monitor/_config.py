@@ -32,6 +32,14 @@ class GuardConfig:
     # Sampled per step for the update re-computation: a flip shows in any element it touches.
     sample_tensors: int = 2
     sample_elements: int = 32
+    # Fixed secret elements of every tensor, checked at every step: compared with what the last step
+    # left (a write between steps, tampered optimizer state) and re-computed by the optimizer's rule.
+    fixed_elements: int = 4
+    # The code a step runs through is compared in this many turns, one slice per step.
+    code_turns: int = 2
+    # Learning-rate schedulers and DistributedSamplers of the job; by default those alive at watch().
+    schedulers: Sequence[object] = ()
+    samplers: Sequence[object] = ()
     # Off-CPU time above a rank's own median that counts as a stall, in milliseconds.
     stall_floor_ms: float = 50.0
     # A loss or gradient norm this many times its recent median is a spike.
@@ -52,7 +60,15 @@ class GuardConfig:
     max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("params_every", "state_every", "sample_tensors", "sample_elements", "summary_every"):
+        for name in (
+            "params_every",
+            "state_every",
+            "sample_tensors",
+            "sample_elements",
+            "fixed_elements",
+            "code_turns",
+            "summary_every",
+        ):
             if getattr(self, name) < 1:
                 raise UsageError(f"watch(): {name} must be at least 1, not {getattr(self, name)}")
         if self.stall_floor_ms <= 0 or self.spike_ratio <= 1:

@@ -65,6 +65,10 @@ class Evidence:
         self._param_fingerprints: list[int] = [0] * len(self._params)
         self._state_fingerprints: list[int] = [0] * len(self._params)
         self._data_digest = 0
+        # Parameters whose replicas diverge by design (renormalised in the forward pass from each
+        # rank's own batch): their fingerprints are sent as 0, so they are not compared. Their optimizer
+        # state comes from the reduced gradient, the same on every replica, and is compared.
+        self.uncompared: set[int] = set()
         self._grad_history = ChangePoint(floor=math.log(config.spike_ratio), warmup=10)
         self._loss_history = ChangePoint(floor=math.log(config.spike_ratio), warmup=10)
 
@@ -104,7 +108,8 @@ class Evidence:
                 number = value.detach().to(device=device, dtype=torch.float64).reshape(1)
             parts.append(number.view(torch.int64))
         words = torch.cat([part.reshape(-1) for part in parts]).to("cpu", non_blocking=True)
-        samples = self._update.capture().to_host() if self.config.enabled(Check.UPDATE) else Samples()
+        checked = self.config.enabled(Check.UPDATE) or self.config.enabled(Check.OUTSIDE)
+        samples = self._update.capture().to_host() if checked else Samples()
         event = None
         if device.type == "cuda":
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -132,7 +137,8 @@ class Evidence:
         for position, value in zip(captured.state_turn, values[params : params + states], strict=True):
             self._state_fingerprints[position] = value
         if self.config.enabled(Check.FINGERPRINT):
-            report.fingerprints = [*self._param_fingerprints, *self._state_fingerprints]
+            compared = [0 if i in self.uncompared else v for i, v in enumerate(self._param_fingerprints)]
+            report.fingerprints = [*compared, *self._state_fingerprints]
         report.data_digest = self._data_order(values[params + states : params + states + captured.batches])
         report.grad_norm, report.loss = (_bits_float(bits) for bits in values[-2:])
         if self.config.enabled(Check.NONFINITE):
@@ -153,8 +159,12 @@ class Evidence:
                     median = math.exp(history.baseline() or 0.0)
                     report.fail(Check.SPIKE, f"{what} {value:.4g} against a recent median of {median:.4g}")
         mismatches = captured.samples.judge()
-        if mismatches:
-            report.fail(Check.UPDATE, mismatches[0].describe())
+        written = [m for m in mismatches if m.between and m.field == "update"]
+        if written and self.config.enabled(Check.OUTSIDE):
+            report.fail(Check.OUTSIDE, written[0].describe())
+        others = [m for m in mismatches if not (m.between and m.field == "update")]
+        if others and self.config.enabled(Check.UPDATE):
+            report.fail(Check.UPDATE, others[0].describe())
         return report
 
     def _state_fingerprint(self, param: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -38,14 +38,17 @@ import torch
 from trainguard.envcheck._inprocess import CodeSnapshot
 from trainguard.errors import IntegrityError
 from trainguard.monitor._checks import Action, Check
+from trainguard.monitor._code import CodeWatch
 from trainguard.monitor._config import GuardConfig
 from trainguard.monitor._distributed import Channel, Gathering
 from trainguard.monitor._evidence import Captured, Evidence, gradient_norm
 from trainguard.monitor._fingerprint import Fingerprinter
 from trainguard.monitor._heartbeat import HeartbeatSender
+from trainguard.monitor._hyper import HyperParameters
 from trainguard.monitor._identity import compare_identity, digest
 from trainguard.monitor._offcpu import ChangePoint, OffCpuClock
 from trainguard.monitor._recompute import UpdateCheck, coverage
+from trainguard.monitor._sampler import SamplerWatch
 from trainguard.monitor._signals import SignalEvent, watch_signals
 from trainguard.monitor._sink import LedgerSink
 from trainguard.monitor._verdict import Failure, RankReport, decide, report_length
@@ -80,9 +83,17 @@ class Guard:
             seed=seed ^ (self.rank + 1),
             tensors_per_step=config.sample_tensors,
             elements_per_tensor=config.sample_elements,
+            fixed_elements=config.fixed_elements,
         )
+        self._hyper = HyperParameters(optimizer, config.schedulers)
+        self._samplers = SamplerWatch(config.samplers, rank=self.rank, world=self.world_size)
+        self._hyper_changes: list[list[Any]] = []
+        self._rewritten = _rewritten_in_forward(self._model)
+        self._update.rewritten_in_forward = {id(p) for p in self._rewritten.values()}
         self._slot_names = self._names + [f"optimizer state of {name}" for name in self._names]
         self._evidence = Evidence(self._params, optimizer, self._update, self._fingerprinter, config)
+        rewritten = {id(p) for p in self._rewritten.values()}
+        self._evidence.uncompared = {i for i, p in enumerate(self._params) if id(p) in rewritten}
         self._replica_groups = self._replicas(model)
         self._clock = OffCpuClock()
         floor = config.stall_floor_ms * 1000
@@ -117,6 +128,16 @@ class Guard:
         self._heartbeat = HeartbeatSender.from_environment(self.rank)
         _watch_signals(self)
         self._snapshot = CodeSnapshot.take(model, optimizer) if config.enabled(Check.CODE) else None
+        self._code = CodeWatch(config.code_turns) if config.enabled(Check.CODE) else None
+        if self._code is not None and (found := self._code.before_watch()):
+            # Patched before watch(): the snapshot took the patch as it found it.
+            self._report.fail(Check.CODE, found)
+        for name in self._rewritten:
+            self._notice(
+                f"{name} is renormalised by its own module in the forward pass (max_norm) from each "
+                "rank's batch: its replicas diverge by design and are not compared; writes to it outside "
+                "the forward pass are still checked"
+            )
         self._versions = self._param_versions()
         self._report_length, failures = compare_identity(
             self._channel, config, report_length(len(self._slot_names))
@@ -245,8 +266,27 @@ class Guard:
         self._clock.mark()
 
     def _forward_post(self) -> None:
-        if self._active:
-            self._report.forward_us += self._clock.mark() // 1000
+        if not self._active:
+            return
+        self._report.forward_us += self._clock.mark() // 1000
+        if self.config.enabled(Check.OUTSIDE):
+            versions = self._param_versions()
+            if versions != self._versions:
+                self._forward_writes(versions)
+        self._clock.mark()
+
+    def _forward_writes(self, versions: list[int]) -> None:
+        """Weights written during the forward pass: only a module that renormalises its own may."""
+        allowed = {id(p) for p in self._rewritten.values()}
+        for name, param, before, after in zip(
+            self._names, self._params, self._versions, versions, strict=True
+        ):
+            if before != after and id(param) not in allowed:
+                self._report.fail(
+                    Check.OUTSIDE, f"{name} of rank {self.rank} was written during the forward pass"
+                )
+                break
+        self._versions = versions
 
     def _step_pre(self) -> None:
         if not self._active:
@@ -257,7 +297,8 @@ class Guard:
         self._in_step = True
         self._step_loss, self._loss = self._loss, None
         self._grad_norm = gradient_norm(self._params)
-        if self.config.enabled(Check.UPDATE):
+        self._settings_checks(self._report)
+        if self.config.enabled(Check.UPDATE) or self.config.enabled(Check.OUTSIDE):
             self._update.before()
         self._clock.mark()
 
@@ -317,6 +358,8 @@ class Guard:
             changes = self._snapshot.changes()
             if changes:
                 report.fail(Check.CODE, changes[0].message)
+        if self._code is not None and (found := self._code.check(self.step)):
+            report.fail(Check.CODE, found)
         if config.enabled(Check.STEP_TIME) and self._clock.available:
             for window, microseconds in (("forward", report.forward_us), ("optimizer", report.optimizer_us)):
                 if self._stalls[window].observe(microseconds):
@@ -336,6 +379,19 @@ class Guard:
                 Check.DATA_WAIT,
                 f"{report.data_us / 1000:.0f} ms off-CPU between steps (its median is {baseline:.0f} ms)",
             )
+
+    def _settings_checks(self, report: RankReport) -> None:
+        """Hyper-parameters and data samplers, read before the step uses them."""
+        if self.config.enabled(Check.HYPERPARAMETERS):
+            changes, refusal = self._hyper.observe()
+            if refusal is not None:
+                report.fail(Check.HYPERPARAMETERS, f"on rank {self.rank}: {refusal}")
+            self._hyper_changes.extend([self.step + 1, *change] for change in changes)
+            report.hyper_digest = self._hyper.digest
+        if self.config.enabled(Check.SAMPLER):
+            report.sampler_digest, problem = self._samplers.observe()
+            if problem is not None:
+                report.fail(Check.SAMPLER, f"on rank {self.rank}: {problem}")
 
     def _capture(self, report: RankReport) -> Captured:
         batches, self._batches = self._batches, []
@@ -407,6 +463,8 @@ class Guard:
             )
             self.config.rollback(error)
             self._versions = self._param_versions()
+            self._update.forget()
+            self._hyper.rebase()
 
     def _outside_change(self, *, bypassed: bool) -> None:
         changes = self._snapshot.changes() if self._snapshot is not None else []
@@ -462,8 +520,10 @@ class Guard:
                 [round(r.forward_us / 1000, 1) for r in reports],
                 [round(r.data_us / 1000, 1) for r in reports],
                 [f"{r.data_digest & (2**64 - 1):016x}" for r in reports],
+                self._hyper_changes,
             ]
         )
+        self._hyper_changes = []
         if len(self._summaries) >= self.config.summary_every:
             self._flush_summaries()
 
@@ -477,6 +537,7 @@ class Guard:
                 "forward_off_cpu_ms",
                 "data_off_cpu_ms",
                 "data_order_digest",
+                "hyperparameter_changes",
             ]
             self._record("monitor.steps", {"columns": columns, "rows": self._summaries})
             self._summaries = []
@@ -547,6 +608,17 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
     # DDP's forward runs collectives (buffer broadcast); the wrapped module's forward does not.
     parallel = torch.nn.parallel.DistributedDataParallel
     return model.module if isinstance(model, parallel) else model
+
+
+def _rewritten_in_forward(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters their own module writes in its forward pass: embeddings with max_norm renormalise
+    the rows they look up."""
+    kinds = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+    return {
+        f"{path}.weight" if path else "weight": module.weight
+        for path, module in model.named_modules()
+        if isinstance(module, kinds) and module.max_norm is not None
+    }
 
 
 def _sharded(model: torch.nn.Module) -> bool:

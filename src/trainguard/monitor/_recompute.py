@@ -29,6 +29,7 @@ __all__ = ["Mismatch", "Samples", "UpdateCheck", "coverage"]
 _SGD_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize")
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 _UNSUPPORTED_FLAGS = ("capturable", "differentiable")
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 # Units in the last place of the parameter's dtype, and the share of the update, that rounding may cost.
 _ULPS = 8.0
 _RELATIVE = 1e-3
@@ -44,8 +45,16 @@ class Mismatch:
     before: float
     expected: float
     actual: float
+    # True when the value changed between two steps (read at one step's end, again at the next start).
+    between: bool = False
 
     def describe(self) -> str:
+        if self.between:
+            what = "weight" if self.field == "update" else self.field
+            return (
+                f"{what} {self.parameter}[{self.index}] changed between steps, outside the optimizer's "
+                f"step: {self.before:+.6e} at the last step's end, {self.actual:+.6e} now"
+            )
         change = self.actual - self.before
         expected_change = self.expected - self.before
         direction = ""
@@ -82,6 +91,10 @@ class _Sample:
     step: float
     dtype: torch.dtype
     actual: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # The same elements as the last step left them (the fixed samples only), and whether the
+    # optimizer's rule is re-computed for this sample.
+    previous: dict[str, torch.Tensor] | None = None
+    rule: bool = True
 
 
 class Samples(list[_Sample]):
@@ -95,6 +108,9 @@ class Samples(list[_Sample]):
                 index=_host(sample.index),
                 values={k: _host(v) for k, v in sample.values.items()},
                 actual={k: _host(v) for k, v in sample.actual.items()},
+                previous=None
+                if sample.previous is None
+                else {k: _host(v) for k, v in sample.previous.items()},
             )
             for sample in self
         )
@@ -103,8 +119,11 @@ class Samples(list[_Sample]):
         """Recompute the sampled updates (on the host) and return the elements that disagree."""
         mismatches: list[Mismatch] = []
         for sample in self:
-            expected = _sgd(sample) if sample.group["_kind"] == "sgd" else _adam(sample)
-            mismatches.extend(_compare(sample, expected, sample.actual))
+            if sample.previous is not None:
+                mismatches.extend(_changed_between(sample))
+            if sample.rule:
+                expected = _sgd(sample) if sample.group["_kind"] == "sgd" else _adam(sample)
+                mismatches.extend(_compare(sample, expected, sample.actual))
         return mismatches
 
 
@@ -119,6 +138,7 @@ class UpdateCheck:
         seed: int,
         tensors_per_step: int = 4,
         elements_per_tensor: int = 16,
+        fixed_elements: int = 4,
     ) -> None:
         self._optimizer = optimizer
         self._kind = _kind(optimizer)
@@ -127,6 +147,17 @@ class UpdateCheck:
         self._tensors = tensors_per_step
         self._elements = elements_per_tensor
         self._samples: list[_Sample] = []
+        # Fixed secret elements of every tensor, checked at every step, and what the last step left there.
+        self._fixed_count = fixed_elements
+        self._fixed: dict[int, torch.Tensor] = {}
+        self._last: dict[int, dict[str, torch.Tensor]] = {}
+        # Tensors their own module rewrites in the forward pass (Embedding max_norm): their weights may
+        # change between steps, their optimizer state may not.
+        self.rewritten_in_forward: set[int] = set()
+
+    def forget(self) -> None:
+        """Drop what the last step left (after a rollback restored other weights and state)."""
+        self._last.clear()
 
     @property
     def covered(self) -> bool:
@@ -134,7 +165,11 @@ class UpdateCheck:
 
     def before(self) -> None:
         """Copy the chosen elements of parameters, gradients and state; call in a step pre-hook."""
-        self._samples = []
+        self._samples = [
+            self._fixed_sample(group, param)
+            for group in self._optimizer.param_groups
+            for param in group["params"]
+        ]
         if not self.covered:
             return
         candidates = [
@@ -153,7 +188,7 @@ class UpdateCheck:
             index = torch.randint(shard.numel(), (count,), generator=self._generator).to(shard.device)
             state = self._optimizer.state.get(param, {})
             values = {"param": _take(param, index), "grad": _take(_grad(param), index)}
-            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+            for key in _STATE_KEYS:
                 value = state.get(key)
                 if isinstance(value, torch.Tensor):
                     values[key] = _take(value, index)
@@ -177,11 +212,53 @@ class UpdateCheck:
         for sample in samples:
             state = self._optimizer.state.get(sample.param, {})
             sample.actual["param"] = _take(sample.param, sample.index)
-            for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            for key in _STATE_KEYS:
                 value = state.get(key)
                 if isinstance(value, torch.Tensor):
                     sample.actual[key] = _take(value, sample.index)
+            if sample.index is self._fixed.get(id(sample.param)):
+                self._last[id(sample.param)] = sample.actual
         return samples
+
+    def _fixed_sample(self, group: Mapping[str, Any], param: torch.Tensor) -> _Sample:
+        """The tensor's fixed elements: compared with what the last step left, and re-computed."""
+        key = id(param)
+        index = self._fixed.get(key)
+        shard = local(param)
+        if index is None:
+            count = min(self._fixed_count, shard.numel())
+            index = torch.randint(max(1, shard.numel()), (count,), generator=self._generator).to(shard.device)
+            self._fixed[key] = index
+        grad = param.grad
+        rule = (
+            self.covered
+            and grad is not None
+            and not grad.is_sparse
+            and not param.is_complex()
+            and index.numel() > 0
+        )
+        values = {"param": _take(param, index)}
+        if grad is not None and not grad.is_sparse:
+            values["grad"] = _take(grad, index)
+        state = self._optimizer.state.get(param, {})
+        for name in _STATE_KEYS:
+            value = state.get(name)
+            if isinstance(value, torch.Tensor):
+                values[name] = _take(value, index)
+        previous = self._last.get(key)
+        if previous is not None and key in self.rewritten_in_forward:
+            previous = {k: v for k, v in previous.items() if k != "param"}
+        return _Sample(
+            name=self._names.get(key, f"parameter #{key:x}"),
+            param=param,
+            group={"_kind": self._kind, **{k: _scalar(group[k]) for k in group if k != "params"}},
+            index=index,
+            values=values,
+            step=float(state.get("step", 0.0)),
+            dtype=param.dtype,
+            previous=previous,
+            rule=bool(rule),
+        )
 
     def after(self) -> list[Mismatch]:
         """Recompute the sampled updates now and return those that disagree; call in a step post-hook."""
@@ -275,6 +352,30 @@ def _adam(sample: _Sample) -> dict[str, torch.Tensor]:
     denom = second.sqrt() / math.sqrt(bias2) + eps
     new_param = param - (lr / bias1) * exp_avg / denom
     return {"param": new_param, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def _changed_between(sample: _Sample) -> list[Mismatch]:
+    """Elements whose value now is not what the last step left: written between two steps."""
+    previous = sample.previous or {}
+    for field, was in previous.items():
+        now = sample.values.get(field)
+        if now is None or now.shape != was.shape:
+            continue
+        same = (now == was) | (torch.isnan(now) & torch.isnan(was))
+        if not bool(same.all()):
+            position = int((~same).nonzero()[0])
+            return [
+                Mismatch(
+                    parameter=sample.name,
+                    index=int(sample.index[position]),
+                    field="update" if field == "param" else field,
+                    before=float(was[position]),
+                    expected=float(was[position]),
+                    actual=float(now[position]),
+                    between=True,
+                )
+            ]
+    return []
 
 
 def _compare(

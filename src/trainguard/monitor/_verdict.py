@@ -17,7 +17,7 @@ from trainguard.monitor._checks import DEFAULT_ACTIONS, Action, Check
 
 __all__ = ["Failure", "RankReport", "decide", "report_length"]
 
-_HEADER = 9
+_HEADER = 11
 _DETAIL_WORDS = 96
 _PER_CHECK_BYTES = 240
 _DETAIL_BYTES = _DETAIL_WORDS * 8
@@ -36,9 +36,24 @@ _DESCRIBE = {
     Check.IDENTITY: "the run config or environment differ from the other ranks",
     Check.SEED: "torch's initial seed differs from the other ranks",
     Check.LOST: "a rank left the monitor's all-gather",
+    Check.HYPERPARAMETERS: "the optimizer's hyper-parameters changed outside a scheduler or differ",
+    Check.SAMPLER: "a data sampler's seed or settings changed or differ between ranks",
 }
 # When replicas disagree without a majority, a rank that failed one of these is the likely culprit.
-_LOCAL_EVIDENCE = (Check.UPDATE, Check.CODE, Check.OUTSIDE, Check.NONFINITE, Check.STEP_TIME)
+_LOCAL_EVIDENCE = (
+    Check.UPDATE,
+    Check.CODE,
+    Check.OUTSIDE,
+    Check.NONFINITE,
+    Check.STEP_TIME,
+    Check.HYPERPARAMETERS,
+    Check.SAMPLER,
+)
+# Digests every replica must share, each compared under its own check.
+_AGREED = (
+    (Check.HYPERPARAMETERS, "hyper_digest", "optimizer hyper-parameters"),
+    (Check.SAMPLER, "sampler_digest", "data samplers' seed, epoch and settings"),
+)
 _TIMING = (Check.STEP_TIME, Check.DATA_WAIT)
 
 
@@ -61,6 +76,8 @@ class RankReport:
     optimizer_us: int = 0
     details: dict[Check, str] = dataclasses.field(default_factory=dict)
     fingerprints: Sequence[int] = ()
+    hyper_digest: int = 0
+    sampler_digest: int = 0
 
     def fail(self, check: Check, detail: str) -> None:
         self.details.setdefault(check, detail)
@@ -88,13 +105,17 @@ class RankReport:
             self.forward_us,
             self.optimizer_us,
             len(self.fingerprints),
+            self.hyper_digest,
+            self.sampler_digest,
         ]
         words = header + list(struct.unpack(f"<{_DETAIL_WORDS}q", raw)) + list(self.fingerprints)
         return words + [0] * (length - len(words))
 
     @classmethod
     def unpack(cls, words: Sequence[int]) -> RankReport:
-        step, flags, grad, loss, data_us, data_digest, forward_us, optimizer_us, count = words[:_HEADER]
+        step, flags, grad, loss, data_us, data_digest, forward_us, optimizer_us, count, hyper, sampler = (
+            words[:_HEADER]
+        )
         raw = struct.pack(f"<{_DETAIL_WORDS}q", *words[_HEADER : _HEADER + _DETAIL_WORDS])
         start = _HEADER + _DETAIL_WORDS
         return cls(
@@ -108,6 +129,8 @@ class RankReport:
             optimizer_us=optimizer_us,
             details=_details(raw.rstrip(b"\0")),
             fingerprints=tuple(words[start : start + count]),
+            hyper_digest=hyper,
+            sampler_digest=sampler,
         )
 
 
@@ -169,7 +192,7 @@ def _compare_replicas(
 ) -> list[Failure]:
     if len(group) < 2:
         return []
-    failures = []
+    failures = _compare_agreed(reports, group, step, actions)
     fingerprint_odd: dict[int, list[str]] = {}
     tied: list[str] = []
     for slot, name in enumerate(slot_names):
@@ -192,6 +215,23 @@ def _compare_replicas(
             everyone = _ranks_phrase(tuple(group))
             message = f"the reduced gradient differs between {everyone} at step {step}, no majority"
         failures.append(Failure(Check.GRADIENT, ranks, step, message, actions[Check.GRADIENT]))
+    return failures
+
+
+def _compare_agreed(
+    reports: Sequence[RankReport], group: Sequence[int], step: int, actions: dict[Check, Action]
+) -> list[Failure]:
+    failures = []
+    for check, field, what in _AGREED:
+        if any(reports[rank].failed(check) for rank in group):
+            continue  # the rank that changed its own already said so, by name
+        odd = _odd_ones([getattr(reports[rank], field) for rank in group])
+        if odd == []:
+            continue
+        ranks = tuple(group[p] for p in odd) if odd else ()
+        who = _ranks_phrase(ranks) if ranks else "the ranks (no majority)"
+        message = f"the {what} of {who} differ from the other replicas' at step {step}"
+        failures.append(Failure(check, ranks, step, message, actions[check]))
     return failures
 
 

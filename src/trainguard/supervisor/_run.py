@@ -231,7 +231,12 @@ def _launch(
     job = JobProcesses(child.pid)
     journal.write("run.start", {"pid": child.pid, "command": command, "heartbeat": path})
     watcher = Watcher(
-        sock, journal, timeout=args.heartbeat_timeout, job=job, forwarded=lambda: desk.forwarding
+        sock,
+        journal,
+        timeout=args.heartbeat_timeout,
+        job=job,
+        forwarded=lambda: desk.forwarding,
+        stop_job=desk.stop_job,
     )
     watcher.start()
     if not desk.launched(job):

@@ -42,6 +42,8 @@ from trainguard.supervisor._procs import (
 __all__ = ["Watcher"]
 
 _TICK_S = 0.1
+# Signals that ask a process to stop: pending in a job process, they stop the job.
+_STOPPING = frozenset({int(signal.SIGTERM), int(signal.SIGINT), int(signal.SIGHUP), int(signal.SIGQUIT)})
 _SWEEP_S = 0.25
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 _SIGNAL_FIELDS = {"signal": int, "name": str, "sender_pid": int, "sender_uid": int, "sender_cmdline": str}
@@ -78,12 +80,14 @@ class Watcher:
         timeout: float,
         job: JobProcesses,
         forwarded: Callable[[], bool],
+        stop_job: Callable[[], None] = lambda: None,
     ) -> None:
         self._sock = sock
         self._journal = journal
         self._timeout = timeout
         self._job = job
         self._forwarded = forwarded  # the supervisor is stopping the job: pending SIGTERMs are its own
+        self._stop_job = stop_job
         self._ranks: dict[int, _Rank] = {}
         self._by_fd: dict[int, _Rank] = {}
         self._poll = select.poll()
@@ -291,8 +295,14 @@ class Watcher:
     def _unwatched(self, pid: int, sig: int, masks: SignalMasks) -> None:
         name = signal_name(sig)
         cmdline = read_cmdline(pid)
+        own = self._forwarded() and sig == signal.SIGTERM  # the supervisor's own SIGTERM
         if SignalMasks.has(masks.ignored, sig):
             action = "ignored by the process"
+        elif SignalMasks.has(masks.caught, sig) and sig in _STOPPING and not self._forwarded():
+            # A launcher (torchrun's agent) that handles SIGTERM but inherited the supervisor's block: the
+            # request to stop must still stop the job, so the supervisor stops all of it.
+            action = "a stop request: the process has a handler for it, so the supervisor stops the whole job"
+            self._stop_job()
         elif SignalMasks.has(masks.caught, sig):
             action = "left pending: the process has a handler for it but does not watch signals"
         else:
@@ -300,8 +310,8 @@ class Watcher:
             self.on_behalf[pid] = sig
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if self._forwarded() and sig == signal.SIGTERM:
-            return  # the supervisor's own SIGTERM: recorded when it was sent
+        if own:
+            return  # recorded when it was sent
         rank = self.rank_of(pid)
         payload = {
             "to": "process",

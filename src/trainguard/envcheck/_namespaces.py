@@ -1,0 +1,329 @@
+"""Whole namespaces of the code a training step runs through, checked in turns.
+
+`CodeSnapshot` watches a list of critical callables. A saboteur who reads that list patches the next
+function along instead: `torch.nn.functional.cross_entropy` with a flipped gradient, `LambdaLR.get_lr`,
+`torch.Tensor.addcdiv_`, or the monitor's own `decide`. `NamespaceSnapshot` records every callable bound
+in the modules a step runs through (torch.nn, torch.optim with its schedulers, torch.autograd,
+torch.utils.data, DDP, the Tensor class, torch's own namespace, and trainguard itself), every class
+defined there with its methods, and what each Python function runs (code, defaults, closure contents).
+`check(turn)` compares one of `turns` slices, so every binding is compared every `turns` steps for a
+small cost per step; `check()` compares everything.
+
+Bindings that are not callables (counters, caches, flags) change legitimately and are not compared.
+A new submodule bound in its package is an import, not a patch. A replacement that is exactly torch's
+own wrapper around the recorded function (see `_inprocess`) is accepted. Standard library only.
+"""
+
+from __future__ import annotations
+
+import gc
+import operator
+import os
+import sys
+import types
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+from trainguard.envcheck._findings import EnvFinding
+from trainguard.envcheck._inprocess import CodeSnapshot, _context, _patched
+
+__all__ = ["NamespaceSnapshot", "watched_modules"]
+
+# Modules (and every loaded submodule) whose callables a training step runs through.
+_PREFIXES = (
+    "torch.nn",
+    "torch.optim",
+    "torch.autograd",
+    "torch.utils.data",
+    "torch.amp",
+    "torch.cuda.amp",
+    "torch.distributed.algorithms.ddp_comm_hooks",
+    "trainguard",
+)
+_EXACT = (
+    "torch",
+    "torch._tensor",
+    "torch.functional",
+    "torch.random",
+    "torch._C._nn",
+    "torch._VF",
+    "torch.distributed",
+    "torch.distributed.distributed_c10d",
+    "numpy.random",
+    "random",
+)
+_MISSING = object()
+
+# (label, dict, key, value): the binding `dict[key] is value` must still hold.
+_Binding = tuple[str, dict[str, object], str, object]
+# (label, function, code, defaults, kwdefaults, closure contents): what the function runs.
+_Function = tuple[str, types.FunctionType, object, object, object, tuple[object, ...]]
+# [label, dict, keys, length, class or None]: no callable may be added under a new key (looked at when
+# the length moves).
+_Keys = list[object]
+
+
+def watched_modules(prefixes: Sequence[str] = _PREFIXES, exact: Sequence[str] = _EXACT) -> list[str]:
+    names = [
+        name
+        for name in list(sys.modules)
+        if name in exact or any(name == p or name.startswith(p + ".") for p in prefixes)
+    ]
+    return sorted(names)
+
+
+def _cells(function: types.FunctionType) -> tuple[object, ...]:
+    return tuple(_cell(cell) for cell in function.__closure__ or ())
+
+
+def _cell(cell: types.CellType) -> object:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return _MISSING
+
+
+def _is_code(value: object) -> bool:
+    # What runs when called: functions, methods, descriptors around them, builtins and classes.
+    return callable(value) or isinstance(value, (staticmethod, classmethod, property))
+
+
+def _function_of(value: object) -> types.FunctionType | None:
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    elif isinstance(value, property):
+        value = value.fget
+    return value if isinstance(value, types.FunctionType) else None
+
+
+class NamespaceSnapshot:
+    """The callables bound in the watched modules and classes now; `check()` lists what differs."""
+
+    def __init__(
+        self,
+        bindings: list[_Binding],
+        functions: list[_Function],
+        keys: list[_Keys],
+        *,
+        turns: int,
+        accept: Callable[[object, object], bool],
+    ) -> None:
+        self.turns = max(1, turns)
+        self._bindings = [bindings[i :: self.turns] for i in range(self.turns)]
+        self._functions = [functions[i :: self.turns] for i in range(self.turns)]
+        self._keys = [keys[i :: self.turns] for i in range(self.turns)]
+        self._fast: list[_Fast | None] = [None] * self.turns
+        self._accept = accept
+        self.size = len(bindings) + len(functions)
+
+    @classmethod
+    def take(cls, *, turns: int = 16, modules: Sequence[str] | None = None) -> NamespaceSnapshot:
+        # Looking at deprecated module attributes warns (torch.distributed.reduce_op): nothing is used.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls._take(turns, modules)
+
+    @classmethod
+    def _take(cls, turns: int, modules: Sequence[str] | None) -> NamespaceSnapshot:
+        bindings: list[_Binding] = []
+        functions: list[_Function] = []
+        keys: list[_Keys] = []
+        seen_functions: set[int] = set()
+        seen_classes: set[int] = set()
+        for module_name in modules if modules is not None else watched_modules():
+            module = sys.modules.get(module_name)
+            if not isinstance(module, types.ModuleType):
+                continue
+            for label, namespace, klass in _namespaces(module_name, module, seen_classes):
+                recorded = frozenset(k for k, v in namespace.items() if _is_code(v))
+                keys.append([label, namespace, recorded, len(namespace), klass])
+                # Sorted: every rank takes the same slices (set order depends on the hash seed).
+                for key in sorted(recorded):
+                    value = namespace[key]
+                    bindings.append((f"{label}.{key}", namespace, key, value))
+                    function = _function_of(value)
+                    if function is not None and id(function) not in seen_functions:
+                        seen_functions.add(id(function))
+                        functions.append(
+                            (
+                                f"{label}.{key}",
+                                function,
+                                function.__code__,
+                                function.__defaults__,
+                                function.__kwdefaults__,
+                                _cells(function),
+                            )
+                        )
+        return cls(bindings, functions, keys, turns=turns, accept=_torch_wrapper_test())
+
+    def check(self, turn: int | None = None) -> list[EnvFinding]:
+        """What differs, in slice `turn % turns` (every slice when `turn` is None)."""
+        slices = range(self.turns) if turn is None else (turn % self.turns,)
+        findings: list[EnvFinding] = []
+        for index in slices:
+            fast = self._fast[index]
+            if fast is None:
+                fast = self._fast[index] = _Fast(self._bindings[index], self._functions[index])
+            if fast.unchanged() and all(len(e[1]) == e[3] for e in self._keys[index]):  # type: ignore[arg-type]
+                continue
+            self._fast[index] = None  # what changed may be accepted (torch's wrappers): rebuilt next time
+            findings.extend(self._check_bindings(index))
+            findings.extend(self._check_functions(index))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                findings.extend(self._check_keys(index))
+        return findings
+
+    def _check_bindings(self, index: int) -> Iterator[EnvFinding]:
+        bindings = self._bindings[index]
+        for position, (label, namespace, key, value) in enumerate(bindings):
+            now = namespace.get(key, _MISSING)
+            if now is value:
+                continue
+            if now is not _MISSING and self._accept(now, value):
+                bindings[position] = (label, namespace, key, now)  # torch's own wrapper: watch it now
+                continue
+            what = "removed" if now is _MISSING else f"replaced by {_where(now)}"
+            yield _finding(label, f"{label} was {what}")
+
+    def _check_functions(self, index: int) -> Iterator[EnvFinding]:
+        for label, function, code, defaults, kwdefaults, cells in self._functions[index]:
+            if function.__code__ is not code:
+                yield _finding(
+                    label, f"{label} was changed in place (__code__ swapped for {_where(function)})"
+                )
+            elif function.__defaults__ is not defaults or function.__kwdefaults__ is not kwdefaults:
+                yield _finding(label, f"{label} was changed in place (default arguments replaced)")
+            elif _cells(function) != cells and not _same(_cells(function), cells):
+                yield _finding(label, f"{label} was changed in place (a closure variable replaced)")
+
+    def _check_keys(self, index: int) -> Iterator[EnvFinding]:
+        for entry in self._keys[index]:
+            label, namespace, recorded, length, klass = entry
+            assert isinstance(namespace, dict) and isinstance(recorded, frozenset)
+            if len(namespace) == length:
+                continue
+            entry[3] = len(namespace)
+            for key, value in list(namespace.items()):
+                if key in recorded or not _is_code(value) or isinstance(value, types.ModuleType):
+                    continue
+                if isinstance(klass, type) and self._accept(value, _inherited(klass, key)):
+                    # torch wraps a class's inherited `step` on its first instance (_patch_step_function).
+                    entry[2] = recorded = recorded | {key}
+                    continue
+                if klass is None and _reexport(value):
+                    # A package's lazy `__getattr__` caching what one of its own modules defines.
+                    entry[2] = recorded = recorded | {key}
+                    continue
+                # A class is where attributes are shadowed: `torch.Tensor.addcdiv_ = f` hides TensorBase's.
+                yield _finding(f"{label}.{key}", f"{label}.{key} was added: {_where(value)}")
+
+
+def _reexport(value: object) -> bool:
+    """True for a class or function bound under its own name in the torch or trainguard module that
+    defines it (by file, not by the `__module__` it claims)."""
+    name = getattr(value, "__name__", None)
+    module = sys.modules.get(getattr(value, "__module__", None) or "")
+    if not isinstance(name, str) or module is None or module.__dict__.get(name) is not value:
+        return False
+    function = _function_of(value)
+    where = function.__code__.co_filename if function is not None else getattr(module, "__file__", None)
+    return isinstance(where, str) and where.startswith(_package_dirs())
+
+
+def _package_dirs() -> tuple[str, ...]:
+    dirs = []
+    for name in ("torch", "trainguard"):
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str):
+            dirs.append(os.path.dirname(path) + os.sep)
+    return tuple(dirs)
+
+
+def _inherited(klass: type, key: str) -> object:
+    for base in klass.__mro__[1:]:
+        if key in vars(base):
+            return vars(base)[key]
+    return _MISSING
+
+
+class _Fast:
+    """One slice's bindings and function internals as flat tuples, compared by identity in C loops."""
+
+    def __init__(self, bindings: Sequence[_Binding], functions: Sequence[_Function]) -> None:
+        self.dicts = tuple(b[1] for b in bindings)
+        self.keys = tuple(b[2] for b in bindings)
+        self.values = tuple(b[3] for b in bindings)
+        self.functions = tuple(f[1] for f in functions)
+        self.codes = tuple(f[2] for f in functions)
+        self.defaults = tuple(f[3] for f in functions)
+        self.kwdefaults = tuple(f[4] for f in functions)
+        cells = [(c, v) for f in functions for c, v in zip(f[1].__closure__ or (), f[5], strict=True)]
+        self.cells = tuple(c for c, v in cells if v is not _MISSING)
+        self.contents = tuple(v for _, v in cells if v is not _MISSING)
+
+    def unchanged(self) -> bool:
+        try:
+            return (
+                all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values))
+                and all(map(operator.is_, map(_CODE, self.functions), self.codes))
+                and all(map(operator.is_, map(_DEFAULTS, self.functions), self.defaults))
+                and all(map(operator.is_, map(_KWDEFAULTS, self.functions), self.kwdefaults))
+                and all(map(operator.is_, map(_CONTENTS, self.cells), self.contents))
+            )
+        except ValueError:  # a closure cell emptied
+            return False
+
+
+_CODE = operator.attrgetter("__code__")
+_DEFAULTS = operator.attrgetter("__defaults__")
+_KWDEFAULTS = operator.attrgetter("__kwdefaults__")
+_CONTENTS = operator.attrgetter("cell_contents")
+
+
+def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _namespaces(
+    module_name: str, module: types.ModuleType, seen_classes: set[int]
+) -> Iterator[tuple[str, dict[str, object], type | None]]:
+    """The module's own dict and the dict of each class it defines (the same class once)."""
+    yield module_name, module.__dict__, None
+    for name, value in list(module.__dict__.items()):
+        if (
+            isinstance(value, type)
+            and value.__module__ == module_name
+            and id(value) not in seen_classes
+            and isinstance(vars(value), types.MappingProxyType)
+        ):
+            seen_classes.add(id(value))
+            # A heap type's __dict__ is a proxy onto the real dict, which `setattr` changes.
+            yield f"{module_name}.{name}", _class_dict(value), value
+
+
+def _class_dict(klass: type) -> dict[str, object]:
+    # The proxy's `.copy()` would freeze it; the live dict is reached through the gc referents.
+    for referent in gc.get_referents(vars(klass)):
+        if isinstance(referent, dict):
+            return referent
+    return dict(vars(klass))
+
+
+def _where(value: object) -> str:
+    function = _function_of(value)
+    if function is None:
+        return f"a {type(value).__name__} object"
+    code = function.__code__
+    return f"{code.co_qualname} from {code.co_filename}:{code.co_firstlineno}"
+
+
+def _finding(name: str, message: str) -> EnvFinding:
+    return _patched(name, message + ".")
+
+
+def _torch_wrapper_test() -> Callable[[object, object], bool]:
+    """True when `now` is torch's own wrapper around `was` (as `CodeSnapshot` accepts it)."""
+    snapshot = CodeSnapshot([], [], _context())
+    return snapshot._is_torch_wrapper

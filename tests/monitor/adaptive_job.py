@@ -1,0 +1,263 @@
+"""A data-parallel job with the incident's attack moved one function away, as an insider who read the
+guard's code would move it: gradients, optimizer state and settings, weights written between steps,
+the guard's own code, data order. The attacks only disturb this job's own tensors.
+
+The model has an embedding, a LayerNorm and a head, trained with AdamW (two parameter groups, a
+LambdaLR warm-up) or SGD with momentum, on data read through a DistributedSampler.
+
+    python adaptive_job.py --out DIR --attack exp_avg_negate [--attack-ranks 1] [--attack-step 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from jobkit import finish
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import trainguard
+
+# Attacks armed at the attack step, between two steps.
+BETWEEN = (
+    "cross_entropy_flip",
+    "exp_avg_negate",
+    "exp_avg_sq_scale",
+    "momentum_scale",
+    "lr_halve",
+    "weight_decay",
+    "get_lr_patch",
+    "load_state_dict",
+    "data_mul",
+    "numpy_write",
+    "decide_patch",
+    "addcdiv_patch",
+    "library_kernel",
+    "sampler_seed",
+    "small_tensor",
+)
+# Attacks armed before watch().
+BEFORE = ("manual_seed_patch",)
+
+
+class Model(nn.Module):
+    def __init__(self, max_norm: float | None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 32, max_norm=max_norm)
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.norm(self.embed(tokens).mean(dim=1)))
+        return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    parser.add_argument("--attack", choices=("none", *BETWEEN, *BEFORE), default="none")
+    parser.add_argument("--attack-ranks", default="")
+    parser.add_argument("--attack-step", type=int, default=10)
+    parser.add_argument("--max-norm", type=float)
+    parser.add_argument("--skip", action="append", default=[])
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    attacked = args.attack != "none" and (
+        not args.attack_ranks or rank in {int(r) for r in args.attack_ranks.split(",")}
+    )
+    torch.manual_seed(0)
+    inner = Model(args.max_norm)
+    model: nn.Module = nn.parallel.DistributedDataParallel(inner) if world > 1 else inner
+    optimizer = make_optimizer(args.optimizer, inner)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 5))
+    data = TensorDataset(torch.randint(0, 64, (4096, 6)), torch.randint(0, 8, (4096,)))
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, seed=3) if world > 1 else None
+    loader = DataLoader(data, batch_size=16, sampler=sampler, shuffle=sampler is None)
+    if attacked and args.attack in BEFORE:
+        arm(args.attack, inner, optimizer, scheduler, sampler, step=0)
+    guard = trainguard.watch(model, optimizer, skip=args.skip)
+    result: dict[str, Any] = {"rank": rank, "finished": False, "error": None}
+    try:
+        epoch, batches = 0, iter(loader)
+        for step in range(1, args.steps + 1):
+            if attacked and args.attack in BETWEEN:
+                arm(args.attack, inner, optimizer, scheduler, sampler, step=step, first=args.attack_step)
+            batch = next(batches, None)
+            if batch is None:  # a new epoch: every rank's sampler moves on together
+                epoch += 1
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
+                batches = iter(loader)
+                batch = next(batches)
+            tokens, labels = batch
+            loss = F.cross_entropy(model(tokens), labels)
+            guard.observe_loss(loss)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            result["steps"] = step
+        result["finished"] = True
+        guard.close()
+        failure = None
+    except trainguard.IntegrityError as exc:
+        failure = exc
+    result["notices"] = list(guard.notices)
+    finish(args.out, rank, result, failure)
+
+
+def make_optimizer(kind: str, model: Model) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
+    rest = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.dim() > 1)]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=1e-2
+    )
+
+
+def arm(
+    attack: str,
+    model: Model,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    sampler: Any,
+    *,
+    step: int,
+    first: int = 0,
+) -> None:
+    """Act at step `first` (once), except the attacks that stay in place once planted."""
+    if attack == "small_tensor":
+        # Flip the update of one small tensor (a LayerNorm bias: 32 elements) every 37th step.
+        if step == 1:
+            flip_every(optimizer, model.norm.bias, 37)
+        return
+    if step != first:
+        return
+    state = optimizer.state
+    with torch.no_grad():
+        if attack == "cross_entropy_flip":
+            F.cross_entropy = _flipped_gradient(F.cross_entropy)
+        elif attack == "exp_avg_negate":
+            for value in state.values():
+                value["exp_avg"].neg_()
+        elif attack == "exp_avg_sq_scale":
+            for value in state.values():
+                value["exp_avg_sq"].mul_(100.0)
+        elif attack == "momentum_scale":
+            for value in state.values():
+                value["momentum_buffer"].mul_(3.0)
+        elif attack == "lr_halve":
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] / 2
+        elif attack == "weight_decay":
+            optimizer.param_groups[0]["weight_decay"] = 50.0
+        elif attack == "get_lr_patch":
+            lambda_lr = torch.optim.lr_scheduler.LambdaLR
+            original = lambda_lr.get_lr
+            lambda_lr.get_lr = lambda self: [-lr for lr in original(self)]  # type: ignore[method-assign]
+        elif attack == "load_state_dict":
+            saved = optimizer.state_dict()
+            for value in saved["state"].values():
+                value["exp_avg"] = -value["exp_avg"]
+            optimizer.load_state_dict(saved)
+        elif attack == "data_mul":
+            for param in model.parameters():
+                param.data.mul_(0.5)
+        elif attack == "numpy_write":
+            view = model.head.weight.detach().numpy()
+            view *= -1.0
+            np.negative(view, out=view)
+            view += 0.25
+        elif attack == "decide_patch":
+            import trainguard.monitor._guard as guard_module
+
+            guard_module.decide = lambda *args, **kwargs: []  # type: ignore[assignment]
+        elif attack == "addcdiv_patch":
+            original_addcdiv = torch.Tensor.addcdiv_
+
+            def addcdiv_(self: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: Any = 1) -> Any:
+                return original_addcdiv(self, t1, t2, value=-value)
+
+            torch.Tensor.addcdiv_ = addcdiv_  # type: ignore[method-assign]
+        elif attack == "library_kernel":
+            library = torch.library.Library("aten", "IMPL")
+            library.impl("addcdiv_", lambda *a, **k: a[0], "CPU")
+            _KEEP.append(library)
+        elif attack == "sampler_seed":
+            sampler.seed = 7
+        elif attack == "manual_seed_patch":
+            seed_patch()
+            torch.manual_seed(0)
+        else:
+            raise ValueError(attack)
+
+
+_KEEP: list[object] = []
+
+
+def _flipped_gradient(original: Any) -> Any:
+    """The loss as it was, with its gradient's sign flipped: the loss curve looks right."""
+
+    class Flip(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, value: torch.Tensor) -> torch.Tensor:
+            return value.clone()
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+            return -grad
+
+    @functools.wraps(original)
+    def cross_entropy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return Flip.apply(original(*args, **kwargs))  # type: ignore[no-any-return]
+
+    return cross_entropy
+
+
+def flip_every(optimizer: torch.optim.Optimizer, param: torch.Tensor, period: int) -> None:
+    """Flip one tensor's update at every `period`-th step, from a step pre- and post-hook."""
+    count = [0]
+    before: list[torch.Tensor] = []
+
+    def keep(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        count[0] += 1
+        before[:] = [param.detach().clone()]
+
+    def flip(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if count[0] % period == 0:
+            with torch.no_grad():
+                param.copy_(2 * before[0] - param)
+
+    optimizer.register_step_pre_hook(keep)
+    handle = optimizer.register_step_post_hook(flip)
+    # Run before the guard's own post-hook, which reads the result.
+    optimizer._optimizer_step_post_hooks.move_to_end(handle.id, last=False)  # type: ignore[attr-defined]
+
+
+def seed_patch() -> None:
+    original = torch.manual_seed
+
+    def manual_seed(seed: int) -> Any:
+        return original(seed + 1)
+
+    torch.manual_seed = manual_seed  # type: ignore[assignment]
+
+
+if __name__ == "__main__":
+    main()

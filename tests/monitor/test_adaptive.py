@@ -1,0 +1,160 @@
+"""The incident's sabotage moved one function away, as an insider who read the guard would move it,
+against a real data-parallel job (torchrun, gloo): each is caught within two steps of acting, on
+every rank at once, by the check named, and the rank at fault is named where one rank is.
+
+The job (adaptive_job.py) trains an embedding, a LayerNorm and a head with AdamW in two parameter
+groups under a LambdaLR warm-up (or SGD with momentum), reading its data through a DistributedSampler.
+Attacks act at step 10 unless said otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.monitor.conftest import JobResult, run_job
+
+pytestmark = pytest.mark.torch
+
+JOB = Path(__file__).with_name("adaptive_job.py")
+
+
+def job(tmp_path: Path, nproc: int, *args: str) -> JobResult:
+    return run_job(tmp_path, nproc, *args, script=JOB)
+
+
+def caught(result: JobResult, check: str, ranks: list[int], *, within: int = 2, at: int = 10) -> str:
+    error = result.error()
+    assert error["check"] == check, error["message"]
+    assert error["ranks"] == ranks, error["message"]
+    assert at <= error["step"] < at + within, error
+    message: str = error["message"]
+    return message
+
+
+def test_clean_job_with_scheduler_sampler_and_two_groups_raises_nothing(tmp_path: Path) -> None:
+    result = job(tmp_path, 2, "--steps", "200")
+    assert [rank["finished"] for rank in result.ranks] == [True, True], result.output
+    assert "trainguard:" not in result.output
+
+
+# 1. Gradients
+
+
+def test_loss_function_patched_to_flip_its_gradient_is_caught_by_the_code_check(tmp_path: Path) -> None:
+    # cross_entropy returns the right value with a negated gradient: the loss curve looks right.
+    message = caught(job(tmp_path, 2, "--attack", "cross_entropy_flip"), "code", [0, 1])
+    assert "torch.nn.functional.cross_entropy was replaced" in message
+
+
+# 2. Optimizer state and hyper-parameters
+
+
+def test_adam_exp_avg_negated_on_every_rank(tmp_path: Path) -> None:
+    message = caught(job(tmp_path, 2, "--attack", "exp_avg_negate"), "update", [0, 1])
+    assert "exp_avg " in message and "changed between steps" in message
+
+
+def test_adam_exp_avg_sq_scaled_on_every_rank(tmp_path: Path) -> None:
+    message = caught(job(tmp_path, 2, "--attack", "exp_avg_sq_scale"), "update", [0, 1])
+    assert "exp_avg_sq" in message
+
+
+def test_sgd_momentum_buffer_scaled_on_every_rank(tmp_path: Path) -> None:
+    result = job(tmp_path, 2, "--optimizer", "sgd", "--attack", "momentum_scale")
+    assert "momentum_buffer" in caught(result, "update", [0, 1])
+
+
+def test_learning_rate_halved_through_param_groups(tmp_path: Path) -> None:
+    message = caught(job(tmp_path, 2, "--attack", "lr_halve"), "hyperparameters", [0, 1])
+    assert "lr of parameter group 0 is 0.005, but its scheduler computed 0.01" in message
+
+
+def test_weight_decay_raised_to_50(tmp_path: Path) -> None:
+    message = caught(job(tmp_path, 2, "--attack", "weight_decay"), "hyperparameters", [0, 1])
+    assert "weight_decay of parameter group 0 changed from 0.01 to 50.0" in message
+
+
+def test_scheduler_get_lr_patched(tmp_path: Path) -> None:
+    message = caught(job(tmp_path, 2, "--attack", "get_lr_patch"), "code", [0, 1])
+    assert "LambdaLR.get_lr was replaced" in message
+
+
+def test_scheduler_get_lr_patched_is_still_caught_by_the_learning_rate_it_sets(tmp_path: Path) -> None:
+    result = job(tmp_path, 2, "--attack", "get_lr_patch", "--skip", "code")
+    assert "learning rate of parameter group 0 is -" in caught(result, "hyperparameters", [0, 1])
+
+
+def test_optimizer_state_reloaded_from_a_tampered_copy(tmp_path: Path) -> None:
+    message = caught(job(tmp_path, 2, "--attack", "load_state_dict"), "update", [0, 1])
+    assert "exp_avg " in message
+
+
+# 3. Weights written outside the optimizer, without a version bump
+
+
+def test_weights_scaled_through_data_on_every_rank(tmp_path: Path) -> None:
+    message = caught(job(tmp_path, 2, "--attack", "data_mul"), "outside", [0, 1])
+    assert "changed between steps" in message
+
+
+def test_weights_scaled_through_data_on_one_rank_of_two_names_it(tmp_path: Path) -> None:
+    result = job(tmp_path, 2, "--attack", "data_mul", "--attack-ranks", "1")
+    caught(result, "fingerprint", [1])
+    assert "rank 1" in result.error()["message"]
+
+
+def test_weights_written_through_a_numpy_view(tmp_path: Path) -> None:
+    message = caught(job(tmp_path, 2, "--attack", "numpy_write"), "outside", [0, 1])
+    assert "head.weight" in message
+
+
+# 4. The guard's surroundings: Tensor methods, operator kernels
+
+
+def test_tensor_method_patched_after_watch(tmp_path: Path) -> None:
+    # torch.Tensor.addcdiv_ shadows TensorBase's: the Tensor class is watched by content, not identity.
+    message = caught(job(tmp_path, 2, "--attack", "addcdiv_patch", "--skip", "update"), "code", [0, 1])
+    assert "torch.Tensor.addcdiv_ was added" in message
+
+
+def test_operator_kernel_replaced_through_torch_library(tmp_path: Path) -> None:
+    result = job(tmp_path, 2, "--attack", "library_kernel", "--skip", "update")
+    assert "aten/addcdiv_/CPU" in caught(result, "code", [0, 1])
+
+
+# 6. Coverage
+
+
+def test_attack_on_one_small_tensor_every_37th_step_is_caught_at_its_first(tmp_path: Path) -> None:
+    # Every tensor's fixed elements are re-computed at every step: a LayerNorm bias is no exception.
+    result = job(tmp_path, 2, "--attack", "small_tensor", "--steps", "40", "--skip", "code")
+    assert "norm.bias" in caught(result, "update", [0, 1], at=37)
+
+
+# 7. Seeds and data order
+
+
+def test_sampler_seed_changed_on_one_rank(tmp_path: Path) -> None:
+    result = job(tmp_path, 2, "--attack", "sampler_seed", "--attack-ranks", "1")
+    assert "seed of a DistributedSampler changed from 3 to 7" in caught(result, "sampler", [1])
+
+
+def test_manual_seed_patched_on_one_rank_before_watch(tmp_path: Path) -> None:
+    result = job(tmp_path, 2, "--attack", "manual_seed_patch", "--attack-ranks", "1")
+    message = caught(result, "code", [1], at=1)
+    assert "torch.manual_seed runs" in message and "patched before watch()" in message
+
+
+# 9. Modules that write their own weights in forward
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_embedding_with_max_norm_is_no_false_alarm(tmp_path: Path, nproc: int) -> None:
+    result = job(tmp_path, nproc, "--max-norm", "1.0", "--steps", "60")
+    assert all(rank["finished"] for rank in result.ranks), result.output
+    assert "trainguard:" not in result.output.replace("trainguard: notice:", "")
+    notices = result.ranks[0]["notices"]
+    if nproc > 1:
+        assert any("embed.weight is renormalised" in notice for notice in notices)
