@@ -43,6 +43,9 @@ BETWEEN = (
     "library_kernel",
     "sampler_seed",
     "small_tensor",
+    "guard_off",
+    "guard_close",
+    "checks_emptied",
 )
 # Attacks armed before watch().
 BEFORE = ("manual_seed_patch",)
@@ -91,6 +94,7 @@ def main() -> None:
     if attacked and args.attack in BEFORE:
         arm(args.attack, inner, optimizer, scheduler, sampler, step=0)
     guard = trainguard.watch(model, optimizer, skip=args.skip)
+    _KEEP.append(guard)
     result: dict[str, Any] = {"rank": rank, "finished": False, "error": None}
     try:
         epoch, batches = 0, iter(loader)
@@ -198,7 +202,14 @@ def arm(
         elif attack == "library_kernel":
             library = torch.library.Library("aten", "IMPL")
             library.impl("addcdiv_", lambda *a, **k: a[0], "CPU")
-            _KEEP.append(library)
+            _KEEP.append(library)  # kept alive: the registration ends with the object
+        elif attack == "guard_off":
+            _KEEP[0]._active = False  # type: ignore[attr-defined]
+        elif attack == "guard_close":
+            _KEEP[0].close()  # type: ignore[attr-defined]
+        elif attack == "checks_emptied":
+            guard = _KEEP[0]
+            object.__setattr__(guard.config, "checks", frozenset())  # type: ignore[attr-defined]
         elif attack == "sampler_seed":
             sampler.seed = 7
         elif attack == "manual_seed_patch":

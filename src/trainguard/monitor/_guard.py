@@ -329,6 +329,20 @@ class Guard:
 
     def _send(self, report: RankReport) -> None:
         self._pending = self._channel.start_gather(report.pack(self._report_length))
+        if self._heartbeat is not None:
+            # The same findings leave the process: the supervisor judges them where no patch reaches.
+            failed = [check for check in Check if report.failed(check)]
+            stop = [c.value for c in failed if self.config.actions.get(c) is not Action.ALERT]
+            self._heartbeat.send(
+                "report",
+                {
+                    "step": report.step,
+                    "stop": stop,
+                    "alert": [c.value for c in failed if c.value not in stop],
+                    "detail": next(iter(report.details.values()), "")[:400],
+                    "checks": sorted(check.value for check in self.config.checks),
+                },
+            )
 
     def _resolve(self) -> None:
         """Draw the verdict on the last step from every rank's report, and act on it."""

@@ -2,7 +2,8 @@
 
 Each rank sends small JSON datagrams over the supervisor's AF_UNIX SOCK_DGRAM socket (its path is in
 $TRAINGUARD_HEARTBEAT): a "beat" every `interval` seconds from a daemon thread, a "signal" when the rank
-is sent a catchable signal, a "bye" on a clean exit. A rank that stops beating without a "bye" is lost,
+is sent a catchable signal, a "report" from the guard at every step (what its checks found), a "bye" on a
+clean exit. A rank that stops beating without a "bye" is lost,
 and the supervisor finds out why. Standard library only: rank processes import this module.
 
     {"v": 1, "kind": "beat", "rank": 3, "pid": 4242, "step": 57, "time": 1767225600.5, "payload": {}}
@@ -39,7 +40,7 @@ ENV_SOCKET = "TRAINGUARD_HEARTBEAT"
 ENV_RUN_ID = "TRAINGUARD_RUN_ID"
 VERSION = 1
 MAX_DATAGRAM = 4096
-KINDS = frozenset({"beat", "signal", "bye"})
+KINDS = frozenset({"beat", "signal", "bye", "report"})
 _KEYS = frozenset({"v", "kind", "rank", "pid", "step", "time", "payload"})
 _MAX_INT = 2**53 - 1
 _MAX_TEXT = 1024  # longer payload strings are cut so that a datagram fits in MAX_DATAGRAM

@@ -7,6 +7,9 @@ exits, while it is still a zombie whose exit status /proc shows), or every `_TIC
   `run.rank_lost` with its cause: killed by a signal, exited with a status, hung (alive but silent), or
   gone (its parent reaped it before its status could be read);
 - a "signal" datagram (a rank's guard reporting who signalled it) is recorded as `run.signal`;
+- a "report" datagram (what a rank's guard found at a step) is judged here too (`_verdicts`): a failed
+  check the job does not stop for, a guard that drops checks or falls silent behind its peers, is
+  recorded as `run.guard_alarm` and stops the job;
 - a catchable signal left pending in a job process that does not watch signals (its block was inherited
   from the supervisor) is carried out: a process that would have died of it is killed, so that an
   unwatched process still dies on SIGTERM; one that ignores it keeps ignoring it.
@@ -38,6 +41,7 @@ from trainguard.supervisor._procs import (
     read_stat,
     signal_name,
 )
+from trainguard.supervisor._verdicts import Alarm, GuardVerdicts, parse_report
 
 __all__ = ["Watcher"]
 
@@ -88,6 +92,9 @@ class Watcher:
         self._job = job
         self._forwarded = forwarded  # the supervisor is stopping the job: pending SIGTERMs are its own
         self._stop_job = stop_job
+        self._verdicts = GuardVerdicts()
+        self.alarms: list[Alarm] = []
+        self._stopped = False
         self._ranks: dict[int, _Rank] = {}
         self._by_fd: dict[int, _Rank] = {}
         self._poll = select.poll()
@@ -129,6 +136,8 @@ class Watcher:
                     self._exited(rank)
             now = time.monotonic()
             self._check_silence(now)
+            running = [r.rank for r in self._ranks.values() if r.state in ("beating", "bye")]
+            self._raise(self._verdicts.tick(now, running))
             if now >= next_sweep and not stopping:
                 self._sweep()
                 next_sweep = now + _SWEEP_S
@@ -178,14 +187,26 @@ class Watcher:
             if payload is None:
                 raise ValueError("a signal datagram without signal, name and sender fields")
             self._journal.write("run.signal", {"to": "rank", "pid": rank.pid, **payload}, rank=rank.rank)
+        elif datagram.kind == "report":
+            self._raise(self._verdicts.observe(rank.rank, parse_report(datagram.payload), now))
         elif datagram.kind == "bye":
             rank.state = "bye"
+            self._raise(self._verdicts.closed(rank.rank))
         elif rank.state == "hung":
             rank.state = "beating"
             self._journal.write(
                 "run.rank_resumed", {"rank": rank.rank, "pid": rank.pid, "step": rank.step}, rank=rank.rank
             )
             print(f"trainguard: rank {rank.rank} (pid {rank.pid}) beats again", file=sys.stderr)
+
+    def _raise(self, alarms: list[Alarm]) -> None:
+        for alarm in alarms:
+            self.alarms.append(alarm)
+            self._journal.write("run.guard_alarm", alarm.payload(), rank=alarm.rank)
+            print(f"trainguard: {alarm.message}", file=sys.stderr)
+            if alarm.stop and not self._stopped:
+                self._stopped = True  # asked twice, stop_job would SIGKILL at once
+                self._stop_job()
 
     def _new_rank(self, datagram: Datagram, old: _Rank | None, now: float) -> _Rank:
         if old is not None:
