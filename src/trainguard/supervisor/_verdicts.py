@@ -159,7 +159,7 @@ class GuardVerdicts:
             if ahead > step:
                 del self._closed[rank]
                 self._guards[rank].silent_alarmed = True
-                message = f"the guard of rank {rank} was closed at step {step}; other ranks reached step {ahead}"
+                message = f"the guard of rank {rank} was closed at step {step}; others reached step {ahead}"
                 alarms.append(Alarm("closed", rank, step, None, message, True))
         return alarms
 
