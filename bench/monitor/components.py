@@ -4,7 +4,7 @@
 
 Times, interleaved round by round (medians), one training step without the guard and each piece of
 work the guard adds to a step: the parameter fingerprint, one turn of the optimizer-state fingerprint,
-the gradient norm, the sampled update re-computation (before and after a step), the code snapshot
+the gradient norm, the update re-computation (before and after a step), the code snapshot and namespaces
 check, and packing one report and drawing a verdict from two.
 """
 
@@ -24,8 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from worker import build
 
 from trainguard.envcheck import CodeSnapshot
+from trainguard.monitor._code import CodeWatch
 from trainguard.monitor._fingerprint import Fingerprinter
+from trainguard.monitor._hyper import HyperParameters
 from trainguard.monitor._recompute import UpdateCheck
+from trainguard.monitor._sampler import SamplerWatch
 from trainguard.monitor._verdict import RankReport, decide
 
 
@@ -54,6 +57,19 @@ def main() -> None:
     fingerprinter = Fingerprinter(Fingerprinter.new_seed())
     update = UpdateCheck(optimizer, names, seed=1, tensors_per_step=2, elements_per_tensor=32)
     snapshot = CodeSnapshot.take(model, optimizer)
+    code = CodeWatch(turns=2)
+    hyper = HyperParameters(optimizer)
+    samplers = SamplerWatch(rank=0, world=1)
+    turn = [0]
+
+    def code_turn() -> None:
+        turn[0] += 1
+        assert code.check(turn[0]) is None
+
+    def settings() -> None:
+        assert hyper.observe()[1] is None
+        samplers.observe()
+
     state = [t for p in params for t in optimizer.state[p].values() if isinstance(t, torch.Tensor)]
     share = state[: max(1, len(state) // 4)]
     slots = [f"slot{i}" for i in range(2 * len(params))]
@@ -85,8 +101,10 @@ def main() -> None:
         "parameter fingerprint (all)": lambda: fingerprinter.of(params).tolist(),
         "optimizer-state fingerprint (one turn of 4)": lambda: fingerprinter.of(share).tolist(),
         "gradient norm": gradient_norm,
-        "update re-computation (2 tensors x 32 elements)": update_check,
+        "update re-computation (4 fixed elements of every tensor + 2 tensors x 32)": update_check,
         "code snapshot check": snapshot.changes,
+        "code: namespaces, one turn of 2, modes, kernels": code_turn,
+        "hyper-parameters and samplers": settings,
         "report pack + verdict (2 ranks)": verdict,
     }
     times: dict[str, list[float]] = {name: [] for name in cases}

@@ -69,8 +69,12 @@ def test_clean_loop_runs_and_leaves_start_summaries_and_end_in_the_ledger(
     assert events[0].payload["checks"] and events[0].payload["world_size"] == 1
     assert sum(len(e.payload["rows"]) for e in events if e.type == "monitor.steps") == 25
     assert {e.run_id for e in events} == {guard.run_id}
-    digests = [row[-1] for e in events if e.type == "monitor.steps" for row in e.payload["rows"]]
+    summaries = [e.payload for e in events if e.type == "monitor.steps"]
+    column = summaries[0]["columns"].index("data_order_digest")
+    digests = [row[column] for summary in summaries for row in summary["rows"]]
     assert len(set(map(tuple, digests))) == 25  # the data-order digest moves with every batch
+    changes = summaries[0]["columns"].index("hyperparameter_changes")
+    assert all(row[changes] == [] for summary in summaries for row in summary["rows"])
 
 
 def test_weights_written_between_steps_raise_from_the_next_step(model: nn.Module) -> None:

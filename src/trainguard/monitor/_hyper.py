@@ -138,4 +138,16 @@ def _plain(value: Any) -> Any:
 def _schedulers_of(optimizer: torch.optim.Optimizer) -> list[Any]:
     """Every learning-rate scheduler in the process that drives this optimizer."""
     found = live_instances(torch.optim.lr_scheduler.LRScheduler)
-    return [obj for obj in found if getattr(obj, "optimizer", None) is optimizer]
+    return [obj for obj in found if _drives(getattr(obj, "optimizer", None), optimizer)]
+
+
+def _drives(held: object, optimizer: torch.optim.Optimizer) -> bool:
+    """True when `held` is the optimizer or a wrapper of it (accelerate's AcceleratedOptimizer, Lightning's
+    LightningOptimizer): schedulers made after the wrapping hold the wrapper."""
+    for _ in range(4):
+        if held is optimizer:
+            return True
+        held = getattr(held, "optimizer", None)
+        if held is None:
+            return False
+    return False
