@@ -364,17 +364,7 @@ def _changed_between(sample: _Sample) -> list[Mismatch]:
         same = (now == was) | (torch.isnan(now) & torch.isnan(was))
         if not bool(same.all()):
             position = int((~same).nonzero()[0])
-            return [
-                Mismatch(
-                    parameter=sample.name,
-                    index=int(sample.index[position]),
-                    field="update" if field == "param" else field,
-                    before=float(was[position]),
-                    expected=float(was[position]),
-                    actual=float(now[position]),
-                    between=True,
-                )
-            ]
+            return [_mismatch(sample, field, position, was, was, now, between=True)]
     return []
 
 
@@ -394,14 +384,28 @@ def _compare(
         bad = ((got - want).abs() > tolerance) & torch.isfinite(want)
         bad |= ~torch.isfinite(got) & torch.isfinite(want)
         mismatches.extend(
-            Mismatch(
-                parameter=sample.name,
-                index=int(sample.index[position]),
-                field="update" if field == "param" else field,
-                before=float(before[position]),
-                expected=float(want[position]),
-                actual=float(got[position]),
-            )
+            _mismatch(sample, field, position, before, want, got)
             for position in bad.nonzero().flatten().tolist()[:3]
         )
     return mismatches
+
+
+def _mismatch(
+    sample: _Sample,
+    field: str,
+    position: int,
+    before: torch.Tensor,
+    expected: torch.Tensor,
+    actual: torch.Tensor,
+    *,
+    between: bool = False,
+) -> Mismatch:
+    return Mismatch(
+        parameter=sample.name,
+        index=int(sample.index[position]),
+        field="update" if field == "param" else field,
+        before=float(before[position]),
+        expected=float(expected[position]),
+        actual=float(actual[position]),
+        between=between,
+    )
