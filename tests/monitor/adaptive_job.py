@@ -11,6 +11,7 @@ LambdaLR warm-up) or SGD with momentum, on data read through a DistributedSample
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -46,9 +47,13 @@ BETWEEN = (
     "guard_off",
     "guard_close",
     "checks_emptied",
+    "comm_hook_after",
+    "gradient_recording_off",
 )
+# Attacks on the gradient between backward and the optimizer step, from the attack step on.
+GRADIENT = ("grad_noise", "grad_flip")
 # Attacks armed before watch().
-BEFORE = ("manual_seed_patch",)
+BEFORE = ("manual_seed_patch", "comm_hook_negate")
 
 
 class Model(nn.Module):
@@ -68,7 +73,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    parser.add_argument("--attack", choices=("none", *BETWEEN, *BEFORE), default="none")
+    parser.add_argument("--attack", choices=("none", *BETWEEN, *GRADIENT, *BEFORE), default="none")
+    parser.add_argument("--clip", choices=["none", "norm", "value"], default="none")
+    parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--attack-ranks", default="")
     parser.add_argument("--attack-step", type=int, default=10)
     parser.add_argument("--max-norm", type=float)
@@ -92,7 +99,7 @@ def main() -> None:
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, seed=3) if world > 1 else None
     loader = DataLoader(data, batch_size=16, sampler=sampler, shuffle=sampler is None)
     if attacked and args.attack in BEFORE:
-        arm(args.attack, inner, optimizer, scheduler, sampler, step=0)
+        arm(args.attack, model, optimizer, scheduler, sampler, step=0)
     guard = trainguard.watch(model, optimizer, skip=args.skip)
     _KEEP.append(guard)
     result: dict[str, Any] = {"rank": rank, "finished": False, "error": None}
@@ -100,7 +107,7 @@ def main() -> None:
         epoch, batches = 0, iter(loader)
         for step in range(1, args.steps + 1):
             if attacked and args.attack in BETWEEN:
-                arm(args.attack, inner, optimizer, scheduler, sampler, step=step, first=args.attack_step)
+                arm(args.attack, model, optimizer, scheduler, sampler, step=step, first=args.attack_step)
             batch = next(batches, None)
             if batch is None:  # a new epoch: every rank's sampler moves on together
                 epoch += 1
@@ -109,10 +116,21 @@ def main() -> None:
                 batches = iter(loader)
                 batch = next(batches)
             tokens, labels = batch
-            loss = F.cross_entropy(model(tokens), labels)
-            guard.observe_loss(loss)
             optimizer.zero_grad()
-            loss.backward()
+            for part, (inputs, targets) in enumerate(
+                zip(tokens.chunk(args.accumulate), labels.chunk(args.accumulate), strict=True)
+            ):
+                last = part == args.accumulate - 1
+                with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # type: ignore[operator]
+                    loss = F.cross_entropy(model(inputs), targets) / args.accumulate
+                    loss.backward()
+            guard.observe_loss(loss)
+            if args.clip == "norm":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            elif args.clip == "value":
+                torch.nn.utils.clip_grad_value_(model.parameters(), 0.002)
+            if attacked and args.attack in GRADIENT and step >= args.attack_step:
+                tamper_gradients(args.attack, inner, step)
             optimizer.step()
             scheduler.step()
             result["steps"] = step
@@ -123,6 +141,18 @@ def main() -> None:
         failure = exc
     result["notices"] = list(guard.notices)
     finish(args.out, rank, result, failure)
+
+
+def tamper_gradients(attack: str, model: Model, step: int) -> None:
+    """After backward, before the step: the same noise on every rank (replicas stay equal), or a flip."""
+    noise = torch.Generator().manual_seed(step)
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        if attack == "grad_noise":
+            param.grad.data.add_(torch.randn(param.shape, generator=noise) * param.grad.abs().mean())
+        else:
+            param.grad.data.neg_()
 
 
 def make_optimizer(kind: str, model: Model) -> torch.optim.Optimizer:
@@ -137,7 +167,7 @@ def make_optimizer(kind: str, model: Model) -> torch.optim.Optimizer:
 
 def arm(
     attack: str,
-    model: Model,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     sampler: Any,
@@ -146,6 +176,16 @@ def arm(
     first: int = 0,
 ) -> None:
     """Act at step `first` (once), except the attacks that stay in place once planted."""
+    if attack == "comm_hook_negate":
+        model.register_comm_hook(None, _negating_hook())  # type: ignore[operator]
+        return
+    if attack == "comm_hook_after" and step == first:
+        # DDP takes one hook only, and the guard's is in place: the attempt fails, and is swallowed.
+        with contextlib.suppress(RuntimeError):
+            negate = _negating_hook()
+            model.register_comm_hook(None, negate)  # type: ignore[operator]
+        return
+    model = getattr(model, "module", model)
     if attack == "small_tensor":
         # Flip the update of one small tensor (a LayerNorm bias: 32 elements) every 37th step.
         if step == 1:
@@ -210,6 +250,8 @@ def arm(
         elif attack == "checks_emptied":
             guard = _KEEP[0]
             object.__setattr__(guard.config, "checks", frozenset())  # type: ignore[attr-defined]
+        elif attack == "gradient_recording_off":
+            _KEEP[0]._gradpath._recording = False  # type: ignore[attr-defined]
         elif attack == "sampler_seed":
             sampler.seed = 7
         elif attack == "manual_seed_patch":
@@ -220,6 +262,17 @@ def arm(
 
 
 _KEEP: list[object] = []
+
+
+def _negating_hook() -> Any:
+    """This rank's gradient negated before the all-reduce: every replica takes the same wrong mean."""
+
+    def negate(state: object, bucket: Any) -> Any:
+        work = dist.all_reduce(bucket.buffer().neg_().div_(dist.get_world_size()), async_op=True)
+        return work.get_future().then(lambda done: done.value()[0])  # type: ignore[union-attr]
+
+    negate.__annotations__ = {}  # DDP checks annotations against real classes, not strings
+    return negate
 
 
 def _flipped_gradient(original: Any) -> Any:

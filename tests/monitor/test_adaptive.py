@@ -48,6 +48,43 @@ def test_loss_function_patched_to_flip_its_gradient_is_caught_by_the_code_check(
     assert "torch.nn.functional.cross_entropy was replaced" in message
 
 
+def test_same_gradient_noise_added_on_every_rank_between_backward_and_step(tmp_path: Path) -> None:
+    # Replicas stay equal and the update is re-computed from the noisy gradient: only the gradient's
+    # path from the all-reduce to the step shows it.
+    message = caught(job(tmp_path, 2, "--attack", "grad_noise"), "gradient_path", [0, 1])
+    assert "left the backward pass (or the all-reduce) as" in message
+
+
+def test_gradient_flipped_on_every_rank_after_the_all_reduce(tmp_path: Path) -> None:
+    caught(job(tmp_path, 2, "--attack", "grad_flip"), "gradient_path", [0, 1])
+
+
+def test_communication_hook_negating_one_ranks_gradient_before_watch(tmp_path: Path) -> None:
+    result = job(tmp_path, 2, "--attack", "comm_hook_negate", "--attack-ranks", "1")
+    message = caught(result, "gradient_path", [1], at=1)
+    assert (
+        "communication hook (__main__._negating_hook.<locals>.negate) was registered on DDP before" in message
+    )
+
+
+def test_communication_hook_registered_after_watch_is_refused_and_named(tmp_path: Path) -> None:
+    # DDP takes one hook, and the guard's is there: the attempt fails, and even swallowed it is seen.
+    result = job(tmp_path, 2, "--attack", "comm_hook_after", "--attack-ranks", "1")
+    assert "registered on DDP after watch()" in caught(result, "gradient_path", [1])
+
+
+def test_guard_gradient_recording_switched_off_on_one_rank(tmp_path: Path) -> None:
+    result = job(tmp_path, 2, "--attack", "gradient_recording_off", "--attack-ranks", "1")
+    assert "without passing the guard's all-reduce hook" in caught(result, "gradient_path", [1])
+
+
+@pytest.mark.parametrize("clip", ["norm", "value"])
+def test_clean_job_with_clipping_and_no_sync_accumulation_raises_nothing(tmp_path: Path, clip: str) -> None:
+    result = job(tmp_path, 2, "--steps", "200", "--clip", clip, "--accumulate", "2")
+    assert [rank["finished"] for rank in result.ranks] == [True, True], result.output
+    assert "trainguard:" not in result.output
+
+
 # 2. Optimizer state and hyper-parameters
 
 

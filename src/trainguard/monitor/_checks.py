@@ -24,6 +24,7 @@ class Check(enum.Enum):
     LOST = "lost"  # a rank left the monitor's all-gather (died, was killed, or stopped on its own)
     HYPERPARAMETERS = "hyperparameters"  # optimizer settings changed outside a scheduler, or differ
     SAMPLER = "sampler"  # a data sampler's seed or settings changed, or differ between ranks
+    GRADIENT_PATH = "gradient_path"  # the gradient changed between backward / all-reduce and the step
 
     @property
     def bit(self) -> int:

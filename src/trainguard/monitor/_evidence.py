@@ -108,7 +108,7 @@ class Evidence:
                 number = value.detach().to(device=device, dtype=torch.float64).reshape(1)
             parts.append(number.view(torch.int64))
         words = torch.cat([part.reshape(-1) for part in parts]).to("cpu", non_blocking=True)
-        checked = self.config.enabled(Check.UPDATE) or self.config.enabled(Check.OUTSIDE)
+        checked = any(self.config.enabled(c) for c in (Check.UPDATE, Check.OUTSIDE, Check.GRADIENT_PATH))
         samples = self._update.capture().to_host() if checked else Samples()
         event = None
         if device.type == "cuda":
@@ -162,7 +162,10 @@ class Evidence:
         written = [m for m in mismatches if m.between and m.field == "update"]
         if written and self.config.enabled(Check.OUTSIDE):
             report.fail(Check.OUTSIDE, written[0].describe())
-        others = [m for m in mismatches if not (m.between and m.field == "update")]
+        changed = [m for m in mismatches if m.field == "gradient"]
+        if changed and self.config.enabled(Check.GRADIENT_PATH):
+            report.fail(Check.GRADIENT_PATH, changed[0].describe())
+        others = [m for m in mismatches if not (m.between and m.field == "update") and m.field != "gradient"]
         if others and self.config.enabled(Check.UPDATE):
             report.fail(Check.UPDATE, others[0].describe())
         return report

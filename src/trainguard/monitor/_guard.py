@@ -43,6 +43,7 @@ from trainguard.monitor._config import GuardConfig
 from trainguard.monitor._distributed import Channel, Gathering
 from trainguard.monitor._evidence import Captured, Evidence, gradient_norm
 from trainguard.monitor._fingerprint import Fingerprinter
+from trainguard.monitor._gradpath import GradientPath
 from trainguard.monitor._heartbeat import HeartbeatSender
 from trainguard.monitor._hyper import HyperParameters
 from trainguard.monitor._identity import compare_identity, digest
@@ -85,6 +86,10 @@ class Guard:
             elements_per_tensor=config.sample_elements,
             fixed_elements=config.fixed_elements,
         )
+        self._gradpath = GradientPath(model, self._params, self._names, self._update.index_of)
+        if config.enabled(Check.GRADIENT_PATH) and self._gradpath.active:
+            self._update.arrivals = self._gradpath.take
+        self._reductions = 0
         self._hyper = HyperParameters(optimizer, config.schedulers)
         self._samplers = SamplerWatch(config.samplers, rank=self.rank, world=self.world_size)
         self._hyper_changes: list[list[Any]] = []
@@ -132,6 +137,11 @@ class Guard:
         if self._code is not None and (found := self._code.before_watch()):
             # Patched before watch(): the snapshot took the patch as it found it.
             self._report.fail(Check.CODE, found)
+        if config.enabled(Check.GRADIENT_PATH):
+            if self._gradpath.problem is not None:
+                self._report.fail(Check.GRADIENT_PATH, f"on rank {self.rank}: {self._gradpath.problem}")
+            elif self._gradpath.notice is not None:
+                self._notice(self._gradpath.notice)
         for name in self._rewritten:
             self._notice(
                 f"{name} is renormalised by its own module in the forward pass (max_norm) from each "
@@ -172,6 +182,7 @@ class Guard:
             return
         for handle in self._handles:
             handle.remove()
+        self._gradpath.close()
         try:
             if self._active:
                 self._resolve()
@@ -298,7 +309,12 @@ class Guard:
         self._step_loss, self._loss = self._loss, None
         self._grad_norm = gradient_norm(self._params)
         self._settings_checks(self._report)
-        if self.config.enabled(Check.UPDATE) or self.config.enabled(Check.OUTSIDE):
+        if self.config.enabled(Check.GRADIENT_PATH):
+            tampering = self._gradpath.tampering(self._reductions)
+            self._reductions = self._gradpath.reductions
+            if tampering is not None:
+                self._report.fail(Check.GRADIENT_PATH, f"on rank {self.rank}: {tampering}")
+        if any(self.config.enabled(c) for c in (Check.UPDATE, Check.OUTSIDE, Check.GRADIENT_PATH)):
             self._update.before()
         self._clock.mark()
 

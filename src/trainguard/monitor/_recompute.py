@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +49,11 @@ class Mismatch:
     between: bool = False
 
     def describe(self) -> str:
+        if self.field == "gradient":
+            return (
+                f"{self.parameter}[{self.index}] left the backward pass (or the all-reduce) as "
+                f"{self.before:+.6e}, the step found {self.actual:+.6e}"
+            )
         if self.between:
             what = "weight" if self.field == "update" else self.field
             return (
@@ -117,7 +122,7 @@ class Samples(list[_Sample]):
 
     def judge(self) -> list[Mismatch]:
         """Recompute the sampled updates (on the host) and return the elements that disagree."""
-        mismatches: list[Mismatch] = []
+        mismatches: list[Mismatch] = _gradient_changes(self)
         for sample in self:
             if sample.previous is not None:
                 mismatches.extend(_changed_between(sample))
@@ -154,6 +159,23 @@ class UpdateCheck:
         # Tensors their own module rewrites in the forward pass (Embedding max_norm): their weights may
         # change between steps, their optimizer state may not.
         self.rewritten_in_forward: set[int] = set()
+        # The fixed elements of each gradient as the backward pass or the all-reduce left them (filled
+        # by the gradient path's hooks, taken at each step): the step must find them unchanged.
+        self.arrivals: Callable[[], Mapping[int, torch.Tensor]] | None = None
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                self.index_of(param)
+
+    def index_of(self, param: torch.Tensor) -> torch.Tensor:
+        """The parameter's fixed secret elements (flat positions in its local shard)."""
+        key = id(param)
+        index = self._fixed.get(key)
+        if index is None:
+            shard = local(param)
+            count = min(self._fixed_count, shard.numel())
+            index = torch.randint(max(1, shard.numel()), (count,), generator=self._generator).to(shard.device)
+            self._fixed[key] = index
+        return index
 
     def forget(self) -> None:
         """Drop what the last step left (after a rollback restored other weights and state)."""
@@ -165,8 +187,9 @@ class UpdateCheck:
 
     def before(self) -> None:
         """Copy the chosen elements of parameters, gradients and state; call in a step pre-hook."""
+        arrived = self.arrivals() if self.arrivals is not None else {}
         self._samples = [
-            self._fixed_sample(group, param)
+            self._fixed_sample(group, param, arrived.get(id(param)))
             for group in self._optimizer.param_groups
             for param in group["params"]
         ]
@@ -220,15 +243,13 @@ class UpdateCheck:
                 self._last[id(sample.param)] = sample.actual
         return samples
 
-    def _fixed_sample(self, group: Mapping[str, Any], param: torch.Tensor) -> _Sample:
-        """The tensor's fixed elements: compared with what the last step left, and re-computed."""
+    def _fixed_sample(
+        self, group: Mapping[str, Any], param: torch.Tensor, arrived: torch.Tensor | None
+    ) -> _Sample:
+        """The tensor's fixed elements: compared with what the last step left and with the gradient
+        that arrived, and re-computed."""
         key = id(param)
-        index = self._fixed.get(key)
-        shard = local(param)
-        if index is None:
-            count = min(self._fixed_count, shard.numel())
-            index = torch.randint(max(1, shard.numel()), (count,), generator=self._generator).to(shard.device)
-            self._fixed[key] = index
+        index = self.index_of(param)
         grad = param.grad
         rule = (
             self.covered
@@ -240,6 +261,8 @@ class UpdateCheck:
         values = {"param": _take(param, index)}
         if grad is not None and not grad.is_sparse:
             values["grad"] = _take(grad, index)
+            if arrived is not None and arrived.shape == index.shape:
+                values["arrived"] = arrived
         state = self._optimizer.state.get(param, {})
         for name in _STATE_KEYS:
             value = state.get(name)
@@ -365,6 +388,44 @@ def _changed_between(sample: _Sample) -> list[Mismatch]:
         if not bool(same.all()):
             position = int((~same).nonzero()[0])
             return [_mismatch(sample, field, position, was, was, now, between=True)]
+    return []
+
+
+def _gradient_changes(samples: Sequence[_Sample]) -> list[Mismatch]:
+    """Gradients that changed between their arrival and the step, beyond what clipping does: one
+    factor in (0, 1] common to every tensor (clipping by norm, a GradScaler's unscaling), and
+    elements clamped to one common bound (clipping by value)."""
+    pairs = [(s, s.values["arrived"], s.values["grad"]) for s in samples if "arrived" in s.values]
+    if not pairs:
+        return []
+    arrived = torch.cat([a for _, a, _ in pairs])
+    now = torch.cat([g for _, _, g in pairs])
+    ulps = torch.cat([torch.full_like(a, _ULPS * torch.finfo(s.dtype).eps) for s, a, _ in pairs])
+    judged = torch.isfinite(arrived)
+    same = (arrived == now) | ~judged
+    if bool(same.all()):
+        return []
+    nonzero = judged & (arrived != 0) & torch.isfinite(now)
+    ratios = now[nonzero] / arrived[nonzero]
+    factor = float(ratios.max()) if ratios.numel() else 1.0
+    if not 0 < factor <= 1 + _ULPS * 1e-6:
+        factor = 1.0
+    scaled = factor * arrived
+    fits = (now - scaled).abs() <= ulps * scaled.abs()
+    # Clamped: smaller than the scaled value, the same sign, all at one bound.
+    clamped = ~fits & (now.abs() < scaled.abs()) & (torch.sign(now) == torch.sign(arrived)) & (now != 0)
+    if bool(clamped.any()):
+        bounds = now[clamped].abs()
+        if float(bounds.max() - bounds.min()) > float(bounds.max()) * float(ulps.max()):
+            clamped = torch.zeros_like(clamped)
+    bad = judged & ~fits & ~clamped
+    if not bool(bad.any()):
+        return []
+    position = int(bad.nonzero()[0])
+    for sample, values, _ in pairs:
+        if position < values.numel():
+            return [_mismatch(sample, "gradient", position, values, values * factor, sample.values["grad"])]
+        position -= values.numel()
     return []
 
 

@@ -38,6 +38,7 @@ _DESCRIBE = {
     Check.LOST: "a rank left the monitor's all-gather",
     Check.HYPERPARAMETERS: "the optimizer's hyper-parameters changed outside a scheduler or differ",
     Check.SAMPLER: "a data sampler's seed or settings changed or differ between ranks",
+    Check.GRADIENT_PATH: "the gradient was tampered with on its way from the backward pass to the optimizer",
 }
 # When replicas disagree without a majority, a rank that failed one of these is the likely culprit.
 _LOCAL_EVIDENCE = (
@@ -48,6 +49,7 @@ _LOCAL_EVIDENCE = (
     Check.STEP_TIME,
     Check.HYPERPARAMETERS,
     Check.SAMPLER,
+    Check.GRADIENT_PATH,
 )
 # Digests every replica must share, each compared under its own check.
 _AGREED = (
