@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import functools
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,9 @@ BETWEEN = (
     "checks_emptied",
     "comm_hook_after",
     "gradient_recording_off",
+    "busy_forward",
+    "sleep_backward",
+    "busy_backward",
 )
 # Attacks on the gradient between backward and the optimizer step, from the attack step on.
 GRADIENT = ("grad_noise", "grad_flip")
@@ -186,6 +190,10 @@ def arm(
             model.register_comm_hook(None, negate)  # type: ignore[operator]
         return
     model = getattr(model, "module", model)
+    if attack in ("busy_forward", "sleep_backward", "busy_backward"):
+        if step == first:
+            stall(attack, model)
+        return
     if attack == "small_tensor":
         # Flip the update of one small tensor (a LayerNorm bias: 32 elements) every 37th step.
         if step == 1:
@@ -262,6 +270,22 @@ def arm(
 
 
 _KEEP: list[object] = []
+
+
+def stall(attack: str, model: nn.Module) -> None:
+    """150 ms on this rank at every step from now: spinning on the CPU in the forward pass (off-CPU
+    timing misses it), or sleeping or spinning in the backward pass (where the all-reduce waits too)."""
+
+    def spin() -> None:
+        end = time.perf_counter() + 0.15
+        while time.perf_counter() < end:
+            pass
+
+    if attack == "busy_forward":
+        model.norm.register_forward_pre_hook(lambda module, args: spin())  # type: ignore[union-attr]
+    else:
+        wait = spin if attack == "busy_backward" else lambda: time.sleep(0.15)
+        model.norm.register_full_backward_hook(lambda module, grad_in, grad_out: wait())  # type: ignore[union-attr]
 
 
 def _negating_hook() -> Any:

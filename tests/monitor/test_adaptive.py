@@ -9,6 +9,9 @@ Attacks act at step 10 unless said otherwise.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,6 +162,50 @@ def test_tensor_method_patched_after_watch(tmp_path: Path) -> None:
 def test_operator_kernel_replaced_through_torch_library(tmp_path: Path) -> None:
     result = job(tmp_path, 2, "--attack", "library_kernel", "--skip", "update")
     assert "aten/addcdiv_/CPU" in caught(result, "code", [0, 1])
+
+
+# 5. Timing: spinning on the CPU (off-CPU timing misses it), stalls in the backward pass
+
+
+@pytest.mark.parametrize("attack", ["busy_forward", "sleep_backward", "busy_backward"])
+def test_stall_on_one_rank_is_caught_at_its_first_occurrence(tmp_path: Path, attack: str) -> None:
+    # The hook that stalls is also a code finding: skipped here, so that timing alone must see it.
+    result = job(tmp_path, 2, "--attack", attack, "--attack-ranks", "1", "--skip", "code")
+    message = caught(result, "step_time", [1], within=1)
+    assert re.search(r"rank 1 took \d+ ms from the first forward pass to a complete gradient", message)
+
+
+def test_rank_slow_from_the_first_step_is_named_as_the_straggler(tmp_path: Path) -> None:
+    # No history to compare with yet: the peers' compute is the yardstick.
+    result = job(
+        tmp_path,
+        3,
+        "--attack",
+        "busy_backward",
+        "--attack-ranks",
+        "2",
+        "--attack-step",
+        "1",
+        "--skip",
+        "code",
+    )
+    assert "rank 2 computed step 1 far slower than its peers" in caught(
+        result, "step_time", [2], at=1, within=1
+    )
+
+
+def test_clean_job_beside_two_cpu_bound_processes_raises_nothing(tmp_path: Path) -> None:
+    # Two processes that spin compete with the job's two ranks for the machine's cores: own time
+    # leaves out the wait for a CPU, so nothing is a straggler.
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        result = job(tmp_path, 2, "--steps", "200")
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert [rank["finished"] for rank in result.ranks] == [True, True], result.output
+    assert "trainguard:" not in result.output
 
 
 # 6. Coverage

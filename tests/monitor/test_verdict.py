@@ -107,3 +107,26 @@ def test_actions_can_be_changed_per_check() -> None:
     reports[0].fail(Check.CODE, "hook added")
     [failure] = decide(reports, replica_groups=[], slot_names=[], actions={Check.CODE: Action.ALERT})
     assert failure.action is Action.ALERT
+
+
+def _timed(*milliseconds: int) -> list[RankReport]:
+    return [RankReport(step=4, compute_us=ms * 1000) for ms in milliseconds]
+
+
+def test_compute_time_survives_packing() -> None:
+    assert RankReport.unpack(RankReport(step=1, compute_us=123456).pack()).compute_us == 123456
+
+
+def test_the_straggler_is_named_by_its_compute_against_its_peers() -> None:
+    for times, straggler in (((10, 400), 1), ((11, 12, 10, 300), 3), ((250, 9, 10), 0)):
+        failures = decide(_timed(*times), replica_groups=[], slot_names=[])
+        assert [(f.check, f.ranks, f.action) for f in failures] == [
+            (Check.STEP_TIME, (straggler,), Action.STOP)
+        ]
+        assert f"rank {straggler} computed step 4 far slower than its peers" in failures[0].message
+
+
+def test_ranks_within_three_times_or_the_floor_of_each_other_are_no_stragglers() -> None:
+    for times in ((100, 250), (10, 55), (400, 400), (0, 900), (5,)):
+        assert decide(_timed(*times), replica_groups=[], slot_names=[]) == []
+    assert decide(_timed(10, 400), replica_groups=[], slot_names=[], straggler_floor_us=500_000) == []

@@ -15,7 +15,6 @@ a torch hook (fp16 compression, PowerSGD) is a notice, any other a failure at th
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from trainguard.monitor._live import live_instances
+from trainguard.monitor._offcpu import own_time_ns
 
 __all__ = ["GradientPath"]
 
@@ -49,8 +49,9 @@ class GradientPath:
         self._recording = True
         self._hooks_seen = 0
         self.reductions = 0
-        # When this rank's backward pass handed its last bucket to the all-reduce (monotonic ns).
-        self.last_bucket_ns = 0
+        # When this rank's backward pass handed its last bucket to the all-reduce (own_time_ns()):
+        # the end of its own compute, before any wait for the other ranks.
+        self.last_bucket: tuple[int, int, int] | None = None
         self.problem: str | None = None
         self.notice: str | None = None
         if self._ddp is not None:
@@ -149,7 +150,7 @@ class GradientPath:
         buffer = bucket.buffer()
         buffer.div_(self._world)
         if bucket.is_last():
-            self.last_bucket_ns = time.monotonic_ns()
+            self.last_bucket = own_time_ns()
         work = dist.all_reduce(buffer, group=self._group, async_op=True)
         assert work is not None  # async_op=True always returns one
         future = work.get_future()

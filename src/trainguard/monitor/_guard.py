@@ -47,7 +47,7 @@ from trainguard.monitor._gradpath import GradientPath
 from trainguard.monitor._heartbeat import HeartbeatSender
 from trainguard.monitor._hyper import HyperParameters
 from trainguard.monitor._identity import compare_identity, digest
-from trainguard.monitor._offcpu import ChangePoint, OffCpuClock
+from trainguard.monitor._offcpu import ChangePoint, OffCpuClock, own_elapsed_us, own_time_ns
 from trainguard.monitor._recompute import UpdateCheck, coverage
 from trainguard.monitor._sampler import SamplerWatch
 from trainguard.monitor._signals import SignalEvent, watch_signals
@@ -102,7 +102,10 @@ class Guard:
         self._replica_groups = self._replicas(model)
         self._clock = OffCpuClock()
         floor = config.stall_floor_ms * 1000
-        self._stalls = {window: ChangePoint(floor=floor) for window in ("data", "forward", "optimizer")}
+        self._stalls = {
+            window: ChangePoint(floor=floor) for window in ("data", "forward", "optimizer", "compute")
+        }
+        self._compute_start: tuple[int, int, int] | None = None
         self._report = RankReport(step=0)
         self._report_length = 0
         self._batches: list[torch.Tensor] = []
@@ -266,6 +269,8 @@ class Guard:
             # Last step's verdict, before this step runs any collective: a rank that stops here
             # leaves no other rank waiting in the gradient all-reduce.
             self._resolve()
+            # The rank's own compute starts now, after the wait for its peers' reports.
+            self._compute_start = own_time_ns()
         if training:
             tensors = list(_tensors_in((args, kwargs or {})))
             if tensors:
@@ -306,6 +311,7 @@ class Guard:
         # A step with no forward pass since the last one: its verdict is drawn here instead.
         self._resolve()
         self._in_step = True
+        self._report.compute_us = self._compute_time()
         self._step_loss, self._loss = self._loss, None
         self._grad_norm = gradient_norm(self._params)
         self._settings_checks(self._report)
@@ -317,6 +323,17 @@ class Guard:
         if any(self.config.enabled(c) for c in (Check.UPDATE, Check.OUTSIDE, Check.GRADIENT_PATH)):
             self._update.before()
         self._clock.mark()
+
+    def _compute_time(self) -> int:
+        """Own microseconds from the step's first forward pass until its gradient was complete: the
+        last bucket handed to the all-reduce under DDP (before any wait for the other ranks), else now."""
+        start, self._compute_start = self._compute_start, None
+        end, self._gradpath.last_bucket = self._gradpath.last_bucket, None
+        if start is None:
+            return 0
+        if end is None or end[1] < start[1]:
+            end = own_time_ns()
+        return own_elapsed_us(start, end)
 
     def _step_post(self) -> None:
         if not self._active or not self._in_step:
@@ -375,6 +392,9 @@ class Guard:
             replica_groups=self._replica_groups if self.config.enabled(Check.FINGERPRINT) else [],
             slot_names=self._slot_names,
             actions=dict(self.config.actions),
+            straggler_floor_us=int(self.config.stall_floor_ms * 1000)
+            if self.config.enabled(Check.STEP_TIME)
+            else 2**62,
         )
         self._summarize(reports)
         self._act([f for f in failures if self.config.enabled(f.check)])
@@ -399,6 +419,15 @@ class Guard:
                         f"{microseconds / 1000:.0f} ms off-CPU in the {window} "
                         f"(its median is {baseline:.0f} ms)",
                     )
+            if report.compute_us and self._stalls["compute"].observe(report.compute_us):
+                # Own time: a busy-wait counts, a neighbour taking the cores does not.
+                baseline = (self._stalls["compute"].baseline() or 0) / 1000
+                report.fail(
+                    Check.STEP_TIME,
+                    f"rank {self.rank} took {report.compute_us / 1000:.0f} ms from the first forward pass "
+                    f"to a complete gradient (its median is {baseline:.0f} ms): a busy-wait or a sleep "
+                    "in the forward or backward pass",
+                )
         if (
             config.enabled(Check.DATA_WAIT)
             and self._clock.available

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import collections
 import statistics
+import threading
 import time
 from pathlib import Path
 
-__all__ = ["ChangePoint", "OffCpuClock"]
+__all__ = ["ChangePoint", "OffCpuClock", "own_elapsed_us", "own_time_ns"]
 
 _SCHEDSTAT = Path("/proc/thread-self/schedstat")
 
@@ -42,6 +43,25 @@ class OffCpuClock:
 
     def reset(self) -> None:
         self._last = self._now()
+
+
+def own_time_ns() -> tuple[int, int, int]:
+    """(the calling thread's id, wall time, its own time), in nanoseconds: own time is wall time
+    less the time the thread waited for a CPU. Running (a busy-wait) and sleeping (a sleep, a lock)
+    both count; a neighbour taking the cores does not. Off Linux, own time is wall time."""
+    wall = time.monotonic_ns()
+    try:
+        _, wait, _ = _SCHEDSTAT.read_bytes().split()
+    except OSError:
+        return threading.get_ident(), wall, wall
+    return threading.get_ident(), wall, wall - int(wait)
+
+
+def own_elapsed_us(start: tuple[int, int, int], end: tuple[int, int, int]) -> int:
+    """Own microseconds between two readings; wall time where they come from different threads
+    (a GPU's backward pass runs on the autograd engine's threads)."""
+    same_thread = start[0] == end[0]
+    return max(0, (end[2] - start[2] if same_thread else end[1] - start[1]) // 1000)
 
 
 class ChangePoint:

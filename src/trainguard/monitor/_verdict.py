@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import struct
 from collections import Counter
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from trainguard.monitor._checks import DEFAULT_ACTIONS, Action, Check
 
 __all__ = ["Failure", "RankReport", "decide", "report_length"]
 
-_HEADER = 11
+_HEADER = 12
 _DETAIL_WORDS = 96
 _PER_CHECK_BYTES = 240
 _DETAIL_BYTES = _DETAIL_WORDS * 8
@@ -30,7 +31,7 @@ _DESCRIBE = {
     Check.CODE: "critical code or hooks were changed",
     Check.OUTSIDE: "parameters were changed outside a checked optimizer step",
     Check.NONFINITE: "NaN or Inf in the loss or gradient",
-    Check.STEP_TIME: "unexplained off-CPU time in the forward pass or optimizer step",
+    Check.STEP_TIME: "a rank took unexplained time in its step (a stall off the CPU, or compute far above its history or its peers)",
     Check.DATA_WAIT: "unexplained off-CPU time between steps (data loading, I/O, a sleep)",
     Check.SPIKE: "loss or gradient norm far above its recent median",
     Check.IDENTITY: "the run config or environment differ from the other ranks",
@@ -80,6 +81,9 @@ class RankReport:
     fingerprints: Sequence[int] = ()
     hyper_digest: int = 0
     sampler_digest: int = 0
+    # Own time (wall less waiting for a CPU) from the step's first forward pass until its gradient
+    # was complete, before any wait for the other ranks: a straggler's is the longest.
+    compute_us: int = 0
 
     def fail(self, check: Check, detail: str) -> None:
         self.details.setdefault(check, detail)
@@ -109,15 +113,27 @@ class RankReport:
             len(self.fingerprints),
             self.hyper_digest,
             self.sampler_digest,
+            self.compute_us,
         ]
         words = header + list(struct.unpack(f"<{_DETAIL_WORDS}q", raw)) + list(self.fingerprints)
         return words + [0] * (length - len(words))
 
     @classmethod
     def unpack(cls, words: Sequence[int]) -> RankReport:
-        step, flags, grad, loss, data_us, data_digest, forward_us, optimizer_us, count, hyper, sampler = (
-            words[:_HEADER]
-        )
+        (
+            step,
+            flags,
+            grad,
+            loss,
+            data_us,
+            data_digest,
+            forward_us,
+            optimizer_us,
+            count,
+            hyper,
+            sampler,
+            compute,
+        ) = words[:_HEADER]
         raw = struct.pack(f"<{_DETAIL_WORDS}q", *words[_HEADER : _HEADER + _DETAIL_WORDS])
         start = _HEADER + _DETAIL_WORDS
         return cls(
@@ -133,6 +149,7 @@ class RankReport:
             fingerprints=tuple(words[start : start + count]),
             hyper_digest=hyper,
             sampler_digest=sampler,
+            compute_us=compute,
         )
 
 
@@ -153,6 +170,7 @@ def decide(
     replica_groups: Sequence[Sequence[int]],
     slot_names: Sequence[str],
     actions: dict[Check, Action] | None = None,
+    straggler_floor_us: int = 50_000,
 ) -> list[Failure]:
     """Every failure in one step's reports, most specific first; the same on every rank."""
     actions = {**DEFAULT_ACTIONS, **(actions or {})}
@@ -177,11 +195,37 @@ def decide(
             action = Action.ALERT
             message = f"every rank slowed down together at step {step}: {detail}"
         failures.append(Failure(check, ranks, step, message, action))
+    timed = next((f for f in failures if f.check is Check.STEP_TIME), None)
+    if timed is None or timed.action is Action.ALERT:
+        failures.extend(_stragglers(reports, step, straggler_floor_us, actions[Check.STEP_TIME]))
     evidence = {rank for rank, report in enumerate(reports) if any(report.failed(c) for c in _LOCAL_EVIDENCE)}
     for group in replica_groups:
         failures.extend(_compare_replicas(reports, group, slot_names, step, evidence, actions))
     order = {check: position for position, check in enumerate(Check)}
     return sorted(failures, key=lambda failure: order[failure.check])
+
+
+def _stragglers(reports: Sequence[RankReport], step: int, floor_us: int, action: Action) -> list[Failure]:
+    """A rank whose own compute took over three times its peers' median, and a floor more: a rank
+    slowed on purpose (a busy-wait or a sleep in its forward or backward pass) holds every rank."""
+    times = [report.compute_us for report in reports]
+    if len(times) < 2 or min(times) <= 0:
+        return []
+    slow: list[tuple[int, int, float]] = []
+    for rank, own in enumerate(times):
+        peers = statistics.median(times[:rank] + times[rank + 1 :])
+        if own > 3 * peers and own - peers > floor_us:
+            slow.append((rank, own, peers))
+    if not slow:
+        return []
+    ranks = tuple(rank for rank, _, _ in slow)
+    rank, own, peers = slow[0]
+    message = (
+        f"{_ranks_phrase(ranks)} computed step {step} far slower than its peers: {own / 1000:.0f} ms "
+        f"from the first forward pass to a complete gradient, against a median of {peers / 1000:.0f} ms "
+        "on the other ranks (a busy-wait or a sleep in the forward or backward pass)"
+    )
+    return [Failure(Check.STEP_TIME, ranks, step, message, action)]
 
 
 def _compare_replicas(
