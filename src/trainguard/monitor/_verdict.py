@@ -31,7 +31,8 @@ _DESCRIBE = {
     Check.CODE: "critical code or hooks were changed",
     Check.OUTSIDE: "parameters were changed outside a checked optimizer step",
     Check.NONFINITE: "NaN or Inf in the loss or gradient",
-    Check.STEP_TIME: "a rank took unexplained time in its step (a stall off the CPU, or compute far above its history or its peers)",
+    Check.STEP_TIME: "a rank took unexplained time in its step (an off-CPU stall, or compute far above "
+    "its history or its peers)",
     Check.DATA_WAIT: "unexplained off-CPU time between steps (data loading, I/O, a sleep)",
     Check.SPIKE: "loss or gradient norm far above its recent median",
     Check.IDENTITY: "the run config or environment differ from the other ranks",
