@@ -4,7 +4,10 @@ element changed after backward is caught; the guard's own hooks removed is named
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +122,63 @@ def test_removed_hook_is_named() -> None:
     for hooks in (params[1]._post_accumulate_grad_hooks or {},):
         hooks.clear()
     assert path.tampering(0) == "the guard's gradient hook on bias was removed"
+
+
+_DDP_JOB = """
+import torch, torch.distributed as dist
+from torch import nn
+dist.init_process_group("gloo", init_method="file://{store}", rank=0, world_size=1)
+import trainguard
+from trainguard.errors import IntegrityError
+from trainguard.monitor import _gradpath
+torch.manual_seed(0)
+ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)))
+optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+{setup}
+def step(tamper):
+    optimizer.zero_grad()
+    ddp(torch.randn(4, 8)).pow(2).mean().backward()
+    if tamper:
+        with torch.no_grad():
+            for param in ddp.parameters():
+                param.grad.add_(torch.randn_like(param.grad))
+    optimizer.step()
+try:
+    for block in range(3):
+        guard = trainguard.watch(ddp, optimizer, ledger=False)
+        assert not any("gradient" in notice for notice in guard.notices), guard.notices
+        for index in range(4):
+            step(tamper=block == 2 and index == 2)
+        guard.close()
+        print("block", block, "clean")
+except IntegrityError as error:
+    print("caught:", error)
+dist.destroy_process_group()
+"""
+
+
+def _ddp_job(tmp_path: Path, setup: str = "") -> str:
+    code = _DDP_JOB.format(store=tmp_path / "store", setup=setup)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_a_model_watched_again_keeps_its_gradient_path_checked(tmp_path: Path) -> None:
+    # DDP keeps a communication hook for its lifetime: the next watch() takes over the guard's own
+    # hook, records through it, and still catches a gradient changed after the all-reduce.
+    said = _ddp_job(tmp_path)
+    assert "block 0 clean" in said and "block 1 clean" in said, said
+    assert "block 2 clean" not in said and "caught:" in said, said
+    assert "from the backward pass to the optimizer" in said, said
+
+
+def test_the_guards_hook_registered_with_a_forged_state_is_foreign(tmp_path: Path) -> None:
+    # The guard's hook function with a state the guard did not make reduces as its owner likes.
+    forged = (
+        "state = _gradpath._HookState(ddp.process_group, 1)\n"
+        "ddp.register_comm_hook(state, _gradpath._reduce_and_record)\n"
+    )
+    said = _ddp_job(tmp_path, forged)
+    assert "block 0 clean" not in said and "caught:" in said, said
+    assert "registered on DDP before watch()" in said, said

@@ -15,6 +15,7 @@ a torch hook (fp16 compression, PowerSGD) is a notice, any other a failure at th
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,21 @@ from trainguard.monitor._offcpu import own_time_ns
 __all__ = ["GradientPath"]
 
 _TORCH_HOOKS = "torch.distributed.algorithms.ddp_comm_hooks"
+
+
+class _HookState:
+    """What the guard's communication hook needs. DDP keeps a hook for its lifetime, so a later
+    watch() of the same model (after close(), or a new block of steps) takes over this state
+    rather than registering a second hook, which DDP refuses."""
+
+    def __init__(self, group: Any, world: int) -> None:
+        self.group = group
+        self.world = world
+        self.recorder: GradientPath | None = None
+
+
+# The hook states this module registered, by DDP: only these are the guard's own.
+_REGISTERED: weakref.WeakKeyDictionary[torch.nn.Module, _HookState] = weakref.WeakKeyDictionary()
 
 
 class GradientPath:
@@ -121,9 +137,16 @@ class GradientPath:
 
     def _install_comm_hook(self, ddp: torch.nn.parallel.DistributedDataParallel) -> None:
         existing = list(getattr(ddp, "_comm_hooks", []))
+        own = _REGISTERED.get(ddp)
+        if own is not None and len(existing) == 1 and existing[0] == (_reduce_and_record, own):
+            self._take_over(own)
+            return
         builtin = _builtin_hook(ddp)
         if existing or builtin:
             hooks = [hook for hook, _ in existing]
+            if own is not None:
+                # The guard's own hook is there beside another, or with a state it did not make.
+                hooks = [hook for hook, state in existing if (hook, state) != (_reduce_and_record, own)]
             if hooks and all(_is_torch_hook(hook) for hook in hooks):
                 self.notice = (
                     f"DDP reduces the gradient through torch's {_describe(hooks[0])}: the gradient's "
@@ -141,22 +164,24 @@ class GradientPath:
                     "it decides what every rank's gradient becomes, unseen"
                 )
             return
-        self._group = ddp.process_group
-        self._world = dist.get_world_size(self._group)
-        ddp.register_comm_hook(self, _reduce_and_record)
-        self._hooks_seen = len(getattr(ddp, "_comm_hooks", []))
+        state = _HookState(ddp.process_group, dist.get_world_size(ddp.process_group))
+        ddp.register_comm_hook(state, _reduce_and_record)
+        _REGISTERED[ddp] = state
+        self._take_over(state)
 
-    def _reduce(self, bucket: Any) -> torch.futures.Future[torch.Tensor]:
-        buffer = bucket.buffer()
-        buffer.div_(self._world)
-        if bucket.is_last():
-            self.last_bucket = own_time_ns()
-        work = dist.all_reduce(buffer, group=self._group, async_op=True)
-        assert work is not None  # async_op=True always returns one
-        future = work.get_future()
-        if not self._recording:
-            reduced: torch.futures.Future[torch.Tensor] = future.then(_first)
-            return reduced
+    def _take_over(self, state: _HookState) -> None:
+        previous = state.recorder
+        if previous is not None and previous is not self and previous._recording:
+            # Two guards on one model: the newer one records; the older one says it no longer does.
+            previous.close()
+            previous.notice = "a later watch() of the same model took over the gradient's path"
+        state.recorder = self
+        assert self._ddp is not None
+        self._hooks_seen = len(getattr(self._ddp, "_comm_hooks", []))
+
+    def _record_when_done(
+        self, bucket: Any, future: torch.futures.Future[list[torch.Tensor]]
+    ) -> torch.futures.Future[torch.Tensor]:
         pairs = [
             (id(param), grad, index)
             for param, grad in zip(bucket.parameters(), bucket.gradients(), strict=True)
@@ -174,8 +199,21 @@ class GradientPath:
         return recorded
 
 
-def _reduce_and_record(state: GradientPath, bucket: Any) -> torch.futures.Future[torch.Tensor]:
-    return state._reduce(bucket)
+def _reduce_and_record(state: _HookState, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+    """DDP's default reduction (the mean over ranks), then, while a guard records, the sampled
+    elements of each gradient as DDP will hand them to the optimizer."""
+    buffer = bucket.buffer()
+    buffer.div_(state.world)
+    recorder = state.recorder
+    if recorder is not None and bucket.is_last():
+        recorder.last_bucket = own_time_ns()
+    work = dist.all_reduce(buffer, group=state.group, async_op=True)
+    assert work is not None  # async_op=True always returns one
+    future = work.get_future()
+    if recorder is None or not recorder._recording:
+        reduced: torch.futures.Future[torch.Tensor] = future.then(_first)
+        return reduced
+    return recorder._record_when_done(bucket, future)
 
 
 # DDP checks a hook's annotations against the real classes; postponed annotations are strings.
