@@ -1,7 +1,8 @@
 """A small data-parallel Hugging Face Trainer job with trainguard's callback, as N real processes
 (torchrun, gloo, CPU); each rank writes where training stopped and the failure that stopped it.
 
-    python hf_job.py --out DIR --steps 30 [--attack flip --attack-ranks 1 --attack-step 10] [--skip code]
+    python hf_job.py --out DIR --steps 30 [--attack flip|grad_noise --attack-ranks 1 --attack-step 10]
+        [--skip code]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jobkit import finish, patch_update
+from jobkit import add_gradient_noise, finish, patch_update
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -33,12 +34,17 @@ class TinyClassifier(nn.Module):
 class Attack(TrainerCallback):
     """Arms the attack on this rank just before the optimizer step numbered `step` (1-based)."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, attack: str, step: int) -> None:
+        self.attack = attack
         self.step = step
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == self.step - 1:
+        if self.attack == "flip" and state.global_step == self.step - 1:
             patch_update("flip")
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.attack == "grad_noise" and state.global_step >= self.step - 1:
+            add_gradient_noise(kwargs["model"], state.global_step)
 
 
 def main() -> int:
@@ -46,7 +52,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--accumulate", type=int, default=1)
-    parser.add_argument("--attack", choices=["none", "flip"], default="none")
+    parser.add_argument("--attack", choices=["none", "flip", "grad_noise"], default="none")
     parser.add_argument("--attack-ranks", default="")
     parser.add_argument("--attack-step", type=int, default=10)
     parser.add_argument("--skip", action="append", default=[])
@@ -84,7 +90,7 @@ def main() -> int:
         not args.attack_ranks or rank in {int(r) for r in args.attack_ranks.split(",")}
     )
     if attacked:
-        callbacks.append(Attack(args.attack_step))
+        callbacks.append(Attack(args.attack, args.attack_step))
     trainer = Trainer(model=TinyClassifier(), args=training, train_dataset=dataset, callbacks=callbacks)
     result: dict[str, Any] = {"rank": rank, "finished": False, "error": None}
     try:

@@ -54,6 +54,16 @@ def patch_update(attack: str, *, sgd: bool = False, active: bool = True) -> None
     setattr(module, name, patched)
 
 
+def add_gradient_noise(module: torch.nn.Module, step: int) -> None:
+    """The same noise on every rank (seeded by the step), between backward and the optimizer step:
+    the replicas stay equal, so only the gradient's path can show it."""
+    noise = torch.Generator().manual_seed(step)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.grad is not None:
+                param.grad.add_(torch.randn(param.shape, generator=noise) * param.grad.abs().mean())
+
+
 def finish(out: Path, rank: int, result: dict[str, Any], failure: IntegrityError | None) -> None:
     """Write what happened to this rank (rankN.json) and leave at once."""
     if failure is not None:

@@ -3,7 +3,7 @@ gloo, CPU; Lightning takes the ranks from torchrun's environment); each rank wri
 stopped and the failure that stopped it.
 
     python lightning_job.py --out DIR --steps 30 [--namespace pytorch_lightning] [--accumulate 2]
-        [--attack flip --attack-ranks 1 --attack-step 10] [--skip code]
+        [--attack flip|grad_noise --attack-ranks 1 --attack-step 10] [--skip code]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jobkit import finish, patch_update
+from jobkit import add_gradient_noise, finish, patch_update
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -30,7 +30,7 @@ def main() -> int:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--min-steps", type=int, default=None)
     parser.add_argument("--validate-every", type=int, default=None, help="validation every N batches")
-    parser.add_argument("--attack", choices=["none", "flip"], default="none")
+    parser.add_argument("--attack", choices=["none", "flip", "grad_noise"], default="none")
     parser.add_argument("--attack-ranks", default="")
     parser.add_argument("--attack-step", type=int, default=10)
     parser.add_argument("--skip", action="append", default=[])
@@ -64,9 +64,16 @@ def main() -> int:
         """Arms the attack on this rank just before the optimizer step numbered `step` (1-based)."""
 
         def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
-            if trainer.global_step == args.attack_step - 1 and not getattr(self, "armed", False):
+            if args.attack != "flip" or trainer.global_step != args.attack_step - 1:
+                return
+            if not getattr(self, "armed", False):
                 self.armed = True
                 patch_update("flip")
+
+        def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
+            # Inside the step's closure, after backward.
+            if args.attack == "grad_noise" and trainer.global_step >= args.attack_step - 1:
+                add_gradient_noise(module, trainer.global_step)
 
     data = torch.Generator().manual_seed(100)
     size = 16 * 2 * args.steps * args.accumulate

@@ -83,3 +83,11 @@ def test_the_monitor_package_loads_no_framework_until_a_callback_is_imported() -
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert completed.stdout.strip() == "[]"
+
+
+def test_same_gradient_noise_on_every_rank_is_caught_through_the_trainer(tmp_path: Path) -> None:
+    # The Trainer wraps the model in DDP itself: the guard finds that wrapper and owns its hook.
+    result = run_framework_job("hf_job.py", tmp_path, 2, "--attack", "grad_noise")
+    error = result.error()
+    assert (error["check"], error["ranks"], error["step"]) == ("gradient_path", [0, 1], 10), error
+    assert [rank["global_step"] for rank in result.ranks] == [10, 10]

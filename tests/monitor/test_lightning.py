@@ -111,3 +111,11 @@ def test_callback_rejects_settings_it_cannot_honour() -> None:
         TrainguardCallback(raise_errors=False)
     with pytest.raises(UsageError, match="unknown action"):
         TrainguardCallback(actions={"update": "ignore"})
+
+
+def test_same_gradient_noise_on_every_rank_is_caught_through_the_trainer(tmp_path: Path) -> None:
+    # Lightning wraps the module in DDP and runs backward inside the step's closure.
+    result = run_framework_job("lightning_job.py", tmp_path, 2, "--attack", "grad_noise")
+    error = result.error()
+    assert (error["check"], error["ranks"], error["step"]) == ("gradient_path", [0, 1], 10), error
+    assert [rank["global_step"] for rank in result.ranks] == [10, 10]
