@@ -79,3 +79,31 @@ def test_views_strides_and_odd_sizes_are_read_by_value() -> None:
 
 def test_empty_list_gives_an_empty_vector() -> None:
     assert Fingerprinter(7).of([]).numel() == 0
+
+
+def test_tensors_fingerprinted_together_give_what_each_gives_alone() -> None:
+    # Small tensors are fingerprinted in one batch: word for word the same values as one by one,
+    # across dtypes, ragged byte lengths, empty and non-contiguous tensors, and the row boundary.
+    generator = torch.Generator().manual_seed(3)
+    fingerprinter = Fingerprinter(11)
+    width = fingerprinter.width
+    tensors = [
+        torch.randn(32, generator=generator),
+        torch.randn(7, generator=generator).to(torch.bfloat16),
+        torch.zeros(0),
+        torch.randn(2 * width, generator=generator),  # exactly one row of 64-bit words
+        torch.randn(2 * width + 2, generator=generator),  # one word more
+        torch.randn(16, 6, generator=generator).t(),
+        torch.randint(0, 100, (5,), generator=generator),
+        torch.rand(9, generator=generator) > 0.5,
+        torch.randn(300, 40, generator=generator),
+        torch.randn(3, generator=generator).double(),
+    ]
+    together = fingerprinter.of(tensors)
+    assert together.tolist() == [int(fingerprinter.one(tensor)) for tensor in tensors]
+    # The same layout again (now cached), with one element of one small tensor changed.
+    changed = [tensor.clone() for tensor in tensors]
+    changed[0][5] += 1.0
+    again = fingerprinter.of(changed)
+    assert again.tolist() == [int(fingerprinter.one(tensor)) for tensor in changed]
+    assert [a != b for a, b in zip(together.tolist(), again.tolist(), strict=True)] == [True] + [False] * 9

@@ -117,3 +117,58 @@ def test_a_subclass_is_not_assumed_to_follow_its_parents_rule() -> None:
 
     param = nn.Parameter(torch.randn(4))
     assert coverage(Custom([param], lr=0.1)) is not None
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam-amsgrad", "sgd-nesterov"])
+def test_the_batched_verdict_is_the_per_sample_one(kind: str) -> None:
+    # Groups with their own hyper-parameters, a tensor whose step count lags (no gradient at some
+    # steps), attacks on one tensor's update and on weights and state between steps: whatever the
+    # per-sample judgement finds, the batched one finds the same, and it passes what that passes.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4), nn.Linear(4, 4))
+    first, second, third = model[0], model[2], model[3]
+    groups: list[dict[str, object]] = [
+        {"params": first.parameters(), "lr": 1e-3, "weight_decay": 0.0},
+        {"params": second.parameters(), "lr": 3e-3, "weight_decay": 0.05},
+        {"params": third.parameters(), "lr": 2e-3, "weight_decay": 0.01},
+    ]
+    if kind == "adamw":
+        groups[2]["betas"] = (0.8, 0.99)
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups)
+    elif kind == "adam-amsgrad":
+        optimizer = torch.optim.Adam(groups, amsgrad=True)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    check = UpdateCheck(optimizer, names, seed=7, tensors_per_step=4, elements_per_tensor=16)
+    generator = torch.Generator().manual_seed(1)
+    verdicts = []
+    for step in range(1, 41):
+        optimizer.zero_grad(set_to_none=True)
+        out = model[:3](torch.randn(8, 16))
+        if step % 3:  # the last layer's parameters step less often
+            out = third(out)
+        out.pow(2).mean().backward()
+        check.before()
+        old = first.weight.detach().clone()
+        optimizer.step()
+        attack = int(torch.randint(6, (1,), generator=generator))
+        with torch.no_grad():
+            if attack == 1:
+                first.weight.copy_(2 * old - first.weight)
+            elif attack == 2:
+                first.weight.mul_(1.0001)
+        samples = check.capture().to_host()
+        batched, each = samples.judge(), samples.judge_each()
+        assert batched == each, (step, batched, each)
+        verdicts.append(bool(each))
+        with torch.no_grad():
+            if attack == 3:
+                second.bias.add_(1e-3)
+            elif attack == 4:
+                for state in optimizer.state.values():
+                    for value in state.values():
+                        if isinstance(value, torch.Tensor) and value.dim() > 0:
+                            value.mul_(1.5)
+    # Both outcomes occurred: the comparison above was made on honest steps and on caught ones.
+    assert any(verdicts) and not all(verdicts)

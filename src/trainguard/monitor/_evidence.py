@@ -100,7 +100,8 @@ class Evidence:
             ]
             if param_turn:
                 parts.append(self._fingerprinter.of([self._params[i] for i in param_turn]).to(device))
-            parts.extend(self._state_fingerprint(self._params[i], device) for i in state_turn)
+            if state_turn:
+                parts.append(self._fingerprint_states([self._params[i] for i in state_turn], device))
         parts.extend(batch.to(device).reshape(1) for batch in batches)
         for value in (grad_norm, loss):
             number = torch.full((1,), math.nan, dtype=torch.float64, device=device)
@@ -170,15 +171,24 @@ class Evidence:
             report.fail(Check.UPDATE, others[0].describe())
         return report
 
-    def _state_fingerprint(self, param: torch.Tensor, device: torch.device) -> torch.Tensor:
-        state = self._optimizer.state.get(param, {})
-        tensors = [state[key] for key in sorted(state) if isinstance(state[key], torch.Tensor)]
+    def _fingerprint_states(self, params: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """One fingerprint per parameter of all its optimizer state (0 for none), taken together."""
+        tensors: list[torch.Tensor] = []
+        owners: list[int] = []
+        weights: list[int] = []
+        for slot, param in enumerate(params):
+            state = self._optimizer.state.get(param, {})
+            found = [state[key] for key in sorted(state) if isinstance(state[key], torch.Tensor)]
+            tensors.extend(found)
+            owners.extend([slot] * len(found))
+            # Position in the state dict matters: exp_avg and exp_avg_sq swapped must show.
+            weights.extend(2 * position + 1 for position in range(1, len(found) + 1))
+        totals = torch.zeros(len(params), dtype=torch.int64, device=device)
         if not tensors:
-            return torch.zeros(1, dtype=torch.int64, device=device)
+            return totals
         prints = self._fingerprinter.of(tensors).to(device)
-        # Position in the state dict matters: exp_avg and exp_avg_sq swapped must show.
-        weights = torch.arange(1, len(tensors) + 1, dtype=torch.int64, device=device) * 2 + 1
-        return (prints * weights).sum().reshape(1)
+        terms = prints * torch.tensor(weights, dtype=torch.int64, device=device)
+        return totals.index_add_(0, torch.tensor(owners, device=device), terms)
 
     def _data_order(self, batches: Sequence[int]) -> int:
         """The running data-order digest, extended by a step's batches: exact, and signed int64."""

@@ -22,6 +22,8 @@ from trainguard.monitor._tensors import local
 __all__ = ["Fingerprinter"]
 
 # Primes for the row width, in 64-bit words; one is drawn per run.
+# How many layouts of small tensors are kept (one per distinct list of sizes fingerprinted together).
+_LAYOUTS_KEPT = 16
 _WIDTHS = (4093, 4099, 4111, 4127, 4129, 4133, 4139, 4153, 4157, 4159, 4177, 4201, 4211, 4217, 4219)
 
 
@@ -37,6 +39,7 @@ class Fingerprinter:
         # Odd weights: an odd multiplier is invertible mod 2**64, so no bit of a column sum is lost.
         self._weights = weights | 1
         self._on: dict[torch.device, torch.Tensor] = {}
+        self._layouts: dict[tuple[tuple[int, ...], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         if device is not None:
             self._weights_on(device)
 
@@ -53,14 +56,54 @@ class Fingerprinter:
         return weights
 
     def of(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """One int64 fingerprint per tensor, on the tensors' device (no host sync)."""
+        """One int64 fingerprint per tensor, on the tensors' device (no host sync).
+
+        Tensors of at most one row (biases, norms: most of a model's tensors, few of its bytes) are
+        fingerprinted together, in a handful of operations rather than a dozen each; the result is
+        the same as `one()` gives, word for word."""
         if not tensors:
             return torch.zeros(0, dtype=torch.int64)
-        return torch.stack([self.one(tensor) for tensor in tensors])
+        words = [_words(local(tensor.detach())) for tensor in tensors]
+        small = [
+            position
+            for position, (tensor, each) in enumerate(zip(tensors, words, strict=True))
+            if each.numel() <= self.width and each.device == words[0].device
+        ]
+        found: dict[int, torch.Tensor] = {}
+        if len(small) > 1:
+            together = self._small([words[p] for p in small], [tensors[p].numel() for p in small])
+            found = dict(zip(small, together.unbind(), strict=True))
+        return torch.stack(
+            [
+                found[p] if p in found else self._of_words(words[p], tensor.numel())
+                for p, tensor in enumerate(tensors)
+            ]
+        )
+
+    def _small(self, words: Sequence[torch.Tensor], lengths: Sequence[int]) -> torch.Tensor:
+        """The fingerprints of tensors of one row at most: every word times its column's weight,
+        summed by tensor (wrapping, as `one()` sums), plus each tensor's length."""
+        device = words[0].device
+        sizes = tuple(each.numel() for each in words)
+        layout = self._layouts.get((sizes, device))
+        if layout is None:
+            counts = torch.tensor(sizes, device=device)
+            columns = torch.cat([torch.arange(size, device=device) for size in sizes])
+            weights = self._weights_on(device).index_select(0, columns)
+            owners = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+            layout = self._layouts[(sizes, device)] = (weights, owners)
+            if len(self._layouts) > _LAYOUTS_KEPT:  # a job whose tensors keep changing shape
+                del self._layouts[next(iter(self._layouts))]
+        weights, owners = layout
+        terms = torch.cat(list(words)) * weights
+        totals = torch.zeros(len(sizes), dtype=torch.int64, device=device).index_add_(0, owners, terms)
+        return totals + torch.tensor(lengths, dtype=torch.int64, device=device)
 
     def one(self, tensor: torch.Tensor) -> torch.Tensor:
         """The fingerprint of one tensor, as a 0-d int64 tensor on its device."""
-        words = _words(local(tensor.detach()))
+        return self._of_words(_words(local(tensor.detach())), tensor.numel())
+
+    def _of_words(self, words: torch.Tensor, length: int) -> torch.Tensor:
         weights = self._weights_on(words.device)
         rows, tail = divmod(words.numel(), self.width)
         total = torch.zeros((), dtype=torch.int64, device=words.device)
@@ -70,7 +113,7 @@ class Fingerprinter:
         if tail:
             total = total + (words[rows * self.width :] * weights[:tail]).sum()
         # The length goes in too, so that a tensor of zeros is not the same as an empty one.
-        return total + tensor.numel()
+        return total + length
 
 
 def _words(tensor: torch.Tensor) -> torch.Tensor:

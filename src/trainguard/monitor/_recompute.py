@@ -93,7 +93,7 @@ class _Sample:
     group: Mapping[str, Any]
     index: torch.Tensor
     values: dict[str, torch.Tensor]
-    step: float
+    step: float | torch.Tensor
     dtype: torch.dtype
     actual: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     # The same elements as the last step left them (the fixed samples only), and whether the
@@ -107,6 +107,8 @@ class Samples(list[_Sample]):
 
     def to_host(self) -> Samples:
         """Start copying everything to the host without waiting (a GPU's copies finish in order)."""
+        if all(sample.index.device.type == "cpu" for sample in self):
+            return self  # each value was taken as a new tensor: nothing is shared with training
         return Samples(
             dataclasses.replace(
                 sample,
@@ -121,14 +123,22 @@ class Samples(list[_Sample]):
         )
 
     def judge(self) -> list[Mismatch]:
-        """Recompute the sampled updates (on the host) and return the elements that disagree."""
+        """Recompute the sampled updates (on the host) and return the elements that disagree.
+
+        Every sample is judged at once, in a few batched operations; only when something disagrees
+        are the samples judged one by one, to name the elements."""
+        if _all_unchanged(self) and _all_within_rule(self):
+            return _gradient_changes(self)
+        return self.judge_each()
+
+    def judge_each(self) -> list[Mismatch]:
+        """The same verdict, sample by sample (slower, and what names each element)."""
         mismatches: list[Mismatch] = _gradient_changes(self)
         for sample in self:
             if sample.previous is not None:
                 mismatches.extend(_changed_between(sample))
             if sample.rule:
-                expected = _sgd(sample) if sample.group["_kind"] == "sgd" else _adam(sample)
-                mismatches.extend(_compare(sample, expected, sample.actual))
+                mismatches.extend(_compare(sample, _rule(sample), sample.actual))
         return mismatches
 
 
@@ -187,13 +197,19 @@ class UpdateCheck:
 
     def before(self) -> None:
         """Copy the chosen elements of parameters, gradients and state; call in a step pre-hook."""
+        with torch.no_grad():
+            self._before()
+
+    def _before(self) -> None:
         arrived = self.arrivals() if self.arrivals is not None else {}
+        covered = self.covered
+        settings = {id(group): self._settings(group) for group in self._optimizer.param_groups}
         self._samples = [
-            self._fixed_sample(group, param, arrived.get(id(param)))
+            self._fixed_sample(settings[id(group)], param, arrived.get(id(param)), covered)
             for group in self._optimizer.param_groups
             for param in group["params"]
         ]
-        if not self.covered:
+        if not covered:
             return
         candidates = [
             (group, param)
@@ -220,7 +236,7 @@ class UpdateCheck:
                 _Sample(
                     name=self._names.get(id(param), f"parameter #{id(param):x}"),
                     param=param,
-                    group={"_kind": self._kind, **{k: _scalar(group[k]) for k in group if k != "params"}},
+                    group=settings[id(group)],
                     index=index,
                     values=values,
                     step=float(step),
@@ -228,10 +244,19 @@ class UpdateCheck:
                 )
             )
 
+    def _settings(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """A group's hyper-parameters as plain numbers, as they are at this step."""
+        return {"_kind": self._kind, **{k: _scalar(group[k]) for k in group if k != "params"}}
+
     def capture(self) -> Samples:
         """Take the sampled elements as the step left them; call in a step post-hook. Nothing is read
         back from a GPU here: `Samples.to_host().judge()` does that when the copies are done."""
         samples, self._samples = Samples(self._samples), []
+        with torch.no_grad():
+            self._capture(samples)
+        return samples
+
+    def _capture(self, samples: Samples) -> None:
         for sample in samples:
             state = self._optimizer.state.get(sample.param, {})
             sample.actual["param"] = _take(sample.param, sample.index)
@@ -241,10 +266,9 @@ class UpdateCheck:
                     sample.actual[key] = _take(value, sample.index)
             if sample.index is self._fixed.get(id(sample.param)):
                 self._last[id(sample.param)] = sample.actual
-        return samples
 
     def _fixed_sample(
-        self, group: Mapping[str, Any], param: torch.Tensor, arrived: torch.Tensor | None
+        self, settings: dict[str, Any], param: torch.Tensor, arrived: torch.Tensor | None, covered: bool
     ) -> _Sample:
         """The tensor's fixed elements: compared with what the last step left and with the gradient
         that arrived, and re-computed."""
@@ -252,7 +276,7 @@ class UpdateCheck:
         index = self.index_of(param)
         grad = param.grad
         rule = (
-            self.covered
+            covered
             and grad is not None
             and not grad.is_sparse
             and not param.is_complex()
@@ -274,7 +298,7 @@ class UpdateCheck:
         return _Sample(
             name=self._names.get(key, f"parameter #{key:x}"),
             param=param,
-            group={"_kind": self._kind, **{k: _scalar(group[k]) for k in group if k != "params"}},
+            group=settings,
             index=index,
             values=values,
             step=float(state.get("step", 0.0)),
@@ -318,11 +342,12 @@ def _grad(param: torch.Tensor) -> torch.Tensor:
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return local(tensor.detach()).reshape(-1).index_select(0, index).to(torch.float64)
+    # Flat positions of the tensor as laid out logically (torch.take), called under no_grad.
+    return torch.take(local(tensor), index).to(torch.float64)
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to("cpu", non_blocking=True)
+    return tensor if tensor.device.type == "cpu" else tensor.to("cpu", non_blocking=True)
 
 
 def _scalar(value: Any) -> Any:
@@ -337,11 +362,11 @@ def _sgd(sample: _Sample) -> dict[str, torch.Tensor]:
     group = sample.group
     param = sample.values["param"]
     grad = -sample.values["grad"] if group["maximize"] else sample.values["grad"]
-    if group["weight_decay"]:
+    if _nonzero(group["weight_decay"]):
         grad = grad + group["weight_decay"] * param
     expected: dict[str, torch.Tensor] = {}
     momentum = group["momentum"]
-    if momentum:
+    if _nonzero(momentum):
         previous = sample.values.get("momentum_buffer")
         buffer = grad.clone() if previous is None else momentum * previous + (1 - group["dampening"]) * grad
         expected["momentum_buffer"] = buffer
@@ -360,7 +385,7 @@ def _adam(sample: _Sample) -> dict[str, torch.Tensor]:
     exp_avg = sample.values.get("exp_avg", zeros)
     exp_avg_sq = sample.values.get("exp_avg_sq", zeros)
     step = sample.step + 1
-    if decay:
+    if _nonzero(decay):
         if decoupled:
             param = param * (1 - lr * decay)
         else:
@@ -372,7 +397,7 @@ def _adam(sample: _Sample) -> dict[str, torch.Tensor]:
         second = torch.maximum(sample.values.get("max_exp_avg_sq", zeros), exp_avg_sq)
     bias1 = 1 - beta1**step
     bias2 = 1 - beta2**step
-    denom = second.sqrt() / math.sqrt(bias2) + eps
+    denom = second.sqrt() / _sqrt(bias2) + eps
     new_param = param - (lr / bias1) * exp_avg / denom
     return {"param": new_param, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
@@ -432,23 +457,131 @@ def _gradient_changes(samples: Sequence[_Sample]) -> list[Mismatch]:
 def _compare(
     sample: _Sample, expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor]
 ) -> list[Mismatch]:
-    ulp = torch.finfo(sample.dtype).eps
     mismatches: list[Mismatch] = []
+    for field, (before, want, got, bad) in _outside_tolerance(sample, expected, actual).items():
+        mismatches.extend(
+            _mismatch(sample, field, position, before, want, got)
+            for position in bad.nonzero().flatten().tolist()[:3]
+        )
+    return mismatches
+
+
+def _outside_tolerance(
+    sample: _Sample,
+    expected: Mapping[str, torch.Tensor],
+    actual: Mapping[str, torch.Tensor],
+    *,
+    slack: float = 1.0,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """By field: the value before, the rule's, the step's, and which elements disagree."""
+    ulp = torch.finfo(sample.dtype).eps
+    found = {}
     for field, want in expected.items():
         got = actual.get(field)
         if got is None:
             continue
         before = sample.values.get(field, torch.zeros_like(want))
         scale = torch.maximum(torch.maximum(want.abs(), got.abs()), before.abs())
-        tolerance = _ULPS * ulp * scale + _RELATIVE * (want - before).abs()
+        tolerance = (_ULPS * ulp * scale + _RELATIVE * (want - before).abs()) * slack
         # A NaN or Inf gradient makes the rule's own result non-finite: the nonfinite check reports it.
         bad = ((got - want).abs() > tolerance) & torch.isfinite(want)
         bad |= ~torch.isfinite(got) & torch.isfinite(want)
-        mismatches.extend(
-            _mismatch(sample, field, position, before, want, got)
-            for position in bad.nonzero().flatten().tolist()[:3]
+        found[field] = (before, want, got, bad)
+    return found
+
+
+def _rule(sample: _Sample) -> dict[str, torch.Tensor]:
+    return _sgd(sample) if sample.group["_kind"] == "sgd" else _adam(sample)
+
+
+# The batched judgement may round a hyper-parameter's power differently from the per-sample one, by
+# a few units in the last place of a float64: it passes an element only inside a tolerance narrowed
+# by far more than that, and anything else goes to the per-sample judgement.
+_BATCH_SLACK = 1.0 - 1e-6
+
+
+def _all_within_rule(samples: Sequence[_Sample]) -> bool:
+    """Whether every sample's update follows its rule, judged in one batch per kind of sample."""
+    for batch in _batches([sample for sample in samples if sample.rule]):
+        found = _outside_tolerance(batch, _rule(batch), batch.actual, slack=_BATCH_SLACK)
+        if any(bool(bad.any()) for *_, bad in found.values()):
+            return False
+    return True
+
+
+def _all_unchanged(samples: Sequence[_Sample]) -> bool:
+    """Whether every fixed element holds what the last step left, compared in one batch per field."""
+    pairs: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for sample in samples:
+        for field, was in (sample.previous or {}).items():
+            now = sample.values.get(field)
+            if now is not None and now.shape == was.shape:
+                before, after = pairs.setdefault(field, ([], []))
+                before.append(was)
+                after.append(now)
+    for before, after in pairs.values():
+        was, now = torch.cat(before), torch.cat(after)
+        if not bool(((now == was) | (torch.isnan(now) & torch.isnan(was))).all()):
+            return False
+    return True
+
+
+def _batches(samples: Sequence[_Sample]) -> Iterator[_Sample]:
+    """The samples that share a rule's branches, the fields present and a dtype, as one sample
+    each: a hyper-parameter they share stays a number, one that differs becomes a tensor with
+    each element's value."""
+    kinds: dict[tuple[Any, ...], list[_Sample]] = {}
+    for sample in samples:
+        group = sample.group
+        branches = tuple(
+            bool(group[key]) if key in group else None
+            for key in ("maximize", "weight_decay", "amsgrad", "momentum", "nesterov")
         )
-    return mismatches
+        key = (group["_kind"], branches, tuple(sample.values), tuple(sample.actual), sample.dtype)
+        kinds.setdefault(key, []).append(sample)
+    for members in kinds.values():
+        first = members[0]
+        sizes = [member.index.numel() for member in members]
+        # Only what the rule reads: a group may carry anything else (a name, a flag of the user's own).
+        keys = ("_kind", *(_SGD_KEYS if first.group["_kind"] == "sgd" else _ADAM_KEYS))
+        group = {
+            key: _shared(first.group[key], [member.group[key] for member in members], sizes)
+            for key in keys
+            if key in first.group
+        }
+        steps = [member.step for member in members]
+        yield _Sample(
+            name="(batch)",
+            param=first.param,
+            group=group,
+            index=torch.cat([member.index for member in members]),
+            values={key: torch.cat([member.values[key] for member in members]) for key in first.values},
+            step=_shared(first.step, steps, sizes),
+            dtype=first.dtype,
+            actual={key: torch.cat([member.actual[key] for member in members]) for key in first.actual},
+        )
+
+
+def _shared(first: Any, values: Sequence[Any], sizes: Sequence[int]) -> Any:
+    """`first` when every member has the same value, else each element's value as a tensor (a
+    tuple, like Adam's betas, element-wise)."""
+    if all(value == first for value in values):
+        return first
+    if isinstance(first, tuple):
+        return tuple(_shared(part, [value[i] for value in values], sizes) for i, part in enumerate(first))
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        counts = torch.tensor(sizes)
+        return torch.tensor([float(value) for value in values], dtype=torch.float64).repeat_interleave(counts)
+    raise AssertionError(f"a hyper-parameter that is not a number differs inside one batch: {first!r}")
+
+
+def _sqrt(value: float | torch.Tensor) -> float | torch.Tensor:
+    return value.sqrt() if isinstance(value, torch.Tensor) else math.sqrt(value)
+
+
+def _nonzero(value: Any) -> bool:
+    # A tensor here holds each element's value of a hyper-parameter whose batch shares its branch.
+    return isinstance(value, torch.Tensor) or bool(value)
 
 
 def _mismatch(
