@@ -18,6 +18,16 @@ from torch import nn
 import trainguard
 
 
+def build_deep(blocks: int, width: int = 128) -> nn.Module:
+    """Many small tensors, as a transformer has (a weight, a bias and a norm's two per block): what
+    the guard spends per tensor, beside what it spends per byte."""
+    parts: list[nn.Module] = [nn.Linear(1024, width)]
+    for _ in range(blocks):
+        parts += [nn.Linear(width, width), nn.LayerNorm(width), nn.GELU()]
+    parts.append(nn.Linear(width, 10))
+    return nn.Sequential(*parts)
+
+
 def build(hidden: int, layers: int) -> nn.Module:
     blocks: list[nn.Module] = [nn.Linear(1024, hidden), nn.ReLU()]
     for _ in range(layers):
@@ -32,6 +42,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256, help="per step, over all ranks")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--deep", type=int, default=0, help="instead, this many small blocks of 4 tensors")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=4)
@@ -51,7 +62,7 @@ def main() -> None:
     if device is not None:
         torch.cuda.set_device(device)
     torch.manual_seed(0)
-    model = build(args.hidden, args.layers).to(device or "cpu")
+    model = (build_deep(args.deep) if args.deep else build(args.hidden, args.layers)).to(device or "cpu")
     params = sum(p.numel() for p in model.parameters())
     ddp = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
@@ -89,7 +100,14 @@ def main() -> None:
             if guard is not None:
                 guard.close()
     if rank == 0:
-        report = {"parameters": params, "world_size": world, "samples": args.samples, "times": times}
+        tensors = sum(1 for _ in model.parameters())
+        report = {
+            "parameters": params,
+            "tensors": tensors,
+            "world_size": world,
+            "samples": args.samples,
+            "times": times,
+        }
         args.out.write_text(json.dumps(report))
     dist.destroy_process_group()
 

@@ -168,10 +168,11 @@ def test_operator_kernel_replaced_through_torch_library(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("attack", ["busy_forward", "sleep_backward", "busy_backward"])
-def test_stall_on_one_rank_is_caught_at_its_first_occurrence(tmp_path: Path, attack: str) -> None:
+def test_stall_on_one_rank_is_caught_at_its_second_occurrence(tmp_path: Path, attack: str) -> None:
     # The hook that stalls is also a code finding: skipped here, so that timing alone must see it.
+    # A one-off slow step is let pass (a garbage collection); the stall's return is not.
     result = job(tmp_path, 2, "--attack", attack, "--attack-ranks", "1", "--skip", "code")
-    message = caught(result, "step_time", [1], within=1)
+    message = caught(result, "step_time", [1], at=11, within=1)
     assert re.search(r"rank 1 took \d+ ms from the first forward pass to a complete gradient", message)
 
 
@@ -189,8 +190,8 @@ def test_rank_slow_from_the_first_step_is_named_as_the_straggler(tmp_path: Path)
         "--skip",
         "code",
     )
-    assert "rank 2 computed step 1 far slower than its peers" in caught(
-        result, "step_time", [2], at=1, within=1
+    assert "rank 2 computed step 2 far slower than its peers" in caught(
+        result, "step_time", [2], at=2, within=1
     )
 
 

@@ -25,6 +25,7 @@ stalls hold no collective: off-CPU time there is the rank's own.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -52,7 +53,7 @@ from trainguard.monitor._recompute import UpdateCheck, coverage
 from trainguard.monitor._sampler import SamplerWatch
 from trainguard.monitor._signals import SignalEvent, watch_signals
 from trainguard.monitor._sink import LedgerSink
-from trainguard.monitor._verdict import Failure, RankReport, decide, report_length
+from trainguard.monitor._verdict import Failure, RankReport, decide, report_length, slow_ranks
 
 __all__ = ["Guard"]
 
@@ -106,6 +107,10 @@ class Guard:
             window: ChangePoint(floor=floor) for window in ("data", "forward", "optimizer", "compute")
         }
         self._compute_start: tuple[int, int, int] | None = None
+        # Whether this rank's compute, and which ranks' against their peers, were slow at the last
+        # two steps: a timing verdict needs the slowness to come back.
+        self._compute_slow: collections.deque[bool] = collections.deque(maxlen=2)
+        self._slow_recently: collections.deque[frozenset[int]] = collections.deque(maxlen=2)
         self._report = RankReport(step=0)
         self._report_length = 0
         self._batches: list[torch.Tensor] = []
@@ -387,15 +392,16 @@ class Guard:
         except RuntimeError as exc:
             self._peer_lost(exc)
             return
+        floor_us = int(self.config.stall_floor_ms * 1000) if self.config.enabled(Check.STEP_TIME) else 2**62
         failures = decide(
             reports,
             replica_groups=self._replica_groups if self.config.enabled(Check.FINGERPRINT) else [],
             slot_names=self._slot_names,
             actions=dict(self.config.actions),
-            straggler_floor_us=int(self.config.stall_floor_ms * 1000)
-            if self.config.enabled(Check.STEP_TIME)
-            else 2**62,
+            straggler_floor_us=floor_us,
+            slow_before=frozenset().union(*self._slow_recently),
         )
+        self._slow_recently.append(frozenset(slow_ranks(reports, floor_us)))
         self._summarize(reports)
         self._act([f for f in failures if self.config.enabled(f.check)])
 
@@ -419,15 +425,18 @@ class Guard:
                         f"{microseconds / 1000:.0f} ms off-CPU in the {window} "
                         f"(its median is {baseline:.0f} ms)",
                     )
-            if report.compute_us and self._stalls["compute"].observe(report.compute_us):
-                # Own time: a busy-wait counts, a neighbour taking the cores does not.
+            slow = bool(report.compute_us) and self._stalls["compute"].observe(report.compute_us)
+            # Own time: a busy-wait counts, a neighbour taking the cores does not. Twice in three
+            # steps: a one-off (a garbage collection, a background thread's burst) is no attack.
+            if slow and any(self._compute_slow):
                 baseline = (self._stalls["compute"].baseline() or 0) / 1000
                 report.fail(
                     Check.STEP_TIME,
                     f"rank {self.rank} took {report.compute_us / 1000:.0f} ms from the first forward pass "
-                    f"to a complete gradient (its median is {baseline:.0f} ms): a busy-wait or a sleep "
-                    "in the forward or backward pass",
+                    f"to a complete gradient, and far above its median at a step just before (its "
+                    f"median is {baseline:.0f} ms): a busy-wait or a sleep in the forward or backward pass",
                 )
+            self._compute_slow.append(slow)
         if (
             config.enabled(Check.DATA_WAIT)
             and self._clock.available

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from trainguard.monitor._checks import DEFAULT_ACTIONS, Action, Check
 
-__all__ = ["Failure", "RankReport", "decide", "report_length"]
+__all__ = ["Failure", "RankReport", "decide", "report_length", "slow_ranks"]
 
 _HEADER = 12
 _DETAIL_WORDS = 96
@@ -172,8 +172,13 @@ def decide(
     slot_names: Sequence[str],
     actions: dict[Check, Action] | None = None,
     straggler_floor_us: int = 50_000,
+    slow_before: frozenset[int] = frozenset(),
 ) -> list[Failure]:
-    """Every failure in one step's reports, most specific first; the same on every rank."""
+    """Every failure in one step's reports, most specific first; the same on every rank.
+
+    A straggler is named only when it was also slow at one of the two steps before (`slow_before`,
+    from `slow_ranks()`): a one-off (a garbage collection, a background thread's burst) is not an
+    attack on the job, a stall planted in its forward or backward pass comes back."""
     actions = {**DEFAULT_ACTIONS, **(actions or {})}
     step = max(report.step for report in reports)
     failures: list[Failure] = []
@@ -198,7 +203,7 @@ def decide(
         failures.append(Failure(check, ranks, step, message, action))
     timed = next((f for f in failures if f.check is Check.STEP_TIME), None)
     if timed is None or timed.action is Action.ALERT:
-        failures.extend(_stragglers(reports, step, straggler_floor_us, actions[Check.STEP_TIME]))
+        failures.extend(_stragglers(reports, step, straggler_floor_us, slow_before, actions[Check.STEP_TIME]))
     evidence = {rank for rank, report in enumerate(reports) if any(report.failed(c) for c in _LOCAL_EVIDENCE)}
     for group in replica_groups:
         failures.extend(_compare_replicas(reports, group, slot_names, step, evidence, actions))
@@ -206,25 +211,33 @@ def decide(
     return sorted(failures, key=lambda failure: order[failure.check])
 
 
-def _stragglers(reports: Sequence[RankReport], step: int, floor_us: int, action: Action) -> list[Failure]:
-    """A rank whose own compute took over three times its peers' median, and a floor more: a rank
-    slowed on purpose (a busy-wait or a sleep in its forward or backward pass) holds every rank."""
+def slow_ranks(reports: Sequence[RankReport], floor_us: int) -> tuple[int, ...]:
+    """The ranks whose own compute took over three times their peers' median, and a floor more: a
+    rank slowed on purpose (a busy-wait or a sleep in its forward or backward pass) holds every rank."""
     times = [report.compute_us for report in reports]
     if len(times) < 2 or min(times) <= 0:
+        return ()
+    return tuple(
+        rank
+        for rank, own in enumerate(times)
+        if own > 3 * (peers := statistics.median(times[:rank] + times[rank + 1 :])) and own - peers > floor_us
+    )
+
+
+def _stragglers(
+    reports: Sequence[RankReport], step: int, floor_us: int, slow_before: frozenset[int], action: Action
+) -> list[Failure]:
+    ranks = tuple(rank for rank in slow_ranks(reports, floor_us) if rank in slow_before)
+    if not ranks:
         return []
-    slow: list[tuple[int, int, float]] = []
-    for rank, own in enumerate(times):
-        peers = statistics.median(times[:rank] + times[rank + 1 :])
-        if own > 3 * peers and own - peers > floor_us:
-            slow.append((rank, own, peers))
-    if not slow:
-        return []
-    ranks = tuple(rank for rank, _, _ in slow)
-    rank, own, peers = slow[0]
+    times = [report.compute_us for report in reports]
+    own = times[ranks[0]]
+    peers = statistics.median(times[: ranks[0]] + times[ranks[0] + 1 :])
     message = (
-        f"{_ranks_phrase(ranks)} computed step {step} far slower than its peers: {own / 1000:.0f} ms "
-        f"from the first forward pass to a complete gradient, against a median of {peers / 1000:.0f} ms "
-        "on the other ranks (a busy-wait or a sleep in the forward or backward pass)"
+        f"{_ranks_phrase(ranks)} computed step {step} far slower than its peers, and did at a step just "
+        f"before: {own / 1000:.0f} ms from the first forward pass to a complete gradient, against a "
+        f"median of {peers / 1000:.0f} ms on the other ranks (a busy-wait or a sleep in the forward or "
+        "backward pass)"
     )
     return [Failure(Check.STEP_TIME, ranks, step, message, action)]
 
