@@ -132,7 +132,8 @@ class NamespaceSnapshot:
         seen_classes: set[int] = set()
         for module_name in modules if modules is not None else watched_modules():
             module = sys.modules.get(module_name)
-            if not isinstance(module, types.ModuleType):
+            if not isinstance(module, types.ModuleType) or _initializing(module):
+                # Half-imported by another thread: what it binds next would look added.
                 continue
             for label, namespace, klass in _namespaces(module_name, module, seen_classes):
                 recorded = frozenset(k for k, v in namespace.items() if _is_code(v))
@@ -217,6 +218,10 @@ class NamespaceSnapshot:
                     continue
                 # A class is where attributes are shadowed: `torch.Tensor.addcdiv_ = f` hides TensorBase's.
                 yield _finding(f"{label}.{key}", f"{label}.{key} was added: {_where(value)}")
+
+
+def _initializing(module: types.ModuleType) -> bool:
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
 def _reexport(value: object) -> bool:
