@@ -22,7 +22,10 @@ from trainguard.monitor._tensors import local
 __all__ = ["Fingerprinter"]
 
 # Primes for the row width, in 64-bit words; one is drawn per run.
-# How many layouts of small tensors are kept (one per distinct list of sizes fingerprinted together).
+# Small tensors are fingerprinted together up to a batch of _BATCH_LIMIT 64-bit words; a batch's
+# layout (each word's weight and tensor, 16 bytes a word) is kept for the next step, for up to
+# _LAYOUTS_KEPT distinct lists of sizes.
+_BATCH_LIMIT = 1 << 20
 _LAYOUTS_KEPT = 16
 _WIDTHS = (4093, 4099, 4111, 4127, 4129, 4133, 4139, 4153, 4157, 4159, 4177, 4201, 4211, 4217, 4219)
 
@@ -58,17 +61,20 @@ class Fingerprinter:
     def of(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """One int64 fingerprint per tensor, on the tensors' device (no host sync).
 
-        Tensors of at most one row (biases, norms: most of a model's tensors, few of its bytes) are
+        Tensors of one row at most (biases, norms: most of a model's tensors, few of its bytes) are
         fingerprinted together, in a handful of operations rather than a dozen each; the result is
-        the same as `one()` gives, word for word."""
+        the same as `one()` gives, word for word. (Longer ones are not: summing their columns
+        first costs less than weighting every word, measured on a CPU.)"""
         if not tensors:
             return torch.zeros(0, dtype=torch.int64)
         words = [_words(local(tensor.detach())) for tensor in tensors]
-        small = [
-            position
-            for position, (tensor, each) in enumerate(zip(tensors, words, strict=True))
-            if each.numel() <= self.width and each.device == words[0].device
-        ]
+        small: list[int] = []
+        total = 0
+        for position, each in enumerate(words):
+            size = each.numel()
+            if size <= self.width and total + size <= _BATCH_LIMIT and each.device == words[0].device:
+                small.append(position)
+                total += size
         found: dict[int, torch.Tensor] = {}
         if len(small) > 1:
             together = self._small([words[p] for p in small], [tensors[p].numel() for p in small])
