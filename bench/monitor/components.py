@@ -1,6 +1,6 @@
 """What each of the guard's per-step checks costs, one process, on the benchmark's 11M-parameter model.
 
-    python bench/monitor/components.py [--repeat 30]
+    python bench/monitor/components.py [--repeat 30] [--deep 64]
 
 Times, interleaved round by round (medians), one training step without the guard and each piece of
 work the guard adds to a step: the parameter fingerprint, one turn of the optimizer-state fingerprint,
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from worker import build
+from worker import build, build_deep
 
 from trainguard.envcheck import CodeSnapshot
 from trainguard.monitor._code import CodeWatch
@@ -38,9 +38,10 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--samples", type=int, default=128, help="per rank (the 2-rank benchmark's share)")
+    parser.add_argument("--deep", type=int, default=0, help="instead, this many small blocks of 4 tensors")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = build(2048, 2)
+    model = build_deep(args.deep) if args.deep else build(2048, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.randn(args.samples, 1024), torch.randint(0, 10, (args.samples,))
     params = list(model.parameters())
@@ -117,7 +118,8 @@ def main() -> None:
             times[name].append(own if isinstance(own, float) and name.startswith("update") else elapsed)
     base = statistics.median(times["training step (no guard)"])
     total = 0.0
-    print(f"{sum(p.numel() for p in params) / 1e6:.1f}M parameters, {args.samples} samples, 1 thread\n")
+    size = sum(p.numel() for p in params) / 1e6
+    print(f"{size:.1f}M parameters in {len(params)} tensors, {args.samples} samples, 1 thread\n")
     print("| work | median | share of a step |")
     print("|---|---:|---:|")
     for name, values in times.items():
