@@ -172,3 +172,32 @@ def test_the_batched_verdict_is_the_per_sample_one(kind: str) -> None:
                             value.mul_(1.5)
     # Both outcomes occurred: the comparison above was made on honest steps and on caught ones.
     assert any(verdicts) and not all(verdicts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_parameters_in_other_dtypes_are_judged_in_their_own_precision(dtype: torch.dtype) -> None:
+    # Elements are taken in the tensor's own dtype and made float64 where judged: honest steps pass
+    # in bf16 and float64, a flipped update does not. (Pure float16 Adam overflows to Inf at its
+    # first step, as torch runs it; that is reported as an update that is not the rule's.)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    check = UpdateCheck(optimizer, names, seed=3, tensors_per_step=4, elements_per_tensor=32)
+    flagged = []
+    for step in range(1, 13):
+        optimizer.zero_grad()
+        model(torch.randn(8, 16, dtype=dtype)).pow(2).mean().backward()
+        check.before()
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.step()
+        if step >= 9:
+            with torch.no_grad():
+                for param, old in zip(model.parameters(), before, strict=True):
+                    param.copy_(2 * old - param)
+        samples = check.capture().to_host()
+        found = samples.judge()
+        assert found == samples.judge_each()
+        if found:
+            flagged.append(step)
+    assert flagged == [9, 10, 11, 12]

@@ -225,7 +225,8 @@ def _first(done: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().reshape(-1).index_select(0, index).to(torch.float64)
+    # A copy, in the gradient's own dtype: the update check makes it float64 with the others.
+    return torch.take(tensor.detach(), index)
 
 
 def _wrapper(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel | None:

@@ -138,7 +138,8 @@ class Samples(list[_Sample]):
             if sample.previous is not None:
                 mismatches.extend(_changed_between(sample))
             if sample.rule:
-                mismatches.extend(_compare(sample, _rule(sample), sample.actual))
+                exact = _in_float64(sample)
+                mismatches.extend(_compare(exact, _rule(exact), exact.actual))
         return mismatches
 
 
@@ -342,8 +343,17 @@ def _grad(param: torch.Tensor) -> torch.Tensor:
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    # Flat positions of the tensor as laid out logically (torch.take), called under no_grad.
-    return torch.take(local(tensor), index).to(torch.float64)
+    # Flat positions of the tensor as laid out logically (torch.take, a copy), called under no_grad;
+    # in the tensor's own dtype: made float64 where judged, a batch at a time.
+    return torch.take(local(tensor), index)
+
+
+def _in_float64(sample: _Sample) -> _Sample:
+    return dataclasses.replace(
+        sample,
+        values={k: v.to(torch.float64) for k, v in sample.values.items()},
+        actual={k: v.to(torch.float64) for k, v in sample.actual.items()},
+    )
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:
@@ -423,9 +433,11 @@ def _gradient_changes(samples: Sequence[_Sample]) -> list[Mismatch]:
     pairs = [(s, s.values["arrived"], s.values["grad"]) for s in samples if "arrived" in s.values]
     if not pairs:
         return []
-    arrived = torch.cat([a for _, a, _ in pairs])
-    now = torch.cat([g for _, _, g in pairs])
-    ulps = torch.cat([torch.full_like(a, _ULPS * torch.finfo(s.dtype).eps) for s, a, _ in pairs])
+    arrived = torch.cat([a for _, a, _ in pairs]).to(torch.float64)
+    now = torch.cat([g for _, _, g in pairs]).to(torch.float64)
+    ulps = torch.cat(
+        [torch.full_like(a, _ULPS * torch.finfo(s.dtype).eps, dtype=torch.float64) for s, a, _ in pairs]
+    )
     judged = torch.isfinite(arrived)
     same = (arrived == now) | ~judged
     if bool(same.all()):
@@ -449,7 +461,8 @@ def _gradient_changes(samples: Sequence[_Sample]) -> list[Mismatch]:
     position = int(bad.nonzero()[0])
     for sample, values, _ in pairs:
         if position < values.numel():
-            return [_mismatch(sample, "gradient", position, values, values * factor, sample.values["grad"])]
+            exact = values.to(torch.float64)
+            return [_mismatch(sample, "gradient", position, exact, exact * factor, sample.values["grad"])]
         position -= values.numel()
     return []
 
@@ -555,10 +568,16 @@ def _batches(samples: Sequence[_Sample]) -> Iterator[_Sample]:
             param=first.param,
             group=group,
             index=torch.cat([member.index for member in members]),
-            values={key: torch.cat([member.values[key] for member in members]) for key in first.values},
+            values={
+                key: torch.cat([member.values[key] for member in members]).to(torch.float64)
+                for key in first.values
+            },
             step=_shared(first.step, steps, sizes),
             dtype=first.dtype,
-            actual={key: torch.cat([member.actual[key] for member in members]) for key in first.actual},
+            actual={
+                key: torch.cat([member.actual[key] for member in members]).to(torch.float64)
+                for key in first.actual
+            },
         )
 
 
