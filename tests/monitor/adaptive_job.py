@@ -53,6 +53,7 @@ BETWEEN = (
     "busy_forward",
     "sleep_backward",
     "busy_backward",
+    "busy_once",
 )
 # Attacks on the gradient between backward and the optimizer step, from the attack step on.
 GRADIENT = ("grad_noise", "grad_flip")
@@ -190,7 +191,7 @@ def arm(
             model.register_comm_hook(None, negate)  # type: ignore[operator]
         return
     model = getattr(model, "module", model)
-    if attack in ("busy_forward", "sleep_backward", "busy_backward"):
+    if attack in ("busy_forward", "sleep_backward", "busy_backward", "busy_once"):
         if step == first:
             stall(attack, model)
         return
@@ -283,6 +284,16 @@ def stall(attack: str, model: nn.Module) -> None:
 
     if attack == "busy_forward":
         model.norm.register_forward_pre_hook(lambda module, args: spin())  # type: ignore[union-attr]
+    elif attack == "busy_once":
+        # Not an attack: a one-off, as a garbage collection would be.
+        left = [1]
+
+        def once(module: nn.Module, args: Any) -> None:
+            if left[0]:
+                left[0] -= 1
+                spin()
+
+        model.norm.register_forward_pre_hook(once)  # type: ignore[union-attr]
     else:
         wait = spin if attack == "busy_backward" else lambda: time.sleep(0.15)
         model.norm.register_full_backward_hook(lambda module, grad_in, grad_out: wait())  # type: ignore[union-attr]

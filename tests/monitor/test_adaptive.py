@@ -176,6 +176,13 @@ def test_stall_on_one_rank_is_caught_at_its_second_occurrence(tmp_path: Path, at
     assert re.search(r"rank 1 took \d+ ms from the first forward pass to a complete gradient", message)
 
 
+def test_one_slow_step_on_one_rank_does_not_stop_the_job(tmp_path: Path) -> None:
+    # The same 150 ms spin, once: a garbage collection looks like this, and is no attack.
+    result = job(tmp_path, 2, "--attack", "busy_once", "--attack-ranks", "1", "--skip", "code")
+    assert [rank["finished"] for rank in result.ranks] == [True, True], result.output
+    assert "trainguard:" not in result.output
+
+
 def test_rank_slow_from_the_first_step_is_named_as_the_straggler(tmp_path: Path) -> None:
     # No history to compare with yet: the peers' compute is the yardstick.
     result = job(
