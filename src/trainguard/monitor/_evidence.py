@@ -30,6 +30,9 @@ from trainguard.monitor._verdict import RankReport
 
 __all__ = ["Captured", "Evidence", "gradient_norm"]
 
+# Layouts of the optimizer state kept from one turn to the next (one per turn of `state_every`).
+_STATE_LAYOUTS_KEPT = 16
+
 
 @dataclasses.dataclass(slots=True)
 class Captured:
@@ -65,6 +68,9 @@ class Evidence:
         self._param_fingerprints: list[int] = [0] * len(self._params)
         self._state_fingerprints: list[int] = [0] * len(self._params)
         self._data_digest = 0
+        self._state_layouts: dict[
+            tuple[tuple[int, ...], torch.device], tuple[torch.Tensor, torch.Tensor]
+        ] = {}
         # Parameters whose replicas diverge by design (renormalised in the forward pass from each
         # rank's own batch): their fingerprints are sent as 0, so they are not compared. Their optimizer
         # state comes from the reduced gradient, the same on every replica, and is compared.
@@ -174,21 +180,36 @@ class Evidence:
     def _fingerprint_states(self, params: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
         """One fingerprint per parameter of all its optimizer state (0 for none), taken together."""
         tensors: list[torch.Tensor] = []
-        owners: list[int] = []
-        weights: list[int] = []
-        for slot, param in enumerate(params):
+        counts: list[int] = []
+        for param in params:
             state = self._optimizer.state.get(param, {})
             found = [state[key] for key in sorted(state) if isinstance(state[key], torch.Tensor)]
             tensors.extend(found)
-            owners.extend([slot] * len(found))
-            # Position in the state dict matters: exp_avg and exp_avg_sq swapped must show.
-            weights.extend(2 * position + 1 for position in range(1, len(found) + 1))
+            counts.append(len(found))
         totals = torch.zeros(len(params), dtype=torch.int64, device=device)
         if not tensors:
             return totals
+        weights, owners = self._state_layout(tuple(counts), device)
         prints = self._fingerprinter.of(tensors).to(device)
-        terms = prints * torch.tensor(weights, dtype=torch.int64, device=device)
-        return totals.index_add_(0, torch.tensor(owners, device=device), terms)
+        return totals.index_add_(0, owners, prints * weights)
+
+    def _state_layout(
+        self, counts: tuple[int, ...], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each state tensor's weight (its position in its parameter's state: exp_avg and exp_avg_sq
+        swapped must show) and owner; made once per layout, since a copy to a GPU would wait."""
+        layout = self._state_layouts.get((counts, device))
+        if layout is None:
+            weights = [2 * position + 1 for count in counts for position in range(1, count + 1)]
+            owners = [slot for slot, count in enumerate(counts) for _ in range(count)]
+            layout = (
+                torch.tensor(weights, dtype=torch.int64).to(device),
+                torch.tensor(owners, dtype=torch.int64).to(device),
+            )
+            if len(self._state_layouts) >= _STATE_LAYOUTS_KEPT:
+                del self._state_layouts[next(iter(self._state_layouts))]
+            self._state_layouts[(counts, device)] = layout
+        return layout
 
     def _data_order(self, batches: Sequence[int]) -> int:
         """The running data-order digest, extended by a step's batches: exact, and signed int64."""

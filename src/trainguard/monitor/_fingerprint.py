@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ class Fingerprinter:
         # Odd weights: an odd multiplier is invertible mod 2**64, so no bit of a column sum is lost.
         self._weights = weights | 1
         self._on: dict[torch.device, torch.Tensor] = {}
-        self._layouts: dict[tuple[tuple[int, ...], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layouts: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if device is not None:
             self._weights_on(device)
 
@@ -59,7 +60,9 @@ class Fingerprinter:
         return weights
 
     def of(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """One int64 fingerprint per tensor, on the tensors' device (no host sync).
+        """One int64 fingerprint per tensor, on the tensors' device (no host sync). Where they lie
+        on several (Adam's `step` stays on the CPU beside moments on a GPU), on the accelerator:
+        the CPU's values are copied there without waiting.
 
         Tensors of one row at most (biases, norms: most of a model's tensors, few of its bytes) are
         fingerprinted together, in a handful of operations rather than a dozen each; the result is
@@ -68,42 +71,57 @@ class Fingerprinter:
         if not tensors:
             return torch.zeros(0, dtype=torch.int64)
         words = [_words(local(tensor.detach())) for tensor in tensors]
+        device = next((w.device for w in words if w.device.type != "cpu"), words[0].device)
         small: list[int] = []
         total = 0
         for position, each in enumerate(words):
             size = each.numel()
-            if size <= self.width and total + size <= _BATCH_LIMIT and each.device == words[0].device:
+            if size <= self.width and total + size <= _BATCH_LIMIT and each.device == device:
                 small.append(position)
                 total += size
         found: dict[int, torch.Tensor] = {}
         if len(small) > 1:
             together = self._small([words[p] for p in small], [tensors[p].numel() for p in small])
             found = dict(zip(small, together.unbind(), strict=True))
-        return torch.stack(
-            [
-                found[p] if p in found else self._of_words(words[p], tensor.numel())
-                for p, tensor in enumerate(tensors)
-            ]
-        )
+        results: list[torch.Tensor | None] = [found.get(p) for p in range(len(tensors))]
+        elsewhere: dict[torch.device, list[int]] = {}
+        for p, tensor in enumerate(tensors):
+            if results[p] is None:
+                if words[p].device == device:
+                    results[p] = self._of_words(words[p], tensor.numel())
+                else:
+                    elsewhere.setdefault(words[p].device, []).append(p)
+        for positions in elsewhere.values():
+            # One copy per device, started without waiting.
+            values = torch.stack([self._of_words(words[p], tensors[p].numel()) for p in positions])
+            for p, value in zip(positions, values.to(device, non_blocking=True).unbind(), strict=True):
+                results[p] = value
+        return torch.stack([result for result in results if result is not None])
 
     def _small(self, words: Sequence[torch.Tensor], lengths: Sequence[int]) -> torch.Tensor:
         """The fingerprints of tensors of one row at most: every word times its column's weight,
         summed by tensor (wrapping, as `one()` sums), plus each tensor's length."""
         device = words[0].device
-        sizes = tuple(each.numel() for each in words)
-        layout = self._layouts.get((sizes, device))
+        key = (tuple(each.numel() for each in words), tuple(lengths), device)
+        layout = self._layouts.get(key)
         if layout is None:
-            counts = torch.tensor(sizes, device=device)
+            # Made once per layout: a copy from the host to a GPU here would wait for it.
+            sizes = key[0]
+            counts = torch.tensor(sizes).to(device)
             columns = torch.cat([torch.arange(size, device=device) for size in sizes])
             weights = self._weights_on(device).index_select(0, columns)
             owners = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
-            layout = self._layouts[(sizes, device)] = (weights, owners)
+            layout = self._layouts[key] = (
+                weights,
+                owners,
+                torch.tensor(lengths, dtype=torch.int64).to(device),
+            )
             if len(self._layouts) > _LAYOUTS_KEPT:  # a job whose tensors keep changing shape
                 del self._layouts[next(iter(self._layouts))]
-        weights, owners = layout
+        weights, owners, length = layout
         terms = torch.cat(list(words)) * weights
-        totals = torch.zeros(len(sizes), dtype=torch.int64, device=device).index_add_(0, owners, terms)
-        return totals + torch.tensor(lengths, dtype=torch.int64, device=device)
+        totals = torch.zeros(len(lengths), dtype=torch.int64, device=device).index_add_(0, owners, terms)
+        return totals + length
 
     def one(self, tensor: torch.Tensor) -> torch.Tensor:
         """The fingerprint of one tensor, as a 0-d int64 tensor on its device."""
