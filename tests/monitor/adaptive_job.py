@@ -54,6 +54,7 @@ BETWEEN = (
     "sleep_backward",
     "busy_backward",
     "busy_once",
+    "busy_every_third",
 )
 # Attacks on the gradient between backward and the optimizer step, from the attack step on.
 GRADIENT = ("grad_noise", "grad_flip")
@@ -191,7 +192,7 @@ def arm(
             model.register_comm_hook(None, negate)  # type: ignore[operator]
         return
     model = getattr(model, "module", model)
-    if attack in ("busy_forward", "sleep_backward", "busy_backward", "busy_once"):
+    if attack in ("busy_forward", "sleep_backward", "busy_backward", "busy_once", "busy_every_third"):
         if step == first:
             stall(attack, model)
         return
@@ -294,6 +295,16 @@ def stall(attack: str, model: nn.Module) -> None:
                 spin()
 
         model.norm.register_forward_pre_hook(once)  # type: ignore[union-attr]
+    elif attack == "busy_every_third":
+        # Spaced out so that no two slow steps are neighbours.
+        passes = [0]
+
+        def every_third(module: nn.Module, args: Any) -> None:
+            passes[0] += 1
+            if passes[0] % 3 == 1:
+                spin()
+
+        model.norm.register_forward_pre_hook(every_third)  # type: ignore[union-attr]
     else:
         wait = spin if attack == "busy_backward" else lambda: time.sleep(0.15)
         model.norm.register_full_backward_hook(lambda module, grad_in, grad_out: wait())  # type: ignore[union-attr]

@@ -183,6 +183,13 @@ def test_one_slow_step_on_one_rank_does_not_stop_the_job(tmp_path: Path) -> None
     assert "trainguard:" not in result.output
 
 
+def test_stall_at_every_third_step_is_caught_at_its_second_occurrence(tmp_path: Path) -> None:
+    # Spacing the stall out does not make each one a one-off: it stalls at steps 10 and 13.
+    result = job(tmp_path, 2, "--attack", "busy_every_third", "--attack-ranks", "1", "--skip", "code")
+    message = caught(result, "step_time", [1], at=13, within=1)
+    assert re.search(r"rank 1 took \d+ ms from the first forward pass to a complete gradient", message)
+
+
 def test_rank_slow_from_the_first_step_is_named_as_the_straggler(tmp_path: Path) -> None:
     # No history to compare with yet: the peers' compute is the yardstick.
     result = job(

@@ -58,6 +58,9 @@ from trainguard.monitor._verdict import Failure, RankReport, decide, report_leng
 __all__ = ["Guard"]
 
 _LOG = logging.getLogger("trainguard.monitor")
+# A timing verdict (a compute stall, a straggler) needs the slowness twice within this many steps:
+# a stall planted at every 16th step or more often stops the job at its second occurrence.
+_SLOW_WINDOW = 16
 _HINT = "the ledger holds this alert; `trainguard ledger show` lists the run's events"
 
 
@@ -107,10 +110,10 @@ class Guard:
             window: ChangePoint(floor=floor) for window in ("data", "forward", "optimizer", "compute")
         }
         self._compute_start: tuple[int, int, int] | None = None
-        # Whether this rank's compute, and which ranks' against their peers, were slow at the last
-        # two steps: a timing verdict needs the slowness to come back.
-        self._compute_slow: collections.deque[bool] = collections.deque(maxlen=2)
-        self._slow_recently: collections.deque[frozenset[int]] = collections.deque(maxlen=2)
+        # Whether this rank's compute, and which ranks' against their peers, were slow at recent
+        # steps: a timing verdict needs the slowness to come back within _SLOW_WINDOW steps.
+        self._compute_slow: collections.deque[bool] = collections.deque(maxlen=_SLOW_WINDOW - 1)
+        self._slow_recently: collections.deque[frozenset[int]] = collections.deque(maxlen=_SLOW_WINDOW - 1)
         self._report = RankReport(step=0)
         self._report_length = 0
         self._batches: list[torch.Tensor] = []
@@ -392,16 +395,18 @@ class Guard:
         except RuntimeError as exc:
             self._peer_lost(exc)
             return
-        floor_us = int(self.config.stall_floor_ms * 1000) if self.config.enabled(Check.STEP_TIME) else 2**62
+        slow: tuple[int, ...] = ()
+        if self.config.enabled(Check.STEP_TIME):
+            slow = slow_ranks(reports, int(self.config.stall_floor_ms * 1000))
+        before = frozenset().union(*self._slow_recently)
+        self._slow_recently.append(frozenset(slow))
         failures = decide(
             reports,
             replica_groups=self._replica_groups if self.config.enabled(Check.FINGERPRINT) else [],
             slot_names=self._slot_names,
             actions=dict(self.config.actions),
-            straggler_floor_us=floor_us,
-            slow_before=frozenset().union(*self._slow_recently),
+            stragglers=[rank for rank in slow if rank in before],
         )
-        self._slow_recently.append(frozenset(slow_ranks(reports, floor_us)))
         self._summarize(reports)
         self._act([f for f in failures if self.config.enabled(f.check)])
 
@@ -426,8 +431,8 @@ class Guard:
                         f"(its median is {baseline:.0f} ms)",
                     )
             slow = bool(report.compute_us) and self._stalls["compute"].observe(report.compute_us)
-            # Own time: a busy-wait counts, a neighbour taking the cores does not. Twice in three
-            # steps: a one-off (a garbage collection, a background thread's burst) is no attack.
+            # Own time: a busy-wait counts, a neighbour taking the cores does not. Twice within
+            # _SLOW_WINDOW steps: a one-off (a garbage collection, a background thread) is no attack.
             if slow and any(self._compute_slow):
                 baseline = (self._stalls["compute"].baseline() or 0) / 1000
                 report.fail(

@@ -7,9 +7,9 @@ reaches the same verdict at the same step and stops together. Standard library o
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
-import statistics
 import struct
 from collections import Counter
 from collections.abc import Sequence
@@ -171,14 +171,13 @@ def decide(
     replica_groups: Sequence[Sequence[int]],
     slot_names: Sequence[str],
     actions: dict[Check, Action] | None = None,
-    straggler_floor_us: int = 50_000,
-    slow_before: frozenset[int] = frozenset(),
+    stragglers: Sequence[int] = (),
 ) -> list[Failure]:
     """Every failure in one step's reports, most specific first; the same on every rank.
 
-    A straggler is named only when it was also slow at one of the two steps before (`slow_before`,
-    from `slow_ranks()`): a one-off (a garbage collection, a background thread's burst) is not an
-    attack on the job, a stall planted in its forward or backward pass comes back."""
+    `stragglers` are the ranks the caller found slow against their peers (`slow_ranks()`) at this
+    step and at a recent one: a one-off (a garbage collection, a background thread's burst) is not
+    an attack on the job, a stall planted in its forward or backward pass comes back."""
     actions = {**DEFAULT_ACTIONS, **(actions or {})}
     step = max(report.step for report in reports)
     failures: list[Failure] = []
@@ -203,7 +202,7 @@ def decide(
         failures.append(Failure(check, ranks, step, message, action))
     timed = next((f for f in failures if f.check is Check.STEP_TIME), None)
     if timed is None or timed.action is Action.ALERT:
-        failures.extend(_stragglers(reports, step, straggler_floor_us, slow_before, actions[Check.STEP_TIME]))
+        failures.extend(_stragglers(reports, step, tuple(stragglers), actions[Check.STEP_TIME]))
     evidence = {rank for rank, report in enumerate(reports) if any(report.failed(c) for c in _LOCAL_EVIDENCE)}
     for group in replica_groups:
         failures.extend(_compare_replicas(reports, group, slot_names, step, evidence, actions))
@@ -213,26 +212,39 @@ def decide(
 
 def slow_ranks(reports: Sequence[RankReport], floor_us: int) -> tuple[int, ...]:
     """The ranks whose own compute took over three times their peers' median, and a floor more: a
-    rank slowed on purpose (a busy-wait or a sleep in its forward or backward pass) holds every rank."""
+    rank slowed on purpose (a busy-wait or a sleep in its forward or backward pass) holds every rank.
+    One sort for all ranks: a job of thousands must not sort its peers once per rank."""
     times = [report.compute_us for report in reports]
     if len(times) < 2 or min(times) <= 0:
         return ()
+    ordered = sorted(times)
     return tuple(
         rank
         for rank, own in enumerate(times)
-        if own > 3 * (peers := statistics.median(times[:rank] + times[rank + 1 :])) and own - peers > floor_us
+        if own > 3 * (peers := _median_without(ordered, own)) and own - peers > floor_us
     )
 
 
+def _median_without(ordered: Sequence[int], value: int) -> float:
+    """The median of sorted `ordered` with one occurrence of `value` taken out."""
+    gone = bisect.bisect_left(ordered, value)
+    left = len(ordered) - 1
+
+    def at(index: int) -> int:
+        return ordered[index if index < gone else index + 1]
+
+    middle = left // 2
+    return float(at(middle)) if left % 2 else (at(middle - 1) + at(middle)) / 2
+
+
 def _stragglers(
-    reports: Sequence[RankReport], step: int, floor_us: int, slow_before: frozenset[int], action: Action
+    reports: Sequence[RankReport], step: int, ranks: tuple[int, ...], action: Action
 ) -> list[Failure]:
-    ranks = tuple(rank for rank in slow_ranks(reports, floor_us) if rank in slow_before)
     if not ranks:
         return []
     times = [report.compute_us for report in reports]
     own = times[ranks[0]]
-    peers = statistics.median(times[: ranks[0]] + times[ranks[0] + 1 :])
+    peers = _median_without(sorted(times), own)
     message = (
         f"{_ranks_phrase(ranks)} computed step {step} far slower than its peers, and did at a step just "
         f"before: {own / 1000:.0f} ms from the first forward pass to a complete gradient, against a "
