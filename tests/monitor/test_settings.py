@@ -3,6 +3,11 @@ code a step runs through: one process, real torch objects."""
 
 from __future__ import annotations
 
+import importlib
+import sys
+import threading
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -112,3 +117,61 @@ def test_namespace_snapshot_sees_a_patch_anywhere_and_accepts_torchs_own_wrappin
     finally:
         del torch.Tensor.addcmul_
     assert snapshot.check() == []
+
+
+_SLOW_MODULE = """
+import builtins, time
+def first():
+    return 1
+builtins._trainguard_test_started.set()
+time.sleep(0.5)
+def second():
+    return 2
+"""
+
+
+def test_a_module_half_imported_by_another_thread_is_recorded_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The snapshot waits on the module's import lock: what the module binds after the snapshot
+    # began is recorded, not reported as added, and a later patch of it is seen.
+    import builtins
+
+    (tmp_path / "trainguard_slow_module.py").write_text(_SLOW_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    started = threading.Event()
+    monkeypatch.setattr(builtins, "_trainguard_test_started", started, raising=False)
+    importer = threading.Thread(target=importlib.import_module, args=("trainguard_slow_module",))
+    importer.start()
+    try:
+        assert started.wait(10)
+        module = sys.modules["trainguard_slow_module"]
+        assert not hasattr(module, "second")  # half-imported right now
+        snapshot = NamespaceSnapshot.take(turns=1, modules=["trainguard_slow_module"])
+    finally:
+        importer.join()
+    assert snapshot.check() == []
+    module.second = lambda: 3
+    (finding,) = snapshot.check()
+    assert "trainguard_slow_module.second was replaced" in finding.message
+    monkeypatch.delitem(sys.modules, "trainguard_slow_module")
+
+
+def test_an_import_flag_set_by_hand_hides_no_patch() -> None:
+    # `__spec__._initializing` set by an attacker makes the snapshot wait for nothing, not skip.
+    import torch.nn.functional as F
+
+    spec = F.__spec__
+    assert spec is not None
+    spec._initializing = True  # type: ignore[attr-defined]
+    try:
+        snapshot = NamespaceSnapshot.take(turns=1, modules=["torch.nn.functional"])
+    finally:
+        spec._initializing = False  # type: ignore[attr-defined]
+    original = F.gelu
+    try:
+        F.gelu = lambda *a, **k: original(*a, **k)
+        (finding,) = snapshot.check()
+        assert "torch.nn.functional.gelu was replaced" in finding.message
+    finally:
+        F.gelu = original

@@ -17,6 +17,7 @@ own wrapper around the recorded function (see `_inprocess`) is accepted. Standar
 from __future__ import annotations
 
 import gc
+import importlib
 import operator
 import os
 import sys
@@ -132,8 +133,11 @@ class NamespaceSnapshot:
         seen_classes: set[int] = set()
         for module_name in modules if modules is not None else watched_modules():
             module = sys.modules.get(module_name)
-            if not isinstance(module, types.ModuleType) or _initializing(module):
-                # Half-imported by another thread: what it binds next would look added.
+            if isinstance(module, types.ModuleType) and _initializing(module):
+                # Half-imported by another thread: wait on its import lock for the whole module, or
+                # what it binds next would look added. (A flag set by hand waits for nothing.)
+                module = importlib.import_module(module_name)
+            if not isinstance(module, types.ModuleType):
                 continue
             for label, namespace, klass in _namespaces(module_name, module, seen_classes):
                 recorded = frozenset(k for k, v in namespace.items() if _is_code(v))

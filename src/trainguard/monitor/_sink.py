@@ -7,7 +7,6 @@ or written is a loud warning, not a crash of the training job.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -24,22 +23,6 @@ _LOG = logging.getLogger("trainguard.monitor")
 _STOP = object()
 
 
-def _import_ledger(location: str | None) -> None:
-    """Import the ledger's modules here, not in the thread: the code check records trainguard's
-    namespaces at watch(), and a module the thread is half-way through importing then would
-    look patched when it is complete."""
-    import trainguard.ledger._events
-    import trainguard.ledger._keys
-    import trainguard.ledger._ledger
-    import trainguard.ledger._sqlite
-    from trainguard.ledger._store import is_postgres_location
-
-    if location and is_postgres_location(location):
-        # Without a PostgreSQL driver, the thread says so when it opens the ledger.
-        with contextlib.suppress(ImportError):
-            import trainguard.ledger._postgres  # noqa: F401
-
-
 class LedgerSink:
     """Appends events to the default ledger ($TRAINGUARD_LEDGER, else $TRAINGUARD_HOME) from a thread."""
 
@@ -47,7 +30,6 @@ class LedgerSink:
         self.run_id = run_id
         self.location = location or os.environ.get("TRAINGUARD_LEDGER") or None
         self.failed = False
-        _import_ledger(self.location)
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="trainguard-ledger", daemon=True)
         self._thread.start()
