@@ -135,6 +135,7 @@ torch.manual_seed(0)
 ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)))
 optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
 {setup}
+ATTACK = {attack!r}
 def step(tamper):
     optimizer.zero_grad()
     ddp(torch.randn(4, 8)).pow(2).mean().backward()
@@ -147,6 +148,8 @@ try:
     for block in range(3):
         guard = trainguard.watch(ddp, optimizer, ledger=False)
         assert not any("gradient" in notice for notice in guard.notices), guard.notices
+        if block == 1 and ATTACK:
+            exec(ATTACK)
         for index in range(4):
             step(tamper=block == 2 and index == 2)
         guard.close()
@@ -157,8 +160,10 @@ dist.destroy_process_group()
 """
 
 
-def _ddp_job(tmp_path: Path, setup: str = "") -> str:
-    code = _DDP_JOB.format(store=tmp_path / "store", setup=setup)
+def _ddp_job(tmp_path: Path, setup: str = "", attack: str = "") -> str:
+    """Three blocks of four steps, each under a new watch(); the gradient is noised at block 2's third
+    step; `setup` runs before the first watch(), `attack` right after block 1's."""
+    code = _DDP_JOB.format(store=tmp_path / "store", setup=setup, attack=attack)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -182,3 +187,20 @@ def test_the_guards_hook_registered_with_a_forged_state_is_foreign(tmp_path: Pat
     said = _ddp_job(tmp_path, forged)
     assert "block 0 clean" not in said and "caught:" in said, said
     assert "registered on DDP before watch()" in said, said
+
+
+@pytest.mark.parametrize(
+    ("attack", "said"),
+    [
+        ("_gradpath._REGISTERED[ddp].recorder = None", "no longer records for this guard"),
+        ("_gradpath._REGISTERED[ddp].world = -1", "set to divide by -1"),
+        ("_gradpath._REGISTERED[ddp].group = dist.new_group([0])", "reduce over another group"),
+    ],
+    ids=["recorder-dropped", "divide-by-minus-one", "other-group"],
+)
+def test_the_guards_hook_state_changed_in_place_is_named(tmp_path: Path, attack: str, said: str) -> None:
+    # Dividing by -1 flips every rank's gradient inside the guard's own hook, and what it records
+    # agrees: only the state itself shows it, at the next step.
+    output = _ddp_job(tmp_path, attack=attack)
+    assert "block 0 clean" in output and "block 1 clean" not in output, output
+    assert "caught:" in output and said in output, output

@@ -64,6 +64,8 @@ class GradientPath:
         self._ddp = _wrapper(model)
         self._recording = True
         self._hooks_seen = 0
+        self._state: _HookState | None = None
+        self._world = 0
         self.reductions = 0
         # When this rank's backward pass handed its last bucket to the all-reduce (own_time_ns()):
         # the end of its own compute, before any wait for the other ranks.
@@ -116,6 +118,8 @@ class GradientPath:
             if len(hooks) != self._hooks_seen:
                 hook = hooks[-1][0] if hooks else None
                 return f"a communication hook ({_describe(hook)}) was registered on DDP after watch()"
+            if (changed := self._state_changed(hooks)) is not None:
+                return changed
             if self.reductions == reductions_before and _has_gradients(self._params):
                 return "the gradient reached the optimizer step without passing the guard's all-reduce hook"
             return None
@@ -169,6 +173,23 @@ class GradientPath:
         _REGISTERED[ddp] = state
         self._take_over(state)
 
+    def _state_changed(self, hooks: Sequence[Any]) -> str | None:
+        """The guard's hook state altered in place: it reduces (divides by the world size, over its
+        group) and records for this guard only while it is as the guard set it."""
+        state, ddp = self._state, self._ddp
+        if state is None or ddp is None:
+            return None
+        if not hooks or tuple(hooks[-1]) != (_reduce_and_record, state):
+            return "the guard's communication hook on DDP was replaced"
+        if state.recorder is not self:
+            return "the guard's communication hook no longer records for this guard"
+        if state.world != self._world or state.group is not ddp.process_group:
+            return (
+                f"the guard's communication hook was set to divide by {state.world} or to reduce over "
+                "another group"
+            )
+        return None
+
     def _take_over(self, state: _HookState) -> None:
         previous = state.recorder
         if previous is not None and previous is not self and previous._recording:
@@ -176,7 +197,9 @@ class GradientPath:
             previous.close()
             previous.notice = "a later watch() of the same model took over the gradient's path"
         state.recorder = self
+        self._state = state
         assert self._ddp is not None
+        self._world = dist.get_world_size(self._ddp.process_group)
         self._hooks_seen = len(getattr(self._ddp, "_comm_hooks", []))
 
     def _record_when_done(
