@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from jobkit import finish
+from jobkit import finish, start_ranks
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -89,10 +88,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if world > 1 else 0
+    world, rank = start_ranks()
     attacked = args.attack != "none" and (
         not args.attack_ranks or rank in {int(r) for r in args.attack_ranks.split(",")}
     )

@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from jobkit import finish
+from jobkit import finish, start_ranks
 from torch import nn
 
 import trainguard
@@ -139,10 +137,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if world > 1 else 0
+    world, rank = start_ranks()
     torch.manual_seed(0)
     inner: nn.Module = TinyGPT() if args.model == "gpt" else ConvNet()
     model: nn.Module = nn.parallel.DistributedDataParallel(inner) if world > 1 else inner

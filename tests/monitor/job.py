@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from jobkit import finish, patch_update
+from jobkit import finish, patch_update, start_ranks
 from torch import nn
 
 import trainguard
@@ -40,10 +40,7 @@ def main() -> int:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if world > 1 else 0
+    world, rank = start_ranks()
     torch.manual_seed(0)
     model: nn.Module = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
     if world > 1:

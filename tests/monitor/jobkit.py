@@ -54,6 +54,14 @@ def patch_update(attack: str, *, sgd: bool = False, active: bool = True) -> None
     setattr(module, name, patched)
 
 
+def start_ranks() -> tuple[int, int]:
+    """(world size, this rank) under torchrun, with the gloo group started when there are peers."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+    return world, torch.distributed.get_rank() if world > 1 else 0
+
+
 def add_gradient_noise(module: torch.nn.Module, step: int) -> None:
     """The same noise on every rank (seeded by the step), between backward and the optimizer step:
     the replicas stay equal, so only the gradient's path can show it."""

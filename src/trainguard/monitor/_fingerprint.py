@@ -22,12 +22,12 @@ from trainguard.monitor._tensors import local
 
 __all__ = ["Fingerprinter"]
 
-# Primes for the row width, in 64-bit words; one is drawn per run.
 # Small tensors are fingerprinted together up to a batch of _BATCH_LIMIT 64-bit words; a batch's
 # layout (each word's weight and tensor, 16 bytes a word) is kept for the next step, for up to
 # _LAYOUTS_KEPT distinct lists of sizes.
 _BATCH_LIMIT = 1 << 20
 _LAYOUTS_KEPT = 16
+# Primes for the row width, in 64-bit words; one is drawn per run.
 _WIDTHS = (4093, 4099, 4111, 4127, 4129, 4133, 4139, 4153, 4157, 4159, 4177, 4201, 4211, 4217, 4219)
 
 
