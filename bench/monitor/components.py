@@ -5,7 +5,8 @@
 Times, interleaved round by round (medians), one training step without the guard and each piece of
 work the guard adds to a step: the parameter fingerprint, one turn of the optimizer-state fingerprint,
 the gradient norm, the update re-computation (before and after a step), the code snapshot and namespaces
-check, and packing one report and drawing a verdict from two.
+check, packing one report and drawing a verdict from two, and one derivative probe (which runs at one
+step in `derivative_every`, 32 by default: its share per step is printed amortised).
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ from worker import build, build_deep
 
 from trainguard.envcheck import CodeSnapshot
 from trainguard.monitor._code import CodeWatch
+from trainguard.monitor._derivative import DerivativeProbe
 from trainguard.monitor._fingerprint import Fingerprinter
 from trainguard.monitor._hyper import HyperParameters
 from trainguard.monitor._recompute import UpdateCheck
 from trainguard.monitor._sampler import SamplerWatch
 from trainguard.monitor._verdict import RankReport, decide
+
+_PROBE = "derivative probe (when it runs)"
+_UPDATE = "update re-computation (4 fixed elements of every tensor + 2 tensors x 32)"
+# Cases that time their own share of what they run.
+_OWN_TIMES = (_UPDATE, _PROBE)
 
 
 def main() -> None:
@@ -98,16 +105,38 @@ def main() -> None:
             [RankReport.unpack(words), RankReport.unpack(words)], replica_groups=[[0, 1]], slot_names=slots
         )
 
+    local: dict[int, torch.Tensor] = {}
+    probe = DerivativeProbe(
+        model, params, [names[id(p)] for p in params], lambda: local, schedule_seed=1, element_seed=2, every=1
+    )
+
+    def derivative_probe() -> float:
+        # A real step's forward and backward pass under the probe's hooks, which are not counted;
+        # the probe's own work is: its reads of the gradient and its two re-runs of the forward pass.
+        probe.arm()
+        probe.before_forward((x,), {})
+        output = model(x)
+        probe.after_forward(output)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(output, y).backward()
+        start = time.perf_counter()
+        for param in params:
+            if (index := probe.index_of(param)) is not None and param.grad is not None:
+                local[id(param)] = torch.take(param.grad, index)
+        assert probe.verdict() is None and probe.unjudged == 0
+        return time.perf_counter() - start
+
     cases: dict[str, Callable[[], object]] = {
         "training step (no guard)": step,
         "parameter fingerprint (all)": lambda: fingerprinter.of(params).tolist(),
         "optimizer-state fingerprint (one turn of 4)": lambda: fingerprinter.of(share).tolist(),
         "gradient norm": gradient_norm,
-        "update re-computation (4 fixed elements of every tensor + 2 tensors x 32)": update_check,
+        _UPDATE: update_check,
         "code snapshot check": snapshot.changes,
         "code: namespaces, one turn of 2, modes, kernels": code_turn,
         "hyper-parameters and samplers": settings,
         "report pack + verdict (2 ranks)": verdict,
+        _PROBE: derivative_probe,
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.repeat):
@@ -115,7 +144,7 @@ def main() -> None:
             start = time.perf_counter()
             own = case()
             elapsed = time.perf_counter() - start
-            times[name].append(own if isinstance(own, float) and name.startswith("update") else elapsed)
+            times[name].append(own if isinstance(own, float) and name in _OWN_TIMES else elapsed)
     base = statistics.median(times["training step (no guard)"])
     total = 0.0
     size = sum(p.numel() for p in params) / 1e6
@@ -124,6 +153,10 @@ def main() -> None:
     print("|---|---:|---:|")
     for name, values in times.items():
         median = statistics.median(values)
+        if name == _PROBE:
+            print(f"| {name} | {median * 1000:.2f} ms | {median / base * 100:.1f}% |")
+            median /= 32
+            name = "derivative probe, amortised at 1 step in 32"
         if name != "training step (no guard)":
             total += median
         print(f"| {name} | {median * 1000:.2f} ms | {median / base * 100:.1f}% |")

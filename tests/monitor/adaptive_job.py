@@ -59,6 +59,9 @@ BETWEEN = (
 GRADIENT = ("grad_noise", "grad_flip")
 # Attacks armed before watch().
 BEFORE = ("manual_seed_patch", "comm_hook_negate")
+# A backward pass that lies from inside, planted before watch() (the model's file edited, hooks left
+# by code that ran first), or a hook put on the output at each step from the attack step on.
+BACKWARD = ("model_function_flip", "param_hook_flip", "module_hook_scale", "output_hook_flip")
 
 
 class Model(nn.Module):
@@ -67,10 +70,25 @@ class Model(nn.Module):
         self.embed = nn.Embedding(64, 32, max_norm=max_norm)
         self.norm = nn.LayerNorm(32)
         self.head = nn.Linear(32, 8)
+        self.sabotaged = False
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.head(self.norm(self.embed(tokens).mean(dim=1)))
+        hidden = self.norm(self.embed(tokens).mean(dim=1))
+        if self.sabotaged:
+            # The model's own code, edited: the forward pass is unchanged, the gradient is flipped.
+            hidden = _Flip.apply(hidden)
+        out: torch.Tensor = self.head(hidden)
         return out
+
+
+class _Flip(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
 
 
 def main() -> None:
@@ -78,13 +96,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    parser.add_argument("--attack", choices=("none", *BETWEEN, *GRADIENT, *BEFORE), default="none")
+    parser.add_argument("--attack", choices=("none", *BETWEEN, *GRADIENT, *BEFORE, *BACKWARD), default="none")
     parser.add_argument("--clip", choices=["none", "norm", "value"], default="none")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--attack-ranks", default="")
     parser.add_argument("--attack-step", type=int, default=10)
     parser.add_argument("--max-norm", type=float)
     parser.add_argument("--skip", action="append", default=[])
+    parser.add_argument("--derivative-every", type=int)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -102,7 +121,10 @@ def main() -> None:
     loader = DataLoader(data, batch_size=16, sampler=sampler, shuffle=sampler is None)
     if attacked and args.attack in BEFORE:
         arm(args.attack, model, optimizer, scheduler, sampler, step=0)
-    guard = trainguard.watch(model, optimizer, skip=args.skip)
+    if attacked and args.attack in BACKWARD:
+        plant_in_backward(args.attack, inner)
+    settings = {} if args.derivative_every is None else {"derivative_every": args.derivative_every}
+    guard = trainguard.watch(model, optimizer, skip=args.skip, **settings)
     _KEEP.append(guard)
     result: dict[str, Any] = {"rank": rank, "finished": False, "error": None}
     try:
@@ -124,7 +146,10 @@ def main() -> None:
             ):
                 last = part == args.accumulate - 1
                 with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # type: ignore[operator]
-                    loss = F.cross_entropy(model(inputs), targets) / args.accumulate
+                    logits = model(inputs)
+                    if attacked and args.attack == "output_hook_flip" and step >= args.attack_step:
+                        logits.register_hook(lambda grad: -grad)
+                    loss = F.cross_entropy(logits, targets) / args.accumulate
                     loss.backward()
             guard.observe_loss(loss)
             if args.clip == "norm":
@@ -155,6 +180,18 @@ def tamper_gradients(attack: str, model: Model, step: int) -> None:
             param.grad.data.add_(torch.randn(param.shape, generator=noise) * param.grad.abs().mean())
         else:
             param.grad.data.neg_()
+
+
+def plant_in_backward(attack: str, model: Model) -> None:
+    """A gradient changed inside the backward pass, where the gradient path first sees it."""
+    if attack == "model_function_flip":
+        model.sabotaged = True
+    elif attack == "param_hook_flip":
+        model.norm.bias.register_hook(lambda grad: -grad)
+    elif attack == "module_hook_scale":
+        model.head.register_full_backward_hook(
+            lambda module, grad_in, grad_out: tuple(None if g is None else g * 3.0 for g in grad_in)
+        )
 
 
 def make_optimizer(kind: str, model: Model) -> torch.optim.Optimizer:

@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--attack", choices=["none", "gradient", "state"], default="none")
     parser.add_argument("--attack-step", type=int, default=0)
+    # Every other step's gradient is checked against its forward pass (the default is 1 in 32).
+    parser.add_argument("--derivative-every", type=int, default=2)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -144,7 +146,7 @@ def main() -> None:
     optimizer = make_optimizer(args.optimizer, inner)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps))
     data = torch.Generator().manual_seed(100 + rank)
-    guard = trainguard.watch(model, optimizer)
+    guard = trainguard.watch(model, optimizer, derivative_every=args.derivative_every)
     result: dict[str, Any] = {"rank": rank, "finished": False, "error": None, "evals": 0, "saves": 0}
     try:
         for step in range(1, args.steps + 1):

@@ -84,7 +84,7 @@ def main() -> int:
         ddp_find_unused_parameters=False,
         run_name="odd" if rank == args.odd_config_rank else None,
     )
-    guard = TrainguardCallback(skip=args.skip)
+    guard = TrainguardCallback(skip=args.skip, derivative_every=2)
     callbacks: list[TrainerCallback] = [guard]
     attacked = args.attack != "none" and (
         not args.attack_ranks or rank in {int(r) for r in args.attack_ranks.split(",")}

@@ -80,7 +80,7 @@ def main() -> int:
     dataset = TensorDataset(
         torch.randn(size, 32, generator=data), torch.randint(0, 8, (size,), generator=data)
     )
-    guard = TrainguardCallback(skip=args.skip)
+    guard = TrainguardCallback(skip=args.skip, derivative_every=2)
     callbacks = [guard]
     attacked = args.attack != "none" and (
         not args.attack_ranks or rank in {int(r) for r in args.attack_ranks.split(",")}

@@ -81,9 +81,47 @@ def test_guard_gradient_recording_switched_off_on_one_rank(tmp_path: Path) -> No
     assert "without passing the guard's all-reduce hook" in caught(result, "gradient_path", [1])
 
 
+# The same moved inside the backward pass, where the gradient path first sees it: only the forward
+# pass can tell. Every step is probed here (--derivative-every 1); the default probes 1 in 32.
+
+
+@pytest.mark.parametrize(
+    ("attack", "named"),
+    [
+        # The model's own code edited: an autograd function that flips the gradient behind the norm.
+        ("model_function_flip", "norm.weight"),
+        # Hooks left by code that ran before watch(): the code check takes them as it finds them.
+        ("param_hook_flip", "norm.bias"),
+        ("module_hook_scale", "norm.weight"),
+    ],
+)
+def test_backward_pass_that_lies_on_one_rank_is_caught_against_its_forward_pass(
+    tmp_path: Path, attack: str, named: str
+) -> None:
+    result = job(tmp_path, 2, "--attack", attack, "--attack-ranks", "1", "--derivative-every", "1")
+    message = caught(result, "derivative", [1], at=1)
+    assert named in message and "disagrees with its forward pass" in message
+
+
+def test_hook_on_the_output_flipping_the_loss_gradient_on_every_rank(tmp_path: Path) -> None:
+    # The loss's gradient flipped between the loss and the model: the guard's own hook on the output
+    # runs first and sees the gradient as the loss gave it.
+    result = job(tmp_path, 2, "--attack", "output_hook_flip", "--derivative-every", "1")
+    caught(result, "derivative", [0, 1])
+
+
+def test_backward_pass_that_lies_is_caught_at_a_secret_probe(tmp_path: Path) -> None:
+    # One step in 4 is probed, at steps no rank can foresee: a lie held for 60 steps escapes with
+    # probability (3/4)^60, about 3e-8.
+    result = job(tmp_path, 2, "--attack", "model_function_flip", "--derivative-every", "4", "--steps", "60")
+    caught(result, "derivative", [0, 1], at=1, within=60)
+
+
 @pytest.mark.parametrize("clip", ["norm", "value"])
 def test_clean_job_with_clipping_and_no_sync_accumulation_raises_nothing(tmp_path: Path, clip: str) -> None:
-    result = job(tmp_path, 2, "--steps", "200", "--clip", clip, "--accumulate", "2")
+    result = job(
+        tmp_path, 2, "--steps", "200", "--clip", clip, "--accumulate", "2", "--derivative-every", "1"
+    )
     assert [rank["finished"] for rank in result.ranks] == [True, True], result.output
     assert "trainguard:" not in result.output
 

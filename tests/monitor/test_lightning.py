@@ -26,7 +26,10 @@ def test_clean_lightning_run_finishes_without_an_alarm_and_feeds_the_loss(tmp_pa
     assert [rank["global_step"] for rank in result.ranks] == [30, 30]
     assert result.errors == [None, None]
     assert all(rank["guard_closed"] for rank in result.ranks)
-    assert "trainguard:" not in result.output
+    # Lightning points the module's forward at training_step for one call at a time: the pass cannot
+    # be re-run as it ran, and the derivative check says so rather than probe something else.
+    said = [line for line in result.output.splitlines() if "trainguard:" in line]
+    assert said and all("forward is redirected" in line for line in said), said
     with Ledger.open(result.home / "ledger.db") as ledger:
         events = [event for _, event in ledger.entries()]
     assert events[0].type == "monitor.start" and events[-1].payload["steps"] == 30

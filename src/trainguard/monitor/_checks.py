@@ -25,6 +25,7 @@ class Check(enum.Enum):
     HYPERPARAMETERS = "hyperparameters"  # optimizer settings changed outside a scheduler, or differ
     SAMPLER = "sampler"  # a data sampler's seed or settings changed, or differ between ranks
     GRADIENT_PATH = "gradient_path"  # the gradient changed between backward / all-reduce and the step
+    DERIVATIVE = "derivative"  # the gradient disagrees with finite differences of the forward pass
 
     @property
     def bit(self) -> int:

@@ -35,6 +35,9 @@ class GuardConfig:
     # Fixed secret elements of every tensor, checked at every step: compared with what the last step
     # left (a write between steps, tampered optimizer state) and re-computed by the optimizer's rule.
     fixed_elements: int = 4
+    # Each step is probed with this chance in 1 (the same secret steps on every rank): its gradient is
+    # checked against finite differences of its forward pass, at the cost of two forward passes.
+    derivative_every: int = 32
     # The code a step runs through is compared in this many turns, one slice per step.
     code_turns: int = 2
     # Learning-rate schedulers and DistributedSamplers of the job; by default those alive at watch().
@@ -67,6 +70,7 @@ class GuardConfig:
             "sample_elements",
             "fixed_elements",
             "code_turns",
+            "derivative_every",
             "summary_every",
         ):
             if getattr(self, name) < 1:

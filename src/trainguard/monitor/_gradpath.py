@@ -67,6 +67,10 @@ class GradientPath:
         self._state: _HookState | None = None
         self._world = 0
         self.reductions = 0
+        # While set, the elements it names of each gradient as this rank's backward pass left them
+        # (before the all-reduce), for the derivative check: `local`, by parameter id.
+        self.keep_local: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+        self.local: dict[int, torch.Tensor] = {}
         # When this rank's backward pass handed its last bucket to the all-reduce (own_time_ns()):
         # the end of its own compute, before any wait for the other ranks.
         self.last_bucket: tuple[int, int, int] | None = None
@@ -138,6 +142,8 @@ class GradientPath:
         index = self._index_of(param)
         if index is not None:
             self._arrived[id(param)] = _take(param.grad, index)
+        if self.keep_local is not None and (elements := self.keep_local(param)) is not None:
+            self.local[id(param)] = _take(param.grad, elements)
 
     def _install_comm_hook(self, ddp: torch.nn.parallel.DistributedDataParallel) -> None:
         existing = list(getattr(ddp, "_comm_hooks", []))
@@ -202,6 +208,12 @@ class GradientPath:
         self._world = dist.get_world_size(self._ddp.process_group)
         self._hooks_seen = len(getattr(self._ddp, "_comm_hooks", []))
 
+    def _record_local(self, bucket: Any) -> None:
+        assert self.keep_local is not None
+        for param, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
+            if (index := self.keep_local(param)) is not None:
+                self.local[id(param)] = _take(grad, index)
+
     def _record_when_done(
         self, bucket: Any, future: torch.futures.Future[list[torch.Tensor]]
     ) -> torch.futures.Future[torch.Tensor]:
@@ -226,8 +238,10 @@ def _reduce_and_record(state: _HookState, bucket: Any) -> torch.futures.Future[t
     """DDP's default reduction (the mean over ranks), then, while a guard records, the sampled
     elements of each gradient as DDP will hand them to the optimizer."""
     buffer = bucket.buffer()
-    buffer.div_(state.world)
     recorder = state.recorder
+    if recorder is not None and recorder._recording and recorder.keep_local is not None:
+        recorder._record_local(bucket)
+    buffer.div_(state.world)
     if recorder is not None and bucket.is_last():
         recorder.last_bucket = own_time_ns()
     work = dist.all_reduce(buffer, group=state.group, async_op=True)

@@ -31,7 +31,7 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -41,6 +41,7 @@ from trainguard.errors import IntegrityError
 from trainguard.monitor._checks import Action, Check
 from trainguard.monitor._code import CodeWatch
 from trainguard.monitor._config import GuardConfig
+from trainguard.monitor._derivative import DerivativeProbe
 from trainguard.monitor._distributed import Channel, Gathering
 from trainguard.monitor._evidence import Captured, Evidence, gradient_norm
 from trainguard.monitor._fingerprint import Fingerprinter
@@ -53,6 +54,7 @@ from trainguard.monitor._recompute import UpdateCheck, coverage
 from trainguard.monitor._sampler import SamplerWatch
 from trainguard.monitor._signals import SignalEvent, watch_signals
 from trainguard.monitor._sink import LedgerSink
+from trainguard.monitor._tensors import tensors_in
 from trainguard.monitor._verdict import Failure, RankReport, decide, report_length, slow_ranks
 
 __all__ = ["Guard"]
@@ -94,10 +96,20 @@ class Guard:
         if config.enabled(Check.GRADIENT_PATH) and self._gradpath.active:
             self._update.arrivals = self._gradpath.take
         self._reductions = 0
+        self._rewritten = _rewritten_in_forward(self._model)
+        self._derivative = DerivativeProbe(
+            self._model,
+            self._params,
+            self._names,
+            lambda: self._gradpath.local,
+            schedule_seed=seed,
+            element_seed=seed ^ (self.rank + 1),
+            every=config.derivative_every,
+            rewritten=list(self._rewritten.values()),
+        )
         self._hyper = HyperParameters(optimizer, config.schedulers)
         self._samplers = SamplerWatch(config.samplers, rank=self.rank, world=self.world_size)
         self._hyper_changes: list[list[Any]] = []
-        self._rewritten = _rewritten_in_forward(self._model)
         self._update.rewritten_in_forward = {id(p) for p in self._rewritten.values()}
         self._slot_names = self._names + [f"optimizer state of {name}" for name in self._names]
         self._evidence = Evidence(self._params, optimizer, self._update, self._fingerprinter, config)
@@ -153,6 +165,14 @@ class Guard:
                 self._report.fail(Check.GRADIENT_PATH, f"on rank {self.rank}: {self._gradpath.problem}")
             elif self._gradpath.notice is not None:
                 self._notice(self._gradpath.notice)
+        if config.enabled(Check.DERIVATIVE):
+            if not self._gradpath.active:
+                self._derivative.notice = (
+                    "the gradient is not checked against the forward pass where its path is not"
+                )
+            elif self._derivative.notice is not None:
+                self._notice(self._derivative.notice)
+        self._arm_probe()
         for name in self._rewritten:
             self._notice(
                 f"{name} is renormalised by its own module in the forward pass (max_norm) from each "
@@ -232,7 +252,7 @@ class Guard:
             self._forward_pre(args, kwargs)
 
         def forward_post(module: torch.nn.Module, args: Any, output: Any) -> None:
-            self._forward_post()
+            self._forward_post(output)
 
         def step_pre(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
             # `args` are step()'s own, the optimizer first. A closure (Lightning always passes one)
@@ -257,13 +277,15 @@ class Guard:
 
         return [
             self._model.register_forward_pre_hook(forward_pre, prepend=True, with_kwargs=True),
-            self._model.register_forward_hook(forward_post),
+            # First among the forward hooks: the hook it puts on the output sees the loss's gradient
+            # before any hook that another forward hook adds there.
+            self._model.register_forward_hook(forward_post, prepend=True),
             self._optimizer.register_step_pre_hook(step_pre),
             self._optimizer.register_step_post_hook(step_post),
         ]
 
     def _forward_pre(self, args: Any = (), kwargs: Any = None) -> None:
-        if not self._active:
+        if not self._active or self._derivative.probing:
             return
         elapsed = self._clock.mark()
         # Evaluation passes (no gradient) are not part of a training step: they neither time nor
@@ -280,7 +302,8 @@ class Guard:
             # The rank's own compute starts now, after the wait for its peers' reports.
             self._compute_start = own_time_ns()
         if training:
-            tensors = list(_tensors_in((args, kwargs or {})))
+            self._derivative.before_forward(args, kwargs or {})
+            tensors = list(tensors_in((args, kwargs or {})))
             if tensors:
                 # Read at the step's end, so that a GPU is not made to wait here.
                 self._batches.append(self._fingerprinter.of(tensors).sum())
@@ -289,10 +312,12 @@ class Guard:
             self._outside_change(bypassed=training and not first)
         self._clock.mark()
 
-    def _forward_post(self) -> None:
-        if not self._active:
+    def _forward_post(self, output: object = None) -> None:
+        if not self._active or self._derivative.probing:
             return
         self._report.forward_us += self._clock.mark() // 1000
+        if torch.is_grad_enabled():
+            self._derivative.after_forward(output)
         if self.config.enabled(Check.OUTSIDE):
             versions = self._param_versions()
             if versions != self._versions:
@@ -328,9 +353,28 @@ class Guard:
             self._reductions = self._gradpath.reductions
             if tampering is not None:
                 self._report.fail(Check.GRADIENT_PATH, f"on rank {self.rank}: {tampering}")
+        if self._derivative.probing:
+            # Only the probe's own passes run with the flag set: set from outside, it hides the
+            # forward hooks' checks.
+            self._report.fail(
+                Check.DERIVATIVE, f"on rank {self.rank}: the guard's probe flag was set from outside"
+            )
+            self._derivative.probing = False
+        if self.config.enabled(Check.DERIVATIVE) and self._derivative.active:
+            if (found := self._derivative.verdict()) is not None:
+                self._report.fail(Check.DERIVATIVE, f"on rank {self.rank}: {found}")
+            elif self._derivative.notice is not None:
+                self._notice(self._derivative.notice)
         if any(self.config.enabled(c) for c in (Check.UPDATE, Check.OUTSIDE, Check.GRADIENT_PATH)):
             self._update.before()
         self._clock.mark()
+
+    def _arm_probe(self) -> None:
+        """Decide, secretly and alike on every rank, whether the next step's gradient is checked
+        against its forward pass; the gradient path then keeps each rank's own contribution."""
+        if self.config.enabled(Check.DERIVATIVE):
+            self._derivative.arm()
+        self._gradpath.keep_local = self._derivative.index_of if self._derivative.armed else None
 
     def _compute_time(self) -> int:
         """Own microseconds from the step's first forward pass until its gradient was complete: the
@@ -364,6 +408,7 @@ class Guard:
         self._report = RankReport(step=self.step)
         self._versions = self._param_versions()
         self._between_steps = True
+        self._arm_probe()
         if not self._channel.distributed:
             self._resolve()
         self._clock.mark()
@@ -663,18 +708,6 @@ def _watch_signals(guard: Guard) -> None:
 def _report_signal(event: SignalEvent) -> None:
     for guard in list(_LIVE):
         guard._on_signal(event)
-
-
-def _tensors_in(value: object, depth: int = 0) -> Iterator[torch.Tensor]:
-    """The tensors of a batch as a model receives it: arguments, lists, tuples and dicts, a few deep."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif depth < 4 and isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors_in(item, depth + 1)
-    elif depth < 4 and isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors_in(item, depth + 1)
 
 
 def _inner(model: torch.nn.Module) -> torch.nn.Module:

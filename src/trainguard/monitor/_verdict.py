@@ -41,6 +41,7 @@ _DESCRIBE = {
     Check.HYPERPARAMETERS: "the optimizer's hyper-parameters changed outside a scheduler or differ",
     Check.SAMPLER: "a data sampler's seed or settings changed or differ between ranks",
     Check.GRADIENT_PATH: "the gradient was tampered with on its way from the backward pass to the optimizer",
+    Check.DERIVATIVE: "the gradient of a rank's backward pass disagrees with its forward pass",
 }
 # When replicas disagree without a majority, a rank that failed one of these is the likely culprit.
 _LOCAL_EVIDENCE = (
@@ -52,6 +53,7 @@ _LOCAL_EVIDENCE = (
     Check.HYPERPARAMETERS,
     Check.SAMPLER,
     Check.GRADIENT_PATH,
+    Check.DERIVATIVE,
 )
 # Digests every replica must share, each compared under its own check.
 _AGREED = (
