@@ -53,6 +53,7 @@ class Net(nn.Module):
         self.norm = nn.LayerNorm(16)
         self.head = nn.Linear(16, 8)
         self.loss_inside = loss_inside
+        self.penalty = 0.0
         self.flip = False
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
@@ -64,7 +65,10 @@ class Net(nn.Module):
         if not self.loss_inside:
             return logits
         # As a Hugging Face model does: the loss computed in forward, returned beside the logits.
-        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+        loss = F.cross_entropy(logits, labels)
+        if self.penalty:
+            loss = loss + self.penalty * sum(p.pow(2).sum() for p in self.parameters())
+        return {"loss": loss, "logits": logits}
 
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, **settings: Any) -> Guard:
@@ -172,6 +176,17 @@ def test_loss_computed_in_forward_is_the_output_that_counts() -> None:
     watch(model, optimizer)
     error = caught(lambda: train(model, optimizer, batches(3)))
     assert "norm.weight" in str(error)
+
+
+def test_weight_penalty_returned_from_forward_is_counted() -> None:
+    # A penalty that reaches the weights other than through the outputs would disagree with the
+    # forward pass as a lie does; computed in forward and returned, it is part of what is re-run.
+    model, optimizer = fresh(loss_inside=True)
+    model.penalty = 1e-2
+    guard = watch(model, optimizer)
+    train(model, optimizer, batches(20))
+    guard.close()
+    assert guard.failure is None and guard._derivative.probes == 20
 
 
 def test_two_forward_passes_under_one_backward_are_not_judged() -> None:

@@ -9,18 +9,18 @@ autograd kernel) would be vouched for by all of them. This check asks the forwar
 At secret steps (each one with probability 1/`derivative_every`, the same steps on every rank), the
 guard keeps the step's last forward pass as it ran: its inputs, its random-number state, and the
 gradient that reached each of the model's outputs from the loss (read by a hook the guard puts on the
-output first, before any other). It also reads secret elements of every gradient (drawn afresh for each
-probe) as that pass's backward pass begins (when the loss's gradient reaches the output) and as it
-left them on this rank (before DDP's all-reduce): their difference c is what this rank's last
-backward pass contributed. At the optimizer step, before
-anything changes, it moves those elements by a small step d along the sign of c and runs the forward
-pass twice more, at theta+d and theta-d, without gradient, in the parameters' own precision (autocast
+output first, before any other). It also reads 256 secret elements of every gradient (drawn afresh
+for each probe) as that pass's backward pass begins (when the loss's gradient reaches the output) and
+as it left them on this rank (before DDP's all-reduce): their difference c is what this rank's last
+backward pass contributed. At the optimizer step, before anything changes, it moves those elements of
+up to 16 tensors (a secret draw) by a small step d along the sign of c and runs the forward pass
+twice more, at theta+d and theta-d, without gradient, in the parameters' own precision (autocast
 off), with the same random numbers and with the buffers restored after each pass. For
 F = sum <output gradient, output>, the central difference F(+) - F(-) must equal sum 2*d*c within a
-tolerance of sum |2*d*c| (1e-3 in full precision, 5% after autocast or TF32) plus the rounding of F:
-a flipped gradient misses by 2, one scaled by 0.5 by 1. No tensor's terms may outweigh the median
-tensor's (larger steps are shortened), so that a tensor with a small gradient still counts. On a
-mismatch, parts of the direction are probed alone, down to single tensors, which are named.
+tolerance of sum |2*d*c| (5%, 10% after autocast or TF32) plus the rounding of F, at the step and at an
+eighth of it: a flipped gradient misses by 2, one scaled by 0.5 by 1. Each tensor's terms are brought
+to the lower quartile's, so that a tensor with a small gradient still counts. On a mismatch, parts of
+the direction are probed alone, down to single tensors, which are named.
 
 What it does not see: a loss function outside the model that lies about its own gradient (the
 gradient that reaches the outputs is taken as the loss's word; torch's losses are watched by the code
@@ -52,9 +52,9 @@ __all__ = ["DerivativeProbe"]
 _STEP = 1e-3
 _SHRINK = 8.0
 _FLOOR = 1e-2
-_ELEMENTS = 16
+_ELEMENTS = 256
 # At most this many tensors are moved at once (a secret draw among them at each probe), their terms
-# brought to the median tensor's: a flip in any one of them is then an eighth of the sum or more.
+# brought to the lower quartile's: a flip in any one of them then shows as an eighth of the sum.
 _TENSORS = 16
 _BOOST = 8.0
 _TOLERANCE = 0.05
@@ -305,17 +305,17 @@ class DerivativeProbe:
             scale = max(float(exact.pow(2).mean().sqrt()), _FLOOR)
             steps.append(step_size * scale * torch.sign(contribution))
             originals.append(values)
-        # Every tensor's terms are brought to the median tensor's (a small one's step grows by
+        # Every tensor's terms are brought to the lower quartile's (a small tensor's step grows by
         # _BOOST at most): a lie in any one tensor must stand out of the sum.
         shares = [float((step * c).abs().sum()) for step, (_, _, c) in zip(steps, moves, strict=True)]
         positive = sorted(share for share in shares if share > 0)
         if not positive:
             return None
-        median = positive[len(positive) // 2]
+        target = positive[len(positive) // 4]
         ups, downs = [], []
         for step, share, values in zip(steps, shares, originals, strict=True):
             if share > 0:
-                step = step * min(median / share, _BOOST)
+                step = step * min(target / share, _BOOST)
             exact = values.to(torch.float64)
             ups.append((exact + step).to(values.dtype))
             downs.append((exact - step).to(values.dtype))
