@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from jobkit import finish, start_ranks
+from jobkit import Flip, finish, start_ranks
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -76,19 +76,9 @@ class Model(nn.Module):
         hidden = self.norm(self.embed(tokens).mean(dim=1))
         if self.sabotaged:
             # The model's own code, edited: the forward pass is unchanged, the gradient is flipped.
-            hidden = _Flip.apply(hidden)
+            hidden = Flip.apply(hidden)
         out: torch.Tensor = self.head(hidden)
         return out
-
-
-class _Flip(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, value: torch.Tensor) -> torch.Tensor:
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return -grad
 
 
 def main() -> None:
@@ -356,15 +346,6 @@ def _negating_hook() -> Any:
 
 def _flipped_gradient(original: Any) -> Any:
     """The loss as it was, with its gradient's sign flipped: the loss curve looks right."""
-
-    class Flip(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, value: torch.Tensor) -> torch.Tensor:
-            return value.clone()
-
-        @staticmethod
-        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-            return -grad
 
     @functools.wraps(original)
     def cross_entropy(*args: Any, **kwargs: Any) -> torch.Tensor:

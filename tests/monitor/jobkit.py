@@ -1,5 +1,6 @@
 """What the job scripts (job.py, hf_job.py, lightning_job.py, stages_job.py) share: the patched
-optimizer update they plant, and how a rank reports how it ended. Imported by the scripts as a
+optimizer update they plant, a gradient flipped inside the backward pass, and how a rank reports how
+it ended. Imported by the scripts as a
 sibling module (a script's own folder is first on its path)."""
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ from typing import Any
 import torch
 
 from trainguard.errors import IntegrityError
+
+
+class Flip(torch.autograd.Function):
+    """The identity forward, the gradient flipped backward: the loss curve looks right."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
 
 
 def patch_update(attack: str, *, sgd: bool = False, active: bool = True) -> None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import trainguard  # noqa: E402
+from tests.monitor.jobkit import Flip  # noqa: E402
 from trainguard.errors import IntegrityError  # noqa: E402
 from trainguard.monitor import Guard  # noqa: E402
 from trainguard.monitor._derivative import DerivativeProbe  # noqa: E402
@@ -29,16 +30,6 @@ pytestmark = pytest.mark.torch
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("TRAINGUARD_LEDGER", raising=False)
-
-
-class Flip(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, value: torch.Tensor) -> torch.Tensor:
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return -grad
 
 
 class Net(nn.Module):

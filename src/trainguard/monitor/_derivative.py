@@ -87,7 +87,8 @@ class _Pass:
         self.reduced = reduced
         self.rng = torch.get_rng_state()
         self.device_rng: dict[int, torch.Tensor] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # Where in the output the guard's hooks are (not the tensors: the graph would stay alive).
+        self.outputs: set[int] = set()
         self.grads: dict[int, torch.Tensor] = {}
         self.mixed = False
         # The forward the module had as the pass began, if set on the instance: Lightning points
@@ -169,7 +170,7 @@ class DerivativeProbe:
             return
         tensors = list(tensors_in(output))
         for position in _roots(tensors):
-            record.outputs[position] = tensors[position]
+            record.outputs.add(position)
             tensors[position].register_hook(self._receiver(record, position))  # type: ignore[no-untyped-call]
 
     def _receiver(self, record: _Pass, position: int) -> Callable[[torch.Tensor], None]:
