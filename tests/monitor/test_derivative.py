@@ -280,3 +280,14 @@ def test_probe_flag_forced_on_from_outside_is_caught() -> None:
     guard = watch(model, optimizer)
     guard._derivative.probing = True
     assert "probe flag was set from outside" in str(caught(lambda: train(model, optimizer, batches(2))))
+
+
+def test_probe_turned_off_from_outside_is_said() -> None:
+    # Code in the process can turn the probe off; it cannot do so silently.
+    model, optimizer = fresh()
+    guard = watch(model, optimizer)
+    guard._derivative.notice = "switched off"
+    model.flip = True
+    train(model, optimizer, batches(3))
+    guard.close()
+    assert guard.notices == ("switched off",) and guard._derivative.probes == 0

@@ -360,11 +360,12 @@ class Guard:
                 Check.DERIVATIVE, f"on rank {self.rank}: the guard's probe flag was set from outside"
             )
             self._derivative.probing = False
-        if self.config.enabled(Check.DERIVATIVE) and self._derivative.active:
-            if (found := self._derivative.verdict()) is not None:
+        if self.config.enabled(Check.DERIVATIVE):
+            if self._derivative.active and (found := self._derivative.verdict()) is not None:
                 self._report.fail(Check.DERIVATIVE, f"on rank {self.rank}: {found}")
-            elif self._derivative.notice is not None:
-                self._notice(self._derivative.notice)
+            # Said once, whoever turned the probe off (the probe itself, or code that set its notice).
+            elif (said := self._derivative.notice) is not None and said not in self._notices:
+                self._notice(said)
         if any(self.config.enabled(c) for c in (Check.UPDATE, Check.OUTSIDE, Check.GRADIENT_PATH)):
             self._update.before()
         self._clock.mark()
