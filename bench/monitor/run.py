@@ -58,6 +58,7 @@ def main() -> int:
     settings = [
         *(["params_every=2, state_every=8"] if "--lean" in worker_args else []),
         *(["defer=True"] if "--defer" in worker_args else []),
+        *[f"skip={value!r}" for flag, value in zip(worker_args, worker_args[1:]) if flag == "--skip"],
     ]
     label = f"`trainguard.watch(..., {', '.join(settings)})`" if settings else "`trainguard.watch`"
     print(

@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lean", action="store_true", help="parameters in 2 turns, optimizer state in 8")
     parser.add_argument("--defer", action="store_true", help="read the evidence one step late, as on a GPU")
+    parser.add_argument("--skip", default="", help="checks to turn off, comma-separated: what each costs")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -92,6 +93,8 @@ def main() -> None:
             settings["actions"] = {"step_time": "alert"}
             if args.defer:
                 settings["defer"] = True
+            if args.skip:
+                settings["skip"] = args.skip.split(",")
             guard = trainguard.watch(ddp, optimizer, **settings) if mode == "with" else None
             # The first guarded steps of a block include the guard's set-up (its ledger is opened and
             # the start recorded in the background): they are not steady steps.
