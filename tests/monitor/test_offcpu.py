@@ -46,3 +46,20 @@ def test_change_point_ignores_jumps_below_the_floor_and_within_the_spread() -> N
 def test_nothing_is_flagged_during_warm_up() -> None:
     rule = ChangePoint(floor=1.0, warmup=5)
     assert not any(rule.observe(value) for value in [0, 1000, 0, 5000, 0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="schedstat is Linux's")
+def test_a_thread_id_reused_after_its_thread_ended_reads_the_new_thread() -> None:
+    # The kept descriptor names the thread that opened it: once that thread ended it reads zeros.
+    import threading
+
+    from trainguard.monitor import _offcpu
+
+    ended = threading.Thread(target=_offcpu.own_time_ns)
+    ended.start()
+    ended.join()
+    (stale,) = set(_offcpu._descriptors) - {threading.get_native_id()}
+    fd = _offcpu._descriptors.pop(stale)
+    _offcpu._descriptors[threading.get_native_id()] = fd  # as if this thread had been given its id
+    ran, _ = _offcpu._schedstat()
+    assert ran > 0  # the ended thread's descriptor reads 0: it was dropped and this thread's opened

@@ -113,6 +113,25 @@ def test_namespace_snapshot_sees_a_patch_anywhere_and_accepts_torchs_own_wrappin
     assert snapshot.check() == []
 
 
+def test_legacy_tensor_types_are_left_out_but_their_names_and_tensor_methods_are_not() -> None:
+    # torch.FloatTensor and its siblings hold a copy of every Tensor method that no step runs.
+    snapshot = NamespaceSnapshot.take(turns=1)
+    labels = {binding[0] for part in snapshot._bindings for binding in part}
+    assert "torch.Tensor.__deepcopy__" in labels
+    assert "torch.FloatTensor" in labels
+    assert not any(label.startswith("torch.FloatTensor.") for label in labels)
+    with pytest.raises(TypeError):
+        torch.FloatTensor.add_ = lambda *a, **k: None  # type: ignore[method-assign]
+    original = torch.FloatTensor
+    try:
+        torch.FloatTensor = torch.DoubleTensor  # type: ignore[misc]
+        (finding,) = snapshot.check()
+        assert "torch.FloatTensor was replaced" in finding.message
+    finally:
+        torch.FloatTensor = original  # type: ignore[misc]
+    assert snapshot.check() == []
+
+
 _SLOW_MODULE = """
 import builtins, time
 def first():
