@@ -344,3 +344,25 @@ def test_on_the_cpu_evidence_is_read_at_once(model: nn.Module) -> None:
     guard = trainguard.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), ledger=False)
     assert guard._defer is False
     guard.close()
+
+
+@pytest.mark.parametrize("validated", [False, True])
+def test_a_wait_between_steps_is_alerted_unless_the_stretch_held_a_validation(
+    model: nn.Module, caplog: pytest.LogCaptureFixture, validated: bool
+) -> None:
+    # Validation reduces its metrics over the ranks: a rank waits there for a slower one (a garbage
+    # collection), which is not a data wait. A sleep with no evaluation pass beside it is.
+    import time
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = trainguard.watch(model, optimizer, ledger=False, skip=["step_time"])
+    with caplog.at_level(logging.WARNING, logger="trainguard.monitor"):
+        for step in _steps(model, optimizer, 16):
+            if step == 12:
+                if validated:
+                    with torch.no_grad():
+                        model(torch.randn(4, 8))
+                time.sleep(0.3)
+        guard.close()
+    said = "off-CPU between steps" in caplog.text
+    assert said is not validated, caplog.text

@@ -3,9 +3,10 @@
 A step, as the guard sees it:
 
     forward pre-hook    parameters unchanged since the last check? (every pass: a bypassed step
-                        leaves no other trace); off-CPU time since the last step (data loading)
+                        leaves no other trace; the rank whose step hooks stopped sends its report
+                        and stops at its next forward pass); off-CPU time since the last step
     forward hook        off-CPU time in the forward pass
-    step pre-hook       (a step with no forward pass) the verdict; the gradient norm; the secretly
+    step pre-hook       the verdict on the last step; the gradient norm; the secretly
                         sampled elements, taken where they are (after the step's closure, if any)
     step post-hook      off-CPU time in the optimizer and the code snapshot, on the host; the
                         fingerprints, the samples after the step, the norms and batch digests packed
@@ -138,6 +139,12 @@ class Guard:
         # On a GPU the evidence is read one step late, so that no step waits for the device.
         self._defer = on_gpu if config.defer is None else config.defer
         self._between_steps = True
+        self._resolve_at_forward = False
+        # An evaluation pass between two steps (validation): that stretch holds the evaluation's own
+        # collectives (metrics reduced over ranks), where a rank waits for a slower one, so its
+        # off-CPU time is not judged as a data wait.
+        self._evaluated = False
+        self._judge_data = True
         self._in_step = False
         self._summaries: list[list[Any]] = []
         self._sink = LedgerSink(self.run_id) if config.ledger and self.rank == 0 else None
@@ -292,14 +299,23 @@ class Guard:
         # count as data, though the weights must still be as the last step left them.
         training = torch.is_grad_enabled()
         first = training and self._between_steps
+        if not training and self._between_steps:
+            self._evaluated = True
+        if self._resolve_at_forward:
+            # This rank's step hooks no longer run: it draws the verdict on the report it sent
+            # from its last forward pass here, before any collective of this step, once the other
+            # ranks have drawn it in their step pre-hooks (after that step's gradient all-reduce,
+            # which this rank took part in).
+            self._resolve_at_forward = False
+            self._resolve()
         if first:
             # The first forward pass after a checked step (later ones are gradient accumulation).
+            # Last step's verdict waits for the step pre-hook: by then the gradient all-reduce has
+            # brought the ranks together and every report has long arrived, so no rank waits on a
+            # slower one twice a step. Every rank draws the same verdict there and stops together.
             self._between_steps = False
             self._report.data_us += elapsed // 1000
-            # Last step's verdict, before this step runs any collective: a rank that stops here
-            # leaves no other rank waiting in the gradient all-reduce.
-            self._resolve()
-            # The rank's own compute starts now, after the wait for its peers' reports.
+            self._judge_data, self._evaluated = not self._evaluated, False
             self._compute_start = own_time_ns()
         if training:
             self._derivative.before_forward(args, kwargs or {})
@@ -341,7 +357,7 @@ class Guard:
         if not self._active:
             return
         self._clock.mark()
-        # A step with no forward pass since the last one: its verdict is drawn here instead.
+        # The verdict on the last step: the gradient all-reduce has just brought the ranks together.
         self._resolve()
         self._in_step = True
         self._report.compute_us = self._compute_time()
@@ -491,6 +507,7 @@ class Guard:
         if (
             config.enabled(Check.DATA_WAIT)
             and self._clock.available
+            and self._judge_data
             and self._stalls["data"].observe(report.data_us)
         ):
             baseline = (self._stalls["data"].baseline() or 0) / 1000
@@ -610,7 +627,9 @@ class Guard:
                 report = self._evidence.complete(self._capture(self._report))
             self._report = RankReport(step=self.step)
             self._send(report)
-            self._resolve()
+            # The others gather it in their step pre-hook, after this step's gradient all-reduce,
+            # which needs this rank: it goes on until its next forward pass and stops there.
+            self._resolve_at_forward = True
 
     def _peer_lost(self, exc: RuntimeError) -> None:
         message = (
