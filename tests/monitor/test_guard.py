@@ -366,3 +366,54 @@ def test_a_wait_between_steps_is_alerted_unless_the_stretch_held_a_validation(
         guard.close()
     said = "off-CPU between steps" in caplog.text
     assert said is not validated, caplog.text
+
+
+def _steps_until_caught(model: nn.Module, optimizer: torch.optim.Optimizer, limit: int) -> int:
+    for taken in range(1, limit + 1):
+        try:
+            next(_steps(model, optimizer, 1))
+        except IntegrityError as error:
+            assert error.check == "code", error
+            return taken
+    raise AssertionError(f"not caught in {limit} steps")
+
+
+@pytest.mark.parametrize(("patched", "within"), [("relu", 1), ("silu", 8)])
+def test_code_a_step_runs_is_compared_every_step_and_the_rest_in_turns(
+    model: nn.Module, patched: str, within: int
+) -> None:
+    # The third step is profiled: what it ran (F.relu, through nn.ReLU) is compared at every step,
+    # what it did not (F.silu) in `code_turns` turns.
+    import torch.nn.functional as F
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = trainguard.watch(model, optimizer, ledger=False, code_turns=8)
+    list(_steps(model, optimizer, 4))
+    assert guard._code is not None and guard._code._namespaces.focused > 0
+    original = getattr(F, patched)
+    try:
+        setattr(F, patched, lambda *a, **k: original(*a, **k))
+        # In one process the verdict is drawn at once: raised at the end of the first step after.
+        taken = _steps_until_caught(model, optimizer, within)
+    finally:
+        setattr(F, patched, original)
+    if patched == "relu":
+        assert taken == 1
+    assert sys.getprofile() is None
+
+
+def test_a_profiler_already_there_keeps_everything_compared_in_two_turns(model: nn.Module) -> None:
+    def users_profiler(frame: object, event: str, arg: object) -> None:
+        return None
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = trainguard.watch(model, optimizer, ledger=False, code_turns=8)
+    sys.setprofile(users_profiler)
+    try:
+        list(_steps(model, optimizer, 4))
+        assert sys.getprofile() is users_profiler
+    finally:
+        sys.setprofile(None)
+    assert guard._code is not None and guard._code._namespaces.focused == 0
+    assert guard._code._namespaces.turns == 2
+    guard.close()

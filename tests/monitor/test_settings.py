@@ -116,7 +116,7 @@ def test_namespace_snapshot_sees_a_patch_anywhere_and_accepts_torchs_own_wrappin
 def test_legacy_tensor_types_are_left_out_but_their_names_and_tensor_methods_are_not() -> None:
     # torch.FloatTensor and its siblings hold a copy of every Tensor method that no step runs.
     snapshot = NamespaceSnapshot.take(turns=1)
-    labels = {binding[0] for part in snapshot._bindings for binding in part}
+    labels = {binding[0] for part in snapshot._slices for binding in part.bindings}
     assert "torch.Tensor.__deepcopy__" in labels
     assert "torch.FloatTensor" in labels
     assert not any(label.startswith("torch.FloatTensor.") for label in labels)

@@ -23,12 +23,12 @@ import os
 import sys
 import types
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from trainguard.envcheck._findings import EnvFinding
 from trainguard.envcheck._inprocess import CodeSnapshot, _context, _patched
 
-__all__ = ["NamespaceSnapshot", "watched_modules"]
+__all__ = ["NamespaceSnapshot", "Ran", "watched_modules"]
 
 # Modules (and every loaded submodule) whose callables a training step runs through.
 _PREFIXES = (
@@ -109,13 +109,13 @@ class NamespaceSnapshot:
         turns: int,
         accept: Callable[[object, object], bool],
     ) -> None:
-        self.turns = max(1, turns)
-        self._bindings = [bindings[i :: self.turns] for i in range(self.turns)]
-        self._functions = [functions[i :: self.turns] for i in range(self.turns)]
-        self._keys = [keys[i :: self.turns] for i in range(self.turns)]
-        self._fast: list[_Fast | None] = [None] * self.turns
+        self._all = (bindings, functions, keys)
         self._accept = accept
         self.size = len(bindings) + len(functions)
+        self.focused = 0
+        self._hot: _Slice | None = None
+        self._slices = _sliced(bindings, functions, keys, turns)
+        self.turns = len(self._slices)
 
     @classmethod
     def take(cls, *, turns: int = 16, modules: Sequence[str] | None = None) -> NamespaceSnapshot:
@@ -161,26 +161,44 @@ class NamespaceSnapshot:
                         )
         return cls(bindings, functions, keys, turns=turns, accept=_torch_wrapper_test())
 
+    def focus(self, ran: Ran, *, turns: int) -> None:
+        """Compare what a step was seen to run (`ran`, from one profiled step) at every step, in a
+        slice of its own, and the rest in `turns` slices: a patch to code the step runs is found at
+        the next step, one to code it does not run within `turns` steps, for far less work a step."""
+        bindings, functions, keys = self._all
+        hot_bindings = [b for b in bindings if ran.has(b[3])]
+        hot_functions = [f for f in functions if ran.has(f[1])]
+        hot_spaces = {id(b[1]) for b in hot_bindings}
+        hot_keys = [k for k in keys if id(k[1]) in hot_spaces]
+        self._hot = _Slice(hot_bindings, hot_functions, hot_keys)
+        chosen = {id(x) for x in (*hot_bindings, *hot_functions, *hot_keys)}
+        self._slices = _sliced(
+            [b for b in bindings if id(b) not in chosen],
+            [f for f in functions if id(f) not in chosen],
+            [k for k in keys if id(k) not in chosen],
+            turns,
+        )
+        self.turns = len(self._slices)
+        self.focused = len(hot_bindings) + len(hot_functions)
+
     def check(self, turn: int | None = None) -> list[EnvFinding]:
-        """What differs, in slice `turn % turns` (every slice when `turn` is None)."""
-        slices = range(self.turns) if turn is None else (turn % self.turns,)
+        """What differs: what a step runs, and slice `turn % turns` of the rest (everything when
+        `turn` is None)."""
+        chosen = self._slices if turn is None else [self._slices[turn % self.turns]]
         findings: list[EnvFinding] = []
-        for index in slices:
-            fast = self._fast[index]
-            if fast is None:
-                fast = self._fast[index] = _Fast(self._bindings[index], self._functions[index])
-            if fast.unchanged() and all(len(e[1]) == e[3] for e in self._keys[index]):  # type: ignore[arg-type]
+        for part in (*([self._hot] if self._hot is not None else []), *chosen):
+            if part.unchanged():
                 continue
-            self._fast[index] = None  # what changed may be accepted (torch's wrappers): rebuilt next time
-            findings.extend(self._check_bindings(index))
-            findings.extend(self._check_functions(index))
+            part.fast = None  # what changed may be accepted (torch's wrappers): rebuilt next time
+            findings.extend(self._check_bindings(part))
+            findings.extend(self._check_functions(part))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                findings.extend(self._check_keys(index))
+                findings.extend(self._check_keys(part))
         return findings
 
-    def _check_bindings(self, index: int) -> Iterator[EnvFinding]:
-        bindings = self._bindings[index]
+    def _check_bindings(self, part: _Slice) -> Iterator[EnvFinding]:
+        bindings = part.bindings
         for position, (label, namespace, key, value) in enumerate(bindings):
             now = namespace.get(key, _MISSING)
             if now is value:
@@ -191,8 +209,8 @@ class NamespaceSnapshot:
             what = "removed" if now is _MISSING else f"replaced by {_where(now)}"
             yield _finding(label, f"{label} was {what}")
 
-    def _check_functions(self, index: int) -> Iterator[EnvFinding]:
-        for label, function, code, defaults, kwdefaults, cells in self._functions[index]:
+    def _check_functions(self, part: _Slice) -> Iterator[EnvFinding]:
+        for label, function, code, defaults, kwdefaults, cells in part.functions:
             if function.__code__ is not code:
                 yield _finding(
                     label, f"{label} was changed in place (__code__ swapped for {_where(function)})"
@@ -202,8 +220,8 @@ class NamespaceSnapshot:
             elif _cells(function) != cells and not _same(_cells(function), cells):
                 yield _finding(label, f"{label} was changed in place (a closure variable replaced)")
 
-    def _check_keys(self, index: int) -> Iterator[EnvFinding]:
-        for entry in self._keys[index]:
+    def _check_keys(self, part: _Slice) -> Iterator[EnvFinding]:
+        for entry in part.keys:
             label, namespace, recorded, length, klass = entry
             assert isinstance(namespace, dict) and isinstance(recorded, frozenset)
             if len(namespace) == length:
@@ -257,10 +275,52 @@ def _inherited(klass: type, key: str) -> object:
     return _MISSING
 
 
+class Ran:
+    """What one step was seen to run: Python code objects, and builtins not bound to an instance
+    (torch's functions, a module's C functions). Held by id once the step is over, so that nothing
+    the step made is kept alive."""
+
+    def __init__(self, codes: Iterable[types.CodeType], builtins: Iterable[object]) -> None:
+        self._codes = {id(code) for code in codes}
+        self._builtins = {id(builtin) for builtin in builtins}
+
+    def has(self, value: object) -> bool:
+        function = _function_of(value)
+        if function is not None:
+            return id(function.__code__) in self._codes
+        return id(value) in self._builtins
+
+
+class _Slice:
+    """Some bindings, function internals and namespaces, compared together."""
+
+    def __init__(self, bindings: list[_Binding], functions: list[_Function], keys: list[_Keys]) -> None:
+        self.bindings = bindings
+        self.functions = functions
+        self.keys = keys
+        self.fast: _Fast | None = None
+
+    def unchanged(self) -> bool:
+        if self.fast is None:
+            self.fast = _Fast(self.bindings, self.functions, self.keys)
+        return self.fast.unchanged()
+
+
+def _sliced(
+    bindings: list[_Binding], functions: list[_Function], keys: list[_Keys], turns: int
+) -> list[_Slice]:
+    turns = max(1, turns)
+    return [_Slice(bindings[i::turns], functions[i::turns], keys[i::turns]) for i in range(turns)]
+
+
 class _Fast:
     """One slice's bindings and function internals as flat tuples, compared by identity in C loops."""
 
-    def __init__(self, bindings: Sequence[_Binding], functions: Sequence[_Function]) -> None:
+    def __init__(
+        self, bindings: Sequence[_Binding], functions: Sequence[_Function], keys: Sequence[_Keys]
+    ) -> None:
+        self.namespaces = tuple(k[1] for k in keys)
+        self.lengths = [k[3] for k in keys]
         self.dicts = tuple(b[1] for b in bindings)
         self.keys = tuple(b[2] for b in bindings)
         self.values = tuple(b[3] for b in bindings)
@@ -280,6 +340,9 @@ class _Fast:
                 and all(map(operator.is_, map(_DEFAULTS, self.functions), self.defaults))
                 and all(map(operator.is_, map(_KWDEFAULTS, self.functions), self.kwdefaults))
                 and all(map(operator.is_, map(_CONTENTS, self.cells), self.contents))
+                # No binding added (a class's attribute shadowing its base's): looked at when a
+                # namespace's length moved.
+                and list(map(len, self.namespaces)) == self.lengths  # type: ignore[arg-type]
             )
         except ValueError:  # a closure cell emptied
             return False

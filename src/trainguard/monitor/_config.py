@@ -38,8 +38,9 @@ class GuardConfig:
     # Each step is probed with this chance in 1 (the same secret steps on every rank): its gradient is
     # checked against finite differences of its forward pass, at the cost of two forward passes.
     derivative_every: int = 32
-    # The code a step runs through is compared in this many turns, one slice per step.
-    code_turns: int = 2
+    # Callables a step runs (seen by profiling the third step) are compared at every step; the rest
+    # of the watched namespaces in this many turns, one slice per step (two turns until then).
+    code_turns: int = 8
     # Learning-rate schedulers and DistributedSamplers of the job; by default those alive at watch().
     schedulers: Sequence[object] = ()
     samplers: Sequence[object] = ()

@@ -236,6 +236,8 @@ class Guard:
 
     def _finish(self) -> None:
         _LIVE.discard(self)
+        if self._code is not None:
+            self._code.close()
         if self._heartbeat is not None:
             self._heartbeat.close()
         self._flush_summaries()
@@ -576,6 +578,8 @@ class Guard:
             self.failure = _integrity_error(stops)
             # Checks end here: every rank has the same verdict and stops at this step.
             self._active = False
+            if self._code is not None:
+                self._code.close()
             if self.config.raise_errors:
                 raise self.failure
             return
