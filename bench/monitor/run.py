@@ -15,6 +15,7 @@ time of each mode and their ratio.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -58,7 +59,7 @@ def main() -> int:
     settings = [
         *(["params_every=2, state_every=8"] if "--lean" in worker_args else []),
         *(["defer=True"] if "--defer" in worker_args else []),
-        *[f"skip={value!r}" for flag, value in zip(worker_args, worker_args[1:]) if flag == "--skip"],
+        *[f"skip={value!r}" for flag, value in itertools.pairwise(worker_args) if flag == "--skip"],
     ]
     label = f"`trainguard.watch(..., {', '.join(settings)})`" if settings else "`trainguard.watch`"
     print(

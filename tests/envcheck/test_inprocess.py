@@ -140,6 +140,81 @@ def test_random_seed_code_swap_in_process() -> None:
     assert snapshot.changes() == []
 
 
+def _layered_objects() -> dict[str, Any]:
+    import functools
+
+    value = [1]
+
+    def base(a: int, *, scale: int = 2) -> int:
+        return a * scale
+
+    def wrapper(a: int, *, flag: bool = True) -> int:
+        return base(a) + value[0]
+
+    wrapper.__wrapped__ = base  # type: ignore[attr-defined]
+    part = functools.partial(wrapper, 3, flag=False)
+    return {"base": base, "wrapper": wrapper, "part": part, "static": staticmethod(part), "hooks": {}}
+
+
+def _in_place_changes(o: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Each change the snapshot's layers record, with its undo."""
+    wrapper, base, part, static, hooks = o["wrapper"], o["base"], o["part"], o["static"], o["hooks"]
+    kw, code, cell = wrapper.__kwdefaults__, base.__code__, wrapper.__closure__[1]
+    contents, state = cell.cell_contents, part.__reduce__()[2]
+
+    def other(a: int, *, flag: bool = True) -> int:
+        return -a
+
+    return {
+        "kwdefault value": (lambda: kw.__setitem__("flag", False), lambda: kw.__setitem__("flag", True)),
+        "kwdefaults added": (lambda: kw.__setitem__("x", 1), lambda: kw.pop("x")),
+        "kwdefaults object": (
+            lambda: setattr(wrapper, "__kwdefaults__", {"flag": True}),
+            lambda: setattr(wrapper, "__kwdefaults__", kw),
+        ),
+        "closure cell": (
+            lambda: setattr(cell, "cell_contents", [2]),
+            lambda: setattr(cell, "cell_contents", contents),
+        ),
+        "__wrapped__": (
+            lambda: setattr(wrapper, "__wrapped__", other),
+            lambda: setattr(wrapper, "__wrapped__", base),
+        ),
+        "inner code": (
+            lambda: setattr(base, "__code__", other.__code__),
+            lambda: setattr(base, "__code__", code),
+        ),
+        "partial state": (lambda: part.__setstate__((other, *state[1:])), lambda: part.__setstate__(state)),
+        "partial keyword": (
+            lambda: part.keywords.__setitem__("flag", True),
+            lambda: part.keywords.__setitem__("flag", False),
+        ),
+        "staticmethod re-init": (lambda: static.__init__(other), lambda: static.__init__(part)),
+        "hook added": (lambda: hooks.__setitem__(7, other), lambda: hooks.pop(7)),
+    }
+
+
+def test_quick_check_sees_every_in_place_change_the_full_comparison_sees() -> None:
+    # The quick check decides "nothing changed" alone: each change to a recorded layer must fail it.
+    from trainguard.envcheck._inprocess import _EMPTY_CELL, _MISSING, _is_wrapped_hook, _record, _registry
+    from trainguard.envcheck._quickcheck import QuickCheck
+
+    objects = _layered_objects()
+    callables = [_record(name, lambda o=objects[name]: o) for name in ("wrapper", "part", "static")]
+    registries = [_registry("hooks", lambda: objects["hooks"])]
+    quick = QuickCheck(
+        callables, registries, missing=_MISSING, empty_cell=_EMPTY_CELL, is_wrapped_hook=_is_wrapped_hook
+    )
+    assert quick.usable and quick.unchanged()
+    for name, (do, undo) in _in_place_changes(objects).items():
+        do()
+        try:
+            assert not quick.unchanged(), name
+        finally:
+            undo()
+        assert quick.unchanged(), name
+
+
 # ---------------------------------------------------------------------------------------------------
 # torch, in a child interpreter
 

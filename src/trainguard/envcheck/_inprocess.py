@@ -30,6 +30,7 @@ from typing import Any
 
 from trainguard.envcheck._findings import EnvFinding
 from trainguard.envcheck._hashing import sha256_files
+from trainguard.envcheck._quickcheck import QuickCheck
 from trainguard.errors import TrainguardError
 from trainguard.findings import Severity
 
@@ -521,6 +522,7 @@ class CodeSnapshot:
         self._names = frozenset(c.name for c in callables)
         self._modules_seen = -1  # len(sys.modules) when late-loaded callables were last checked
         self._late: list[EnvFinding] = []
+        self._quick: QuickCheck | None = None
 
     @classmethod
     def take(cls, *objects: object) -> CodeSnapshot:
@@ -539,6 +541,20 @@ class CodeSnapshot:
     def changes(self) -> list[EnvFinding]:
         """What differs from the snapshot now; [] when nothing did."""
         findings = list(self._check_new_callables())
+        quick = self._quick
+        if quick is None or quick.size != len(self._callables):
+            quick = self._quick = QuickCheck(
+                self._callables,
+                self._registries,
+                missing=_MISSING,
+                empty_cell=_EMPTY_CELL,
+                is_wrapped_hook=_is_wrapped_hook,
+            )
+        if not findings and quick.unchanged():
+            return []
+        # Something differs from the record: compared in full, which decides (torch's own wrappers and
+        # hooks are accepted there, and the quick check is laid out anew from the record).
+        self._quick = None
         for index, entry in enumerate(self._callables):
             now = entry.resolve()
             if now is entry.value and (not entry.layers or _fingerprint(_layers(now)) == entry.prints):

@@ -435,9 +435,14 @@ def _gradient_changes(samples: Sequence[_Sample]) -> list[Mismatch]:
         return []
     arrived = torch.cat([a for _, a, _ in pairs]).to(torch.float64)
     now = torch.cat([g for _, _, g in pairs]).to(torch.float64)
-    ulps = torch.cat(
-        [torch.full_like(a, _ULPS * torch.finfo(s.dtype).eps, dtype=torch.float64) for s, a, _ in pairs]
-    )
+    dtypes = {s.dtype for s, _, _ in pairs}
+    ulps: torch.Tensor | float
+    if len(dtypes) == 1:  # one tolerance for all: no tensor of it to build
+        ulps = _ULPS * torch.finfo(dtypes.pop()).eps
+    else:
+        ulps = torch.cat(
+            [torch.full_like(a, _ULPS * torch.finfo(s.dtype).eps, dtype=torch.float64) for s, a, _ in pairs]
+        )
     judged = torch.isfinite(arrived)
     same = (arrived == now) | ~judged
     if bool(same.all()):
@@ -453,7 +458,7 @@ def _gradient_changes(samples: Sequence[_Sample]) -> list[Mismatch]:
     clamped = ~fits & (now.abs() < scaled.abs()) & (torch.sign(now) == torch.sign(arrived)) & (now != 0)
     if bool(clamped.any()):
         bounds = now[clamped].abs()
-        if float(bounds.max() - bounds.min()) > float(bounds.max()) * float(ulps.max()):
+        if float(bounds.max() - bounds.min()) > float(bounds.max()) * _largest(ulps):
             clamped = torch.zeros_like(clamped)
     bad = judged & ~fits & ~clamped
     if not bool(bad.any()):
@@ -550,7 +555,10 @@ def _batches(samples: Sequence[_Sample]) -> Iterator[_Sample]:
             bool(group[key]) if key in group else None
             for key in ("maximize", "weight_decay", "amsgrad", "momentum", "nesterov")
         )
-        key = (group["_kind"], branches, tuple(sample.values), tuple(sample.actual), sample.dtype)
+        # The gradient as it arrived is judged on its own (`_gradient_changes`), not by the rule: the
+        # fixed samples, which have it, and the random ones, which do not, make one batch.
+        fields = tuple(key for key in sample.values if key != "arrived")
+        key = (group["_kind"], branches, fields, tuple(sample.actual), sample.dtype)
         kinds.setdefault(key, []).append(sample)
     for members in kinds.values():
         first = members[0]
@@ -571,6 +579,7 @@ def _batches(samples: Sequence[_Sample]) -> Iterator[_Sample]:
             values={
                 key: torch.cat([member.values[key] for member in members]).to(torch.float64)
                 for key in first.values
+                if key != "arrived"
             },
             step=_shared(first.step, steps, sizes),
             dtype=first.dtype,
@@ -592,6 +601,10 @@ def _shared(first: Any, values: Sequence[Any], sizes: Sequence[int]) -> Any:
         counts = torch.tensor(sizes)
         return torch.tensor([float(value) for value in values], dtype=torch.float64).repeat_interleave(counts)
     raise AssertionError(f"a hyper-parameter that is not a number differs inside one batch: {first!r}")
+
+
+def _largest(value: float | torch.Tensor) -> float:
+    return float(value.max()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def _sqrt(value: float | torch.Tensor) -> float | torch.Tensor:
