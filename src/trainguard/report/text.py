@@ -1,4 +1,10 @@
-"""Human-readable scan output."""
+"""Human-readable scan output.
+
+Everything that comes from an artifact or a file name (paths, import names, notes) is shown with its
+unprintable characters escaped: a lone surrogate in a module name must not make the whole report
+unwritable, and a terminal escape sequence or a carriage return in one must not rewrite the lines
+around it (hiding another file's findings).
+"""
 
 from __future__ import annotations
 
@@ -34,24 +40,24 @@ class TextRenderer(Renderer):
             if result.verdict in (Verdict.CLEAN, Verdict.SKIPPED) and not self.verbose:
                 continue
             lines.extend(self._file(result))
-        lines.extend(f"{error}: could not be listed" for error in report.errors)
+        lines.extend(f"{_shown(error)}: could not be listed" for error in report.errors)
         lines.append(self._summary(report))
         return "\n".join(lines) + "\n"
 
     def _file(self, result: FileResult) -> list[str]:
         formats = "/".join(result.formats) or "unknown"
-        head = f"{result.path}: {_VERDICT_WORDS[result.verdict]} ({formats})"
+        head = f"{_shown(result.path)}: {_VERDICT_WORDS[result.verdict]} ({_shown(formats)})"
         if result.note:
-            head += f" - {result.note}"
+            head += f" - {_shown(result.note)}"
         lines = [head]
         for finding in result.findings:
-            place = [finding.location] if finding.location != result.path else []
+            place = [_shown(finding.location)] if finding.location != result.path else []
             if finding.offset is not None:
                 place.append(f"offset {finding.offset}")
             tag = self._paint(finding.severity, f"[{finding.severity.value}] {finding.rule}")
             suffix = f" ({', '.join(place)})" if place else ""
-            lines.append(f"  {tag}: {finding.message}{suffix}")
-        lines.extend(f"  [undecided] {problem.message}" for problem in result.problems)
+            lines.append(f"  {tag}: {_shown(finding.message)}{suffix}")
+        lines.extend(f"  [undecided] {_shown(problem.message)}" for problem in result.problems)
         return lines
 
     def _summary(self, report: ScanReport) -> str:
@@ -63,3 +69,11 @@ class TextRenderer(Renderer):
             f"{report.count(Verdict.SKIPPED)} skipped (not a model format)",
         ]
         return ", ".join(parts)
+
+
+def _shown(text: object) -> str:
+    """The text with each unprintable character (control, surrogate, unassigned) as its escape."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
