@@ -432,6 +432,40 @@ def test_plain_dict_pickles(tmp_path: Path, protocol: int) -> None:
 
 
 @pytest.mark.parametrize("protocol", range(6))
+def test_numpy_arrays_and_datetime_metadata_in_every_protocol(tmp_path: Path, protocol: int) -> None:
+    # Protocol 5 pickles an array through numpy's _frombuffer (numpy._core under NumPy 2); run
+    # metadata holds timestamps, dates and durations.
+    import datetime
+
+    when = datetime.datetime(2026, 12, 6, 18, 0, tzinfo=datetime.timezone(datetime.timedelta(hours=1), "CET"))
+    value = {
+        "weights": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "mask": np.ones(3, dtype=bool),
+        "saved_at": when,
+        "naive": datetime.datetime(2026, 12, 6),
+        "day": datetime.date(2026, 12, 6),
+        "at": datetime.time(18, 30, tzinfo=datetime.timezone.utc),
+        "took": datetime.timedelta(hours=3, seconds=5),
+    }
+    path = tmp_path / f"arrays-{protocol}.pkl"
+    path.write_bytes(pickle.dumps(value, protocol=protocol))
+    report = assert_clean(path)
+    assert report.results[0].verdict is Verdict.CLEAN
+
+
+@pytest.mark.torch
+def test_torch_checkpoint_with_datetime_metadata(tmp_path: Path) -> None:
+    import datetime
+
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "checkpoint.pt"
+    torch.save(
+        {"model": {"w": torch.zeros(2)}, "saved_at": datetime.datetime.now(datetime.timezone.utc)}, path
+    )
+    assert_clean(path)
+
+
+@pytest.mark.parametrize("protocol", range(6))
 def test_several_pickles_in_one_file(tmp_path: Path, protocol: int) -> None:
     path = tmp_path / f"stream-{protocol}.pkl"
     path.write_bytes(

@@ -133,6 +133,16 @@ def _build() -> dict[str, str]:
         "numpy._core.multiarray._reconstruct": "creates an empty ndarray (NumPy 2.x name)",
         "numpy.core.multiarray.scalar": "NumPy scalar from a dtype and raw bytes (NumPy 1.x name)",
         "numpy._core.multiarray.scalar": "NumPy scalar from a dtype and raw bytes (NumPy 2.x name)",
+        "numpy.core.numeric._frombuffer": "array from in-band bytes, dtype and shape (NumPy 1.x name, pickle"
+        " protocol 5); frombuffer refuses an object dtype",
+        "numpy._core.numeric._frombuffer": "array from in-band bytes, dtype and shape (NumPy 2.x name, pickle"
+        " protocol 5); frombuffer refuses an object dtype",
+        "datetime.datetime": "a timestamp in metadata, from numbers or its packed bytes and a tzinfo (itself"
+        " an import checked against this list)",
+        "datetime.date": "a date in metadata, from numbers or its packed bytes",
+        "datetime.time": "a time of day in metadata, from numbers or its packed bytes and a tzinfo",
+        "datetime.timedelta": "a duration in metadata, from days, seconds and microseconds",
+        "datetime.timezone": "a fixed UTC offset (a timedelta) and an optional name",
         "numpy.random._pickle.__randomstate_ctor": "RNG state object from a bit generator name",
         "numpy.random._pickle.__generator_ctor": "RNG Generator from a bit generator",
         "numpy.random._pickle.__bit_generator_ctor": "bit generator looked up by name in NumPy's own table",
