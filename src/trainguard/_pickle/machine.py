@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from trainguard._pickle.opcodes import OPCODES, Arg
-from trainguard._pickle.reader import ARG_KIND, FIXED_BY_CODE, Buffer, PickleSyntaxError, read_op
+from trainguard._pickle.reader import ARG_KIND, FIXED_BY_CODE, Buffer, LimitError, PickleSyntaxError, read_op
 from trainguard._pickle.values import Call, Dct, Global, Opaque, PersRef, Seq, Value, describe
 
 
@@ -34,10 +34,6 @@ class PickleLimits:
         for field in dataclasses.fields(self):
             if getattr(self, field.name) <= 0:
                 raise ValueError(f"{field.name} must be positive")
-
-
-class LimitError(PickleSyntaxError):
-    """A resource limit stopped the machine."""
 
 
 class Event(NamedTuple):

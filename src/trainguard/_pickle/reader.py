@@ -49,6 +49,11 @@ class PickleSyntaxError(Exception):
         self.offset = offset
 
 
+class LimitError(PickleSyntaxError):
+    """A resource limit of this reader stopped it: a real unpickler has no such limit and reads on, so
+    what lies beyond was not checked (never "not a pickle", never clean)."""
+
+
 class LengthError(PickleSyntaxError):
     """A declared length runs past the end of the data (truncation or a hostile length)."""
 
@@ -82,7 +87,7 @@ def _line(data: Buffer, pos: int, end: int) -> tuple[bytes, int]:
     nl = data.find(b"\n", pos, limit)
     if nl < 0:
         if limit < end:
-            raise PickleSyntaxError(f"line longer than {MAX_LINE} bytes", pos)
+            raise LimitError(f"line longer than {MAX_LINE} bytes", pos)
         raise LengthError("unterminated line", pos)
     return data[pos:nl], nl + 1
 

@@ -6,7 +6,7 @@ import struct
 from collections.abc import Callable
 
 from trainguard._pickle.machine import Event, Machine, MachineResult
-from trainguard._pickle.reader import PickleSyntaxError
+from trainguard._pickle.reader import LimitError, PickleSyntaxError
 from trainguard._pickle.values import Call, Dct, Global, Opaque, PersRef, Seq, Value, const_tuple
 from trainguard.findings import Severity
 from trainguard.scan.artifact import Artifact, Scan
@@ -43,6 +43,7 @@ def run_pickle(
         # as opcodes. Judge that reading too, or a payload hides in the "array data".
         plain = Machine(art.data, start, art.end, limits=scan.limits.pickle).run()
         judge_events(scan, art, plain, strict=False, prefix=f"{prefix}{_PLAIN_READING}")
+        limit_reached(scan, art, plain, f"{prefix}{_PLAIN_READING}")
     return result
 
 
@@ -145,9 +146,12 @@ def scan_pickle_file(scan: Scan, art: Artifact) -> bool:
     first = run_pickle(scan, art, art.start, judge=False)
     proven = first.error is None or art.head(1) == b"\x80"
     # Text or binary data that merely starts with an opcode: pickle.load would stop at the
-    # first import of a name Python cannot import, so only importable names count.
-    if not proven and not any(
-        e.kind == "import" and is_importable_name(e.module, e.name) for e in first.events
+    # first import of a name Python cannot import, so only importable names count. A reading
+    # stopped by one of our limits proves nothing either way: pickle.load would read on.
+    if (
+        not proven
+        and not isinstance(first.error, LimitError)
+        and not any(e.kind == "import" and is_importable_name(e.module, e.name) for e in first.events)
     ):
         return False
     judge_events(scan, art, first, strict=proven, prefix="")
@@ -163,21 +167,51 @@ def scan_pickle_file(scan: Scan, art: Artifact) -> bool:
     return True
 
 
-def _broken(scan: Scan, art: Artifact, result: MachineResult) -> None:
+def _broken(scan: Scan, art: Artifact, result: MachineResult, prefix: str = "") -> None:
     error = result.error
     assert error is not None
+    if isinstance(error, LimitError):
+        _over_limit(scan, art, error, prefix)
+        return
     scan.problem(
         "malformed-pickle",
-        f"{art.location}: pickle stops with an error ({error.reason}); everything before it was checked",
+        f"{art.location}: {prefix}pickle stops with an error ({error.reason}); everything before it was "
+        "checked",
         art.location,
         error.offset - art.start,
     )
+
+
+def _over_limit(scan: Scan, art: Artifact, error: LimitError, prefix: str) -> None:
+    """A reading stopped by one of our limits: a real unpickler reads on, so it is undecided."""
+    scan.problem(
+        "LimitExceeded",
+        f"{art.location}: {prefix}pickle reading stopped at a limit ({error.reason}); a real unpickler "
+        "reads on, and what follows was not checked",
+        art.location,
+        error.offset - art.start,
+    )
+
+
+def limit_reached(scan: Scan, art: Artifact, result: MachineResult, prefix: str) -> None:
+    """Where a reading's other errors are dropped (it is merely possible), its limits are not."""
+    error = result.error
+    if not isinstance(error, LimitError):
+        return
+    if error.offset == art.start + 1 and art.data[art.start : art.start + 1] == b"P":
+        # A ZIP's "PK" read as a persistent id: with no persistent_load, pickle.load stops right
+        # after reading that first line, however long it is (a stored member without a newline).
+        return
+    _over_limit(scan, art, error, prefix)
 
 
 def _scan_following_pickles(scan: Scan, art: Artifact, pos: int) -> None:
     """pickle.load called again on the same file reads the next pickle; scan every one."""
     while pos < art.end:
         result = run_pickle(scan, art, pos, strict=False)
+        if isinstance(result.error, LimitError):
+            _over_limit(scan, art, result.error, "the pickle after the last complete one: ")
+            return
         if result.error is not None:
             if result.ops > 1:
                 scan.add(
