@@ -47,6 +47,10 @@ def _variants() -> list[Any]:
         for flags in (0, 1):
             changed = (*state[:7], flags, *state[8:])
             cases.append(pytest.param(args, changed, id=f"{spec}-flags-{flags}"))
+        # Below state version 3 NumPy rebuilds the flags: any non-zero value means objects.
+        for version, flags in ((2, 8), (2, 1), (2, 0), (1, 16), (4, 8), (4, 1)):
+            changed = (version, *state[1:7], flags, *state[8:])
+            cases.append(pytest.param(args, changed, id=f"{spec}-version-{version}-flags-{flags}"))
     return cases
 
 

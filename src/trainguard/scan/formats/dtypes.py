@@ -115,10 +115,12 @@ def pickled_numpy_dtype(value: Value) -> tuple[int, bool] | None:
         state = const_tuple(value.states[0])
         if state is None or len(state) < 8:
             return None
-        names, fields, elsize, flags = state[3], state[4], state[5], state[7]
+        version, names, fields, elsize, flags = state[0], state[3], state[4], state[5], state[7]
         if names is not None or fields is not None:
             return None  # structured dtypes are not analysed
         if not isinstance(elsize, int) or isinstance(elsize, bool) or not isinstance(flags, int):
+            return None
+        if not isinstance(version, int) or isinstance(version, bool):
             return None
         # Like NumPy's __setstate__: only flexible types (bytes, str, void) take their size from
         # the state, and whether the dtype holds objects comes from the flags alone.
@@ -127,7 +129,11 @@ def pickled_numpy_dtype(value: Value) -> tuple[int, bool] | None:
             if elsize < 0:
                 return None
             size = elsize
-        info = (size, bool(flags & 1))  # NPY_ITEM_REFCOUNT
+        # Whether it holds objects comes from the state's flags (NPY_ITEM_REFCOUNT); below state
+        # version 3 NumPy rebuilds them, and any non-zero value, or an object type, means objects
+        # (_descr_find_object).
+        holds_objects = (bool(flags) or info[1]) if version < 3 else bool(flags & 1)
+        info = (size, holds_objects)
     return info
 
 
