@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
 from pathlib import Path
 
+import pytest
+
+from trainguard.findings import Verdict
 from trainguard.scan import scan_path
 
 PAYLOAD = b"cos\nsystem\n(S'echo TRAINGUARD-MARKER'\ntR0"
@@ -60,3 +64,33 @@ def test_tar_whose_first_member_name_is_a_pickle(tmp_path: Path) -> None:
     report = scan_path(target)
     assert report.exit_code == 1
     assert any("os.system" in f.message for r in report.results for f in r.findings)
+
+
+def test_joblib_array_header_inside_a_frame_that_goes_on_is_not_clean(tmp_path: Path) -> None:
+    # joblib reads an array from the file handle, which inside a FRAME stands at the frame's end, not
+    # after the header's BUILD. joblib ends the frame at each header; a frame stretched past it makes
+    # joblib and a reader that follows the opcodes read different streams.
+    joblib = pytest.importorskip("joblib")
+    np = pytest.importorskip("numpy")
+    buffer = io.BytesIO()
+    joblib.dump({"weights": np.arange(8.0)}, buffer)
+    data = buffer.getvalue()
+    assert data[2:3] == b"\x95"  # PROTO, then the first FRAME
+    (length,) = struct.unpack("<Q", data[3:11])
+    stretched = data[:3] + struct.pack("<Q", length + 16) + data[11:]
+    path = tmp_path / "stretched.joblib"
+    path.write_bytes(stretched)
+    (result,) = scan_path(path).results
+    assert result.verdict is not Verdict.CLEAN, result
+    assert any("inside a FRAME" in p.message for p in result.problems), result
+
+
+def test_a_frame_longer_than_the_file_is_read_as_the_pure_python_unpickler_reads_it(tmp_path: Path) -> None:
+    # joblib's unpickler is pickle's pure-Python one: it runs what such a frame holds.
+    path = tmp_path / "long-frame.pkl"
+    path.write_bytes(
+        b"\x80\x04\x95\xff\x00\x00\x00\x00\x00\x00\x00cos\nsystem\n(S'echo TRAINGUARD-MARKER'\ntR."
+    )
+    (result,) = scan_path(path).results
+    assert result.verdict is Verdict.FINDINGS, result
+    assert any("os.system" in f.message for f in result.findings), result

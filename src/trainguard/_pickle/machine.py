@@ -95,6 +95,8 @@ class Machine:
         self.fence = 0
         self.memo: dict[int, Value] = {}
         self.proto = 0
+        # Where the last FRAME's bytes end: joblib reads an array from there (see the scan's joblib hook).
+        self.frame_end: int | None = None
         self.events: list[Event] = []
         self.persistent_ids: list[PersRef] = []
         self.ops = 0
@@ -303,9 +305,10 @@ class Machine:
         self.proto = arg
 
     def op_frame(self, arg: object, pos: int) -> None:
+        # A frame longer than what remains is read as far as it goes: pickle's pure-Python unpickler
+        # (joblib's) accepts it, where the C one stops; the opcodes in it are read either way.
         assert isinstance(arg, int)
-        if arg > self.end - self.pos:
-            raise PickleSyntaxError(f"FRAME declares {arg} bytes but only {self.end - self.pos} remain", pos)
+        self.frame_end = min(self.pos + arg, self.end)
 
     def op_persid(self, arg: object, pos: int) -> None:
         assert isinstance(arg, str)

@@ -101,6 +101,15 @@ class _JoblibArrays:
         layout = _wrapper_layout(target)
         if layout is None:
             raise PickleSyntaxError("joblib array header whose layout cannot be determined", machine.pos)
+        if machine.frame_end is not None and machine.pos < machine.frame_end:
+            # joblib reads the array from the file, whose position inside a FRAME is the frame's end,
+            # then unpickles the rest of the frame: a reading this scanner does not follow. joblib
+            # itself ends the frame at each array header.
+            raise PickleSyntaxError(
+                "joblib array header inside a FRAME that goes on after it (joblib would read the array "
+                "from the frame's end)",
+                machine.pos,
+            )
         count, itemsize, hasobject, aligned = layout
         if hasobject:
             nested = run_pickle(self.scan, self.art, machine.pos, prefix=self.prefix)
