@@ -14,8 +14,21 @@ from trainguard.scan.formats.zipread import find_eocd
 log = logging.getLogger(__name__)
 
 
+# Model formats recognised by their bytes but not analysed yet: reported undecided, never skipped.
+# (A Keras .keras archive holds its weights in an HDF5 member, so it is undecided through that.)
+_UNANALYSED = {
+    "gguf": "a GGUF model (its chat template, which loaders render, is not analysed)",
+    "hdf5": "an HDF5 file (Keras models keep Lambda layers' marshalled bytecode there; not analysed)",
+}
+_HDF5 = b"\x89HDF\r\n\x1a\n"
+
+
 def sniff(head: bytes, size: int) -> str:
     """The format the bytes announce; never the file name."""
+    if head.startswith(b"GGUF"):
+        return "gguf"
+    if head.startswith(_HDF5):
+        return "hdf5"
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
     if head.startswith(npy.MAGIC):
@@ -41,6 +54,16 @@ def sniff(head: bytes, size: int) -> str:
     return "pickle"
 
 
+def _hdf5_after_a_user_block(art: Artifact) -> bool:
+    """HDF5's superblock may follow a user block of 512 bytes or a power of two above it."""
+    offset = 512
+    while offset + len(_HDF5) <= art.size and offset <= 1 << 30:
+        if art.data[art.start + offset : art.start + offset + len(_HDF5)] == _HDF5:
+            return True
+        offset *= 2
+    return False
+
+
 def analyse(scan: Scan, art: Artifact) -> None:
     """Analyse one artifact, recording any reason it could not be finished as a problem."""
     try:
@@ -64,7 +87,15 @@ def _analyse(scan: Scan, art: Artifact) -> None:
         scan.label("empty")
         return
     head = art.head(512)
-    fmt = sniff(head, art.size)
+    fmt = "hdf5" if _hdf5_after_a_user_block(art) else sniff(head, art.size)
+    if fmt in _UNANALYSED:
+        scan.label(fmt)
+        scan.problem(
+            "UnanalysedFormat",
+            f"{art.location}: {_UNANALYSED[fmt]}; undecided until it is",
+            art.location,
+        )
+        return
     if fmt == "pickle" and ARG_KIND[head[0]] is None:
         # Every unpickler stops at the first byte: not a pickle (but maybe data before a ZIP).
         _maybe_zip_with_prefix(scan, art)

@@ -1,0 +1,62 @@
+"""Model formats that trainguard recognises by their bytes but does not analyse yet are undecided
+(exit 3), never skipped: a GGUF model's chat template is rendered by its loaders, and a Keras model's
+HDF5 file can hold a Lambda layer's marshalled bytecode."""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from trainguard.findings import Verdict
+from trainguard.scan import ScanOptions, scan_path
+
+HDF5 = b"\x89HDF\r\n\x1a\n"
+
+
+def _gguf() -> bytes:
+    # Magic, version 3, no tensors, one metadata entry: tokenizer.chat_template as a string.
+    key = b"tokenizer.chat_template"
+    template = b"{{ cycler.__init__.__globals__.os.popen('echo TRAINGUARD-MARKER').read() }}"
+    entry = (
+        struct.pack("<Q", len(key)) + key + struct.pack("<I", 8) + struct.pack("<Q", len(template)) + template
+    )
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + entry
+
+
+def _verdict(path: Path) -> tuple[Verdict, str]:
+    report = scan_path(path, ScanOptions(jobs=1))
+    assert report.exit_code == 3, report
+    (result,) = report.results
+    return result.verdict, " | ".join(p.message for p in result.problems)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "says"),
+    [
+        ("model.gguf", _gguf(), "GGUF"),
+        ("model.h5", HDF5 + bytes(2040), "HDF5"),
+        ("with-user-block.h5", bytes(512) + HDF5 + bytes(1000), "HDF5"),
+    ],
+)
+def test_a_recognised_model_format_not_analysed_is_undecided(
+    tmp_path: Path, name: str, data: bytes, says: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    verdict, said = _verdict(path)
+    assert verdict is Verdict.UNDECIDED, said
+    assert says in said
+
+
+def test_a_keras_archive_is_undecided_through_its_weights(tmp_path: Path) -> None:
+    path = tmp_path / "model.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("metadata.json", '{"keras_version": "3.6.0"}')
+        archive.writestr("config.json", '{"class_name": "Sequential", "config": {"layers": []}}')
+        archive.writestr("model.weights.h5", HDF5 + bytes(2040))
+    verdict, said = _verdict(path)
+    assert verdict is Verdict.UNDECIDED, said
+    assert "model.weights.h5" in said
