@@ -70,6 +70,23 @@ def test_a_limit_in_a_pickle_after_the_first_is_undecided(tmp_path: Path) -> Non
     assert "after the last complete one" in said
 
 
+def test_a_limit_in_joblibs_plain_reading_is_undecided(tmp_path: Path) -> None:
+    # joblib.load skips an array's bytes (here 200 "(" that it loads as uint8); every other
+    # unpickler reads them as opcodes: MARKs past the limit.
+    joblib = pytest.importorskip("joblib")
+    np = pytest.importorskip("numpy")
+    from joblib.numpy_pickle import NumpyArrayWrapper
+
+    header = NumpyArrayWrapper(np.ndarray, (200,), "C", np.dtype("uint8"), numpy_array_alignment_bytes=None)
+    data = pickle.dumps(header, protocol=2)[:-1] + b"(" * 200 + b"."
+    assert (joblib.load(io.BytesIO(data)) == ord("(")).all()  # what joblib itself makes of it
+    path = tmp_path / "array.joblib"
+    path.write_bytes(data)
+    verdict, said = _verdict(path)
+    assert verdict is Verdict.UNDECIDED, said
+    assert "but joblib.load" in said
+
+
 def test_a_limit_in_a_container_read_as_a_pickle_is_undecided(tmp_path: Path) -> None:
     # pickle.load reads a tar from its first byte: a member name of MARKs reaches the limit.
     path = tmp_path / "archive.tar"
