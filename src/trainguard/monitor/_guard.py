@@ -3,10 +3,9 @@
 A step, as the guard sees it:
 
     forward pre-hook    parameters unchanged since the last check? (every pass: a bypassed step
-                        leaves no other trace; the rank whose step hooks stopped sends its report
-                        and stops at its next forward pass); off-CPU time since the last step
+                        leaves no other trace); off-CPU time since the last step (data loading)
     forward hook        off-CPU time in the forward pass
-    step pre-hook       the verdict on the last step; the gradient norm; the secretly
+    step pre-hook       (a step with no forward pass) the verdict; the gradient norm; the secretly
                         sampled elements, taken where they are (after the step's closure, if any)
     step post-hook      off-CPU time in the optimizer and the code snapshot, on the host; the
                         fingerprints, the samples after the step, the norms and batch digests packed
@@ -139,7 +138,6 @@ class Guard:
         # On a GPU the evidence is read one step late, so that no step waits for the device.
         self._defer = on_gpu if config.defer is None else config.defer
         self._between_steps = True
-        self._resolve_at_forward = False
         # An evaluation pass between two steps (validation): that stretch holds the evaluation's own
         # collectives (metrics reduced over ranks), where a rank waits for a slower one, so its
         # off-CPU time is not judged as a data wait.
@@ -303,21 +301,15 @@ class Guard:
         first = training and self._between_steps
         if not training and self._between_steps:
             self._evaluated = True
-        if self._resolve_at_forward:
-            # This rank's step hooks no longer run: it draws the verdict on the report it sent
-            # from its last forward pass here, before any collective of this step, once the other
-            # ranks have drawn it in their step pre-hooks (after that step's gradient all-reduce,
-            # which this rank took part in).
-            self._resolve_at_forward = False
-            self._resolve()
         if first:
             # The first forward pass after a checked step (later ones are gradient accumulation).
-            # Last step's verdict waits for the step pre-hook: by then the gradient all-reduce has
-            # brought the ranks together and every report has long arrived, so no rank waits on a
-            # slower one twice a step. Every rank draws the same verdict there and stops together.
             self._between_steps = False
             self._report.data_us += elapsed // 1000
             self._judge_data, self._evaluated = not self._evaluated, False
+            # Last step's verdict, before this step runs any collective: a rank that stops here
+            # leaves no other rank waiting in the gradient all-reduce.
+            self._resolve()
+            # The rank's own compute starts now, after the wait for its peers' reports.
             self._compute_start = own_time_ns()
         if training:
             self._derivative.before_forward(args, kwargs or {})
@@ -359,7 +351,7 @@ class Guard:
         if not self._active:
             return
         self._clock.mark()
-        # The verdict on the last step: the gradient all-reduce has just brought the ranks together.
+        # A step with no forward pass since the last one: its verdict is drawn here instead.
         self._resolve()
         self._in_step = True
         self._report.compute_us = self._compute_time()
@@ -631,9 +623,7 @@ class Guard:
                 report = self._evidence.complete(self._capture(self._report))
             self._report = RankReport(step=self.step)
             self._send(report)
-            # The others gather it in their step pre-hook, after this step's gradient all-reduce,
-            # which needs this rank: it goes on until its next forward pass and stops there.
-            self._resolve_at_forward = True
+            self._resolve()
 
     def _peer_lost(self, exc: RuntimeError) -> None:
         message = (
