@@ -108,3 +108,13 @@ def test_a_zip_whose_first_line_is_long_stays_clean(tmp_path: Path) -> None:
     assert b"\n" not in path.read_bytes()[: 1 << 20]
     verdict, said = _verdict(path, ScanLimits())
     assert verdict in (Verdict.CLEAN, Verdict.SKIPPED), said
+
+
+def test_a_long_persistent_id_line_outside_a_container_is_undecided(tmp_path: Path) -> None:
+    # torch's legacy loader has a persistent_load: it reads the line and goes on. Only a container
+    # read as a pickle may stop at its first PERSID line.
+    path = tmp_path / "persid.bin"
+    path.write_bytes(b"P" + b"a" * (1 << 20) + b"\n0" + PAYLOAD)
+    verdict, said = _verdict(path, ScanLimits())
+    assert verdict is Verdict.UNDECIDED, said
+    assert "line longer than" in said

@@ -107,7 +107,7 @@ def _analyse(scan: Scan, art: Artifact) -> None:
     # pickle.load reads any file as a pickle; a polyglot may be both a container and a pickle.
     as_pickle = "read as a pickle: "
     reading = pickles.run_pickle(scan, art, art.start, strict=False, joblib=False, prefix=as_pickle)
-    pickles.limit_reached(scan, art, reading, as_pickle)
+    pickles.limit_reached(scan, art, reading, as_pickle, container=True)
     if fmt in _LEAVES:
         _LEAVES[fmt](scan, art)
     else:

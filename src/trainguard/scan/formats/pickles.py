@@ -202,14 +202,16 @@ def _over_limit(scan: Scan, art: Artifact, error: LimitError, prefix: str) -> No
     )
 
 
-def limit_reached(scan: Scan, art: Artifact, result: MachineResult, prefix: str) -> None:
+def limit_reached(
+    scan: Scan, art: Artifact, result: MachineResult, prefix: str, *, container: bool = False
+) -> None:
     """Where a reading's other errors are dropped (it is merely possible), its limits are not."""
     error = result.error
     if not isinstance(error, LimitError):
         return
-    if error.offset == art.start + 1 and art.data[art.start : art.start + 1] == b"P":
-        # A ZIP's "PK" read as a persistent id: with no persistent_load, pickle.load stops right
-        # after reading that first line, however long it is (a stored member without a newline).
+    if container and error.offset == art.start + 1 and art.data[art.start : art.start + 1] == b"P":
+        # A container (a ZIP's "PK") read as a persistent id: with no persistent_load, pickle.load stops
+        # right after that first line, however long. Only there: torch's legacy loader has one.
         return
     _over_limit(scan, art, error, prefix)
 
