@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--max-ratio", type=ratio, metavar="RATIO", help="compression ratio that counts as a bomb (200)"
     )
+    scan.add_argument(
+        "--max-ops",
+        type=positive_int,
+        metavar="N",
+        help="pickle opcodes run for one file, all its pickles together (20000000)",
+    )
     scan.set_defaults(run=_cmd_scan)
     add_ledger_commands(commands, common)
     add_provenance_commands(commands, common)
@@ -132,6 +138,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         "max_ratio": args.max_ratio,
     }
     limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
+    if args.max_ops is not None:
+        limits = dataclasses.replace(limits, pickle=dataclasses.replace(limits.pickle, max_ops=args.max_ops))
     progress = None if args.no_progress or not sys.stderr.isatty() else _ProgressLine()
     options = ScanOptions(
         allow=tuple(args.allow),

@@ -23,7 +23,10 @@ from trainguard._pickle.values import Call, Dct, Global, Opaque, PersRef, Seq, V
 class PickleLimits:
     """Bounds that keep a hostile pickle from exhausting time or memory."""
 
-    max_ops: int = 50_000_000
+    # Opcodes for all the pickles of one file together (see Machine's `ops_spent`): the scan's work
+    # is bounded per file however the file is built. A state dict costs about 30 per tensor, so this
+    # covers 600,000 tensors; the scanner runs 1-3 million opcodes a second.
+    max_ops: int = 20_000_000
     # Each symbolic value costs ~150 bytes; these bounds keep a hostile pickle near 300 MiB at
     # worst while leaving room for the largest real state dicts (a few hundred thousand tensors).
     max_memo: int = 2_000_000
@@ -81,7 +84,10 @@ class Machine:
         *,
         limits: PickleLimits | None = None,
         build_hook: BuildHook | None = None,
+        ops_spent: int = 0,
     ) -> None:
+        """`ops_spent`: opcodes already run by earlier readings of the same file, which share
+        `limits.max_ops` with this one, so a file's work is bounded however many streams it holds."""
         self.data = data
         self.start = start
         self.pos = start
@@ -99,7 +105,8 @@ class Machine:
         self.frame_end: int | None = None
         self.events: list[Event] = []
         self.persistent_ids: list[PersRef] = []
-        self.ops = 0
+        self._ops_spent = ops_spent
+        self.ops = ops_spent
 
     # -- stack helpers, raising exactly where the unpickler raises
     def _pop(self, op_pos: int) -> Value:
@@ -175,7 +182,7 @@ class Machine:
             value=value,
             events=self.events,
             persistent_ids=self.persistent_ids,
-            ops=self.ops,
+            ops=self.ops - self._ops_spent,
             error=error,
             protocol=self.proto,
         )
@@ -214,7 +221,7 @@ class Machine:
                     code, arg, pos = read_op(data, pos, end)
                 ops += 1
                 if ops > max_ops:
-                    raise LimitError(f"more than {max_ops} opcodes", op_pos)
+                    raise LimitError(f"more than {max_ops} opcodes in one file", op_pos)
                 if code == 0x71:  # BINPUT
                     if len(stack) > self.fence and len(memo) < max_memo:
                         memo[arg] = stack[-1]  # type: ignore[index]

@@ -47,6 +47,10 @@ class Artifact:
         )
 
 
+# Free space is checked when a spill starts and after every this many bytes written to it.
+_SPILL_CHECK_EVERY = 256 << 20
+
+
 class Scan:
     """Collects findings, problems and format labels for one top-level file."""
 
@@ -58,6 +62,9 @@ class Scan:
         self.problems: list[Problem] = []
         self.formats: list[str] = []
         self.expanded = 0
+        self.spilled = 0  # bytes written to temporary files
+        self._spill_checked = 0
+        self.ops_spent = 0  # pickle opcodes run so far, by every reading of every stream in the file
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._spills: list[tuple[object, mmap.mmap | None]] = []
 
@@ -99,6 +106,23 @@ class Scan:
 
             self._workdir = tempfile.TemporaryDirectory(prefix="trainguard-")
         return Path(self._workdir.name)
+
+    def account_spill(self, size: int, location: str) -> None:
+        """Refuse to write `size` more bytes to the spill folder if that would leave its disk with
+        less than `limits.spill_reserve` free: a scan never fills the disk, whatever a file expands to."""
+        self.spilled += size
+        if self.spilled < self._spill_checked + _SPILL_CHECK_EVERY and self._spill_checked:
+            return
+        self._spill_checked = self.spilled
+        import shutil
+
+        free = shutil.disk_usage(self.spill_dir).free
+        if free - _SPILL_CHECK_EVERY < self.limits.spill_reserve:
+            raise LimitExceeded(
+                f"{location}: decompressed data would leave under {self.limits.spill_reserve} bytes free on"
+                f" {self.spill_dir.parent} ({self.spilled} bytes written there so far)",
+                hint="set TMPDIR to a folder with more room, or lower --max-expanded-bytes",
+            )
 
     def spill_file(self) -> tempfile._TemporaryFileWrapper[bytes]:
         import tempfile

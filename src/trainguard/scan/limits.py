@@ -24,6 +24,8 @@ class ScanLimits:
     max_safetensors_header: int = 100 * MiB  # the same bound the safetensors library applies
     max_npy_header: int = 1 * MiB
     spool_in_memory: int = 32 * MiB  # decompressed data above this goes to a temporary file
+    # ... and never takes the temporary folder's disk below this much free space.
+    spill_reserve: int = 1 * GiB
     pickle: PickleLimits = dataclasses.field(default_factory=PickleLimits)
 
     def __post_init__(self) -> None:
@@ -34,6 +36,7 @@ class ScanLimits:
             "max_safetensors_header",
             "max_npy_header",
             "spool_in_memory",
+            "spill_reserve",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -63,10 +63,12 @@ class _Sink:
         self.scan.account_expansion(len(chunk), consumed, self.location, stream_total=self.size + len(chunk))
         self.size += len(chunk)
         if self.file is None and len(self.memory) + len(chunk) > self.scan.limits.spool_in_memory:
+            self.scan.account_spill(len(self.memory), self.location)
             self.file = self.scan.spill_file()
             self.file.write(self.memory)
             self.memory = bytearray()
         if self.file is not None:
+            self.scan.account_spill(len(chunk), self.location)
             self.file.write(chunk)
         else:
             self.memory += chunk

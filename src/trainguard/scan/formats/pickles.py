@@ -35,13 +35,17 @@ def run_pickle(
     """
     arrays = _JoblibArrays(scan, art, prefix) if joblib else None
     hook = arrays.on_build if arrays is not None else None
-    result = Machine(art.data, start, art.end, limits=scan.limits.pickle, build_hook=hook).run()
+    result = Machine(
+        art.data, start, art.end, limits=scan.limits.pickle, build_hook=hook, ops_spent=scan.ops_spent
+    ).run()
+    scan.ops_spent += result.ops
     if judge:
         judge_events(scan, art, result, strict=strict, prefix=prefix)
     if arrays is not None and arrays.fired:
         # joblib.load skips the bytes after each array header; every other unpickler reads them
         # as opcodes. Judge that reading too, or a payload hides in the "array data".
-        plain = Machine(art.data, start, art.end, limits=scan.limits.pickle).run()
+        plain = Machine(art.data, start, art.end, limits=scan.limits.pickle, ops_spent=scan.ops_spent).run()
+        scan.ops_spent += plain.ops
         judge_events(scan, art, plain, strict=False, prefix=f"{prefix}{_PLAIN_READING}")
         limit_reached(scan, art, plain, f"{prefix}{_PLAIN_READING}")
     return result
