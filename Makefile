@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SAMPLES ?= samples
 
-.PHONY: dev demo test lint typecheck unit reformat clean
+.PHONY: dev demo test lint typecheck unit reformat clean differential
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,8 @@ reformat:
 
 clean:
 	rm -rf $(VENV) $(SAMPLES) .mypy_cache .ruff_cache .pytest_cache
+
+# The scanner against the real loaders, for longer than CI runs it (tests/attacks/test_differential.py).
+differential: dev
+	TRAINGUARD_FUZZ_SAMPLES=$${TRAINGUARD_FUZZ_SAMPLES:-20000} $(BIN)/python -m pytest -q -s -p no:cacheprovider \
+	  tests/attacks/test_differential.py -k fuzzed
