@@ -14,6 +14,7 @@ from trainguard.scan.artifact import Artifact, Scan
 from trainguard.scan.formats.containers import Analyse, inflate_member
 from trainguard.scan.formats.dtypes import storage_element_size
 from trainguard.scan.formats.pickles import run_pickle
+from trainguard.scan.formats.torchscript import analyse_code
 from trainguard.scan.formats.zipread import ZipDirectory, ZipEntry, read_directory
 
 
@@ -35,9 +36,28 @@ def scan_zip(scan: Scan, art: Artifact, analyse: Analyse) -> None:
     torch_root = _torch_root(entries)
     storages: dict[str, tuple[int, int]] = {}
     skip: set[int] = set()
-    if torch_root is not None:
-        scan.label("pytorch")
-        storages, skip = _scan_torch(scan, art, entries, torch_root)
+    policy = scan.policy
+    try:
+        if torch_root is not None:
+            scan.label("pytorch")
+            if _is_torchscript(entries, torch_root):
+                skip = _scan_torchscript_code(scan, art, entries, torch_root)
+            storages, done = _scan_torch(scan, art, entries, torch_root)
+            skip |= done
+        _scan_members(scan, art, analyse, entries, torch_root, storages, skip)
+    finally:
+        scan.policy = policy
+
+
+def _scan_members(
+    scan: Scan,
+    art: Artifact,
+    analyse: Analyse,
+    entries: list[ZipEntry],
+    torch_root: str | None,
+    storages: dict[str, tuple[int, int]],
+    skip: set[int],
+) -> None:
     for index, entry in enumerate(entries):
         if index in skip:
             continue
@@ -139,15 +159,6 @@ def _scan_torch(
     """Scan data.pkl with PyTorch's persistent ids; return storage sizes by key and the indexes done."""
     storages: dict[str, tuple[int, int]] = {}
     done: set[int] = set()
-    names = {e.name for e in entries}
-    if f"{root}/constants.pkl" in names or any(e.name.startswith(f"{root}/code/") for e in entries):
-        scan.add(
-            "torchscript-code",
-            Severity.HIGH,
-            "TorchScript archive: its code/ runs when loaded with torch.jit.load (and torch.load hands "
-            "such files to torch.jit.load); only load TorchScript you built",
-            art.location,
-        )
     for index, entry in enumerate(entries):
         if entry.name != f"{root}/data.pkl":
             continue
@@ -183,6 +194,24 @@ def _scan_torch(
                 continue
             storages[items[2]] = (elsize, items[4])
     return storages, done
+
+
+def _is_torchscript(entries: list[ZipEntry], root: str) -> bool:
+    """What torch.load hands to torch.jit.load: a constants.pkl record (its own test), or code/."""
+    return any(e.name == f"{root}/constants.pkl" or e.name.startswith(f"{root}/code/") for e in entries)
+
+
+def _scan_torchscript_code(scan: Scan, art: Artifact, entries: list[ZipEntry], root: str) -> set[int]:
+    """Analyse the archive's code; allow the classes it defines in its pickles. Returns the code members."""
+    scan.label("torchscript")
+    code_members = {
+        index: entry
+        for index, entry in enumerate(entries)
+        if entry.name.startswith(f"{root}/code/") and entry.name.endswith(".py")
+    }
+    code = analyse_code(scan, ((e.name, _member(scan, art, e)) for e in code_members.values()), root)
+    scan.policy = scan.policy.extended(code.allowed())
+    return set(code_members)
 
 
 def _check_storage(scan: Scan, art: Artifact, entry: ZipEntry, spec: tuple[int, int]) -> None:
