@@ -1,10 +1,9 @@
 """Model formats that trainguard recognises by their bytes but does not analyse yet are undecided
-(exit 3), never skipped: a GGUF model's chat template is rendered by its loaders, and a Keras model's
-HDF5 file can hold a Lambda layer's marshalled bytecode."""
+(exit 3), never skipped: a Keras model's HDF5 file can hold a Lambda layer's marshalled bytecode.
+(GGUF is analysed: tests/attacks/test_gguf.py.)"""
 
 from __future__ import annotations
 
-import struct
 import zipfile
 from pathlib import Path
 
@@ -14,16 +13,6 @@ from trainguard.findings import Verdict
 from trainguard.scan import ScanOptions, scan_path
 
 HDF5 = b"\x89HDF\r\n\x1a\n"
-
-
-def _gguf() -> bytes:
-    # Magic, version 3, no tensors, one metadata entry: tokenizer.chat_template as a string.
-    key = b"tokenizer.chat_template"
-    template = b"{{ cycler.__init__.__globals__.os.popen('echo TRAINGUARD-MARKER').read() }}"
-    entry = (
-        struct.pack("<Q", len(key)) + key + struct.pack("<I", 8) + struct.pack("<Q", len(template)) + template
-    )
-    return b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + entry
 
 
 def _verdict(path: Path) -> tuple[Verdict, str]:
@@ -36,7 +25,6 @@ def _verdict(path: Path) -> tuple[Verdict, str]:
 @pytest.mark.parametrize(
     ("name", "data", "says"),
     [
-        ("model.gguf", _gguf(), "GGUF"),
         ("model.h5", HDF5 + bytes(2040), "HDF5"),
         ("with-user-block.h5", bytes(512) + HDF5 + bytes(1000), "HDF5"),
     ],

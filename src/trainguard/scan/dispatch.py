@@ -8,7 +8,7 @@ from collections.abc import Callable
 from trainguard._pickle.reader import ARG_KIND
 from trainguard.errors import LimitExceeded, MissingExtraError, UndecidableError
 from trainguard.scan.artifact import Artifact, Scan
-from trainguard.scan.formats import containers, npy, pickles, safetensors, zips
+from trainguard.scan.formats import containers, gguf, npy, pickles, safetensors, zips
 from trainguard.scan.formats.zipread import find_eocd
 
 log = logging.getLogger(__name__)
@@ -17,7 +17,6 @@ log = logging.getLogger(__name__)
 # Model formats recognised by their bytes but not analysed yet: reported undecided, never skipped.
 # (A Keras .keras archive holds its weights in an HDF5 member, so it is undecided through that.)
 _UNANALYSED = {
-    "gguf": "a GGUF model (its chat template, which loaders render, is not analysed)",
     "hdf5": "an HDF5 file (Keras models keep Lambda layers' marshalled bytecode there; not analysed)",
 }
 _HDF5 = b"\x89HDF\r\n\x1a\n"
@@ -116,6 +115,7 @@ def _analyse(scan: Scan, art: Artifact) -> None:
 
 # Formats whose content is analysed in place, and formats that hold further artifacts.
 _LEAVES: dict[str, Callable[[Scan, Artifact], None]] = {
+    "gguf": gguf.scan_gguf,
     "npy": npy.scan_npy,
     "safetensors": safetensors.scan_safetensors,
 }
