@@ -13,6 +13,7 @@ from trainguard.findings import Severity
 from trainguard.scan.artifact import Artifact, Scan
 from trainguard.scan.formats.containers import Analyse, inflate_member
 from trainguard.scan.formats.dtypes import storage_element_size
+from trainguard.scan.formats.keras import is_keras_archive, scan_keras_config
 from trainguard.scan.formats.pickles import run_pickle
 from trainguard.scan.formats.torchscript import analyse_code
 from trainguard.scan.formats.zipread import ZipDirectory, ZipEntry, read_directory
@@ -44,6 +45,8 @@ def scan_zip(scan: Scan, art: Artifact, analyse: Analyse) -> None:
                 skip = _scan_torchscript_code(scan, art, entries, torch_root)
             storages, done = _scan_torch(scan, art, entries, torch_root)
             skip |= done
+        if torch_root is None and is_keras_archive({e.name for e in entries}):
+            skip = _scan_keras(scan, art, entries)
         _scan_members(scan, art, analyse, entries, torch_root, storages, skip)
     finally:
         scan.policy = policy
@@ -212,6 +215,25 @@ def _scan_torchscript_code(scan: Scan, art: Artifact, entries: list[ZipEntry], r
     code = analyse_code(scan, ((e.name, _member(scan, art, e)) for e in code_members.values()), root)
     scan.policy = scan.policy.extended(code.allowed())
     return set(code_members)
+
+
+_HDF5 = b"\x89HDF\r\n\x1a\n"
+
+
+def _scan_keras(scan: Scan, art: Artifact, entries: list[ZipEntry]) -> set[int]:
+    """The config Keras deserialises; its weights file, read by Keras as datasets only. Returns the
+    members done. A weights file that is not plain HDF5 from its first byte is analysed as usual."""
+    done: set[int] = set()
+    for index, entry in enumerate(entries):
+        if entry.name == "config.json":
+            scan_keras_config(scan, _member(scan, art, entry))
+            done.add(index)
+        elif entry.name == "model.weights.h5":
+            member = _member(scan, art, entry)
+            if member.head(len(_HDF5)) == _HDF5:
+                scan.label("keras-weights")
+                done.add(index)
+    return done
 
 
 def _check_storage(scan: Scan, art: Artifact, entry: ZipEntry, spec: tuple[int, int]) -> None:
