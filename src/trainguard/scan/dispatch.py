@@ -8,7 +8,7 @@ from collections.abc import Callable
 from trainguard._pickle.reader import ARG_KIND
 from trainguard.errors import LimitExceeded, MissingExtraError, UndecidableError
 from trainguard.scan.artifact import Artifact, Scan
-from trainguard.scan.formats import containers, gguf, npy, pickles, safetensors, zips
+from trainguard.scan.formats import containers, gguf, npy, onnx, pickles, safetensors, zips
 from trainguard.scan.formats.zipread import find_eocd
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ def _analyse(scan: Scan, art: Artifact) -> None:
     if fmt == "pickle":
         if not pickles.scan_pickle_file(scan, art):
             _maybe_zip_with_prefix(scan, art)
+        else:
+            _also_onnx(scan, art)
         return
     # pickle.load reads any file as a pickle; a polyglot may be both a container and a pickle.
     as_pickle = "read as a pickle: "
@@ -111,6 +113,14 @@ def _analyse(scan: Scan, art: Artifact) -> None:
         _LEAVES[fmt](scan, art)
     else:
         _CONTAINERS[fmt](scan, art, analyse)
+    _also_onnx(scan, art)
+
+
+def _also_onnx(scan: Scan, art: Artifact) -> None:
+    """ONNX has no magic bytes and protobuf fields come in any order: bytes that are another format
+    and also parse whole as a model are loaded as one by ONNX runtimes, so analyse them as one too."""
+    if onnx.looks_like_onnx(art):
+        onnx.scan_onnx(scan, art)
 
 
 # Formats whose content is analysed in place, and formats that hold further artifacts.
@@ -136,6 +146,9 @@ def _maybe_zip_with_prefix(scan: Scan, art: Artifact) -> None:
     """Not a pickle at the start; but a ZIP archive may sit after other data."""
     if art.size >= 22 and find_eocd(art) is not None:
         zips.scan_zip(scan, art, analyse)
+        return
+    if onnx.looks_like_onnx(art):
+        onnx.scan_onnx(scan, art)
         return
     if art.depth == 0:
         scan.label("other")
