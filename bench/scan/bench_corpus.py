@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 # Bump whenever a generator changes: a corpus built by another version is thrown away and rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 MARKER_CMD = "echo TRAINGUARD-MARKER"
 MARKER_CODE = "print('TRAINGUARD-MARKER')"
@@ -325,6 +325,62 @@ def _container_malicious(root: Path) -> Iterator[Sample]:
     yield Sample("weights.bin", "malicious", "pickle", "raw subprocess.Popen pickle with a .bin extension")
     (root / "raw_pickle_as.pt").write_bytes(_proto(2, _call(_global("builtins", "eval"), _str(MARKER_CODE))))
     yield Sample("raw_pickle_as.pt", "malicious", "pickle", "raw eval pickle with a .pt extension")
+    yield from _format_malicious(root)
+
+
+class _WritesAtLoad(nn.Module):
+    """TorchScript whose __setstate__ (run by torch.jit.load) writes a file; scanners never load it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.ones(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w
+
+    @torch.jit.export
+    def __getstate__(self) -> list[torch.Tensor]:
+        return [self.w]
+
+    @torch.jit.export
+    def __setstate__(self, state: list[torch.Tensor]) -> None:
+        self.w = state[0]
+        torch.save(self.w, "/tmp/TRAINGUARD-MARKER")
+
+
+SSTI_TEMPLATE = "{{ cycler.__init__.__globals__.os.popen('" + MARKER_CMD + "').read() }}"
+
+
+def _format_malicious(root: Path) -> Iterator[Sample]:
+    """Model formats other than pickle: TorchScript, GGUF, Keras and ONNX, each with a known attack."""
+    torch.jit.save(torch.jit.script(_WritesAtLoad()), str(root / "torchscript_writes_at_load.pt"))
+    yield Sample(
+        "torchscript_writes_at_load.pt",
+        "malicious",
+        "torchscript",
+        "TorchScript __setstate__ calls torch.save",
+    )
+    _gguf(root / "chat_template_ssti.gguf", SSTI_TEMPLATE, 16)
+    yield Sample(
+        "chat_template_ssti.gguf",
+        "malicious",
+        "gguf",
+        "GGUF chat template reaching os.popen (CVE-2024-34359)",
+    )
+    keras = _keras()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda x: x + 1), keras.layers.Dense(2)])
+    model.save(root / "keras_lambda.keras")
+    yield Sample("keras_lambda.keras", "malicious", "keras", "Keras Lambda layer with marshalled bytecode")
+    _keras_with_activation(root / "keras_os_system.keras", "os", "system")
+    yield Sample(
+        "keras_os_system.keras", "malicious", "keras", "Keras config naming os.system (CVE-2025-1550)"
+    )
+    _onnx_file(root / "onnx_external_traversal.onnx", 8, external="../../../../etc/passwd")
+    yield Sample(
+        "onnx_external_traversal.onnx", "malicious", "onnx", "ONNX external data at ../../../../etc/passwd"
+    )
+    _onnx_file(root / "onnx_custom_op.onnx", 8, custom_domain="ai.onnx.contrib")
+    yield Sample("onnx_custom_op.onnx", "malicious", "onnx", "ONNX operator PyOp from onnxruntime-extensions")
 
 
 def _npy_bytes(array: np.ndarray[Any, Any]) -> bytes:
@@ -599,6 +655,106 @@ def _gen_pickle_p5_list(base: Path, seed: int, size: int) -> Path:
 
 
 # Order matters only for the folder mix; names are stable sample names.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _gguf(path: Path, template: str, size: int) -> Path:
+    import gguf  # type: ignore[import-untyped]
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"tok{i}" for i in range(size)])
+    writer.add_chat_template(template)
+    writer.add_tensor("token_embd.weight", np.ones((size, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _keras() -> Any:
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+
+    return keras
+
+
+def _keras_with_activation(path: Path, module: str, function: str) -> None:
+    keras = _keras()
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(path)
+    with zipfile.ZipFile(path) as zin:
+        members = [(info.filename, zin.read(info)) for info in zin.infolist()]
+    with zipfile.ZipFile(path, "w") as zout:
+        for name, data in members:
+            if name == "config.json":
+                config = json.loads(data)
+                dense = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Dense")
+                dense["config"]["activation"] = {
+                    "module": module,
+                    "class_name": "function",
+                    "config": function,
+                }
+                data = json.dumps(config).encode()
+            zout.writestr(name, data)
+
+
+def _onnx_file(path: Path, size: int, *, external: str = "", custom_domain: str = "") -> Path:
+    import onnx  # type: ignore[import-untyped]
+    from onnx import helper, numpy_helper
+
+    weights = numpy_helper.from_array(_rng(size).standard_normal((size, size)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    if custom_domain:
+        nodes.append(helper.make_node("PyOp", ["y"], ["z"], domain=custom_domain))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, size])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, size])],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if external:
+        tensor = model.graph.initializer[0]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.ClearField("raw_data")
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "location", external
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _gen_torchscript(base: Path, seed: int, size: int) -> Path:
+    path = base.with_suffix(".pt")
+    torch.jit.save(torch.jit.trace(_mlp(seed, size), torch.ones(1, size)), str(path))
+    return path
+
+
+def _gen_gguf(base: Path, seed: int, size: int) -> Path:
+    return _gguf(base.with_suffix(".gguf"), CHATML_TEMPLATE, size)
+
+
+def _gen_keras(base: Path, seed: int, size: int) -> Path:
+    keras = _keras()
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [keras.Input((size,)), keras.layers.Dense(size, activation="relu"), keras.layers.Dense(2)]
+    )
+    path = base.with_suffix(".keras")
+    model.save(path)
+    return path
+
+
+def _gen_onnx(base: Path, seed: int, size: int) -> Path:
+    return _onnx_file(base.with_suffix(".onnx"), size)
+
+
 BENIGN_GENERATORS: dict[str, tuple[str, BenignGen]] = {
     "torch_fp32": ("torch-zip", _gen_torch_fp32),
     "torch_bf16": ("torch-zip", _gen_torch_bf16),
@@ -631,6 +787,10 @@ BENIGN_GENERATORS: dict[str, tuple[str, BenignGen]] = {
     "pickle_p2": ("pickle", _gen_pickle_p2),
     "pickle_p4": ("pickle", _gen_pickle_p4),
     "pickle_p5_list": ("pickle", _gen_pickle_p5_list),
+    "torchscript_traced": ("torchscript", _gen_torchscript),
+    "gguf_chatml": ("gguf", _gen_gguf),
+    "keras_dense": ("keras", _gen_keras),
+    "onnx_mlp": ("onnx", _gen_onnx),
 }
 
 # (seed, size) variants written for the per-file benign set.
