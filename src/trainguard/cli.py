@@ -39,9 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         "scan",
         parents=[common],
         help="statically analyse model artifacts without executing them",
-        description="Scan pickle, PyTorch (TorchScript too), NumPy, joblib, safetensors, GGUF, Keras and "
-        "ONNX files, folders and archives. Formats are recognised by their bytes; nothing in an artifact "
-        "is imported or run.",
+        description="Scan pickle, PyTorch (TorchScript too), NumPy, joblib, safetensors, GGUF, Keras, ONNX "
+        "and TensorFlow files, folders and archives. Formats are recognised by their bytes; nothing in an "
+        "artifact is imported or run.",
         epilog=_EPILOG,
     )
     scan.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (scanned recursively)")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from trainguard._pickle.reader import ARG_KIND
 from trainguard.errors import LimitExceeded, MissingExtraError, UndecidableError
 from trainguard.scan.artifact import Artifact, Scan
-from trainguard.scan.formats import containers, gguf, npy, onnx, pickles, safetensors, zips
+from trainguard.scan.formats import containers, gguf, npy, onnx, pickles, safetensors, savedmodel, zips
 from trainguard.scan.formats.zipread import find_eocd
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def _analyse(scan: Scan, art: Artifact) -> None:
         if not pickles.scan_pickle_file(scan, art):
             _maybe_zip_with_prefix(scan, art)
         else:
-            _also_onnx(scan, art)
+            _also_protobuf_model(scan, art)
         return
     # pickle.load reads any file as a pickle; a polyglot may be both a container and a pickle.
     as_pickle = "read as a pickle: "
@@ -113,14 +113,16 @@ def _analyse(scan: Scan, art: Artifact) -> None:
         _LEAVES[fmt](scan, art)
     else:
         _CONTAINERS[fmt](scan, art, analyse)
-    _also_onnx(scan, art)
+    _also_protobuf_model(scan, art)
 
 
-def _also_onnx(scan: Scan, art: Artifact) -> None:
-    """ONNX has no magic bytes and protobuf fields come in any order: bytes that are another format
-    and also parse whole as a model are loaded as one by ONNX runtimes, so analyse them as one too."""
+def _also_protobuf_model(scan: Scan, art: Artifact) -> None:
+    """ONNX and SavedModel have no magic bytes and protobuf fields come in any order: bytes that are
+    another format and also parse whole as a model load as one too, so analyse them as one too."""
     if onnx.looks_like_onnx(art):
         onnx.scan_onnx(scan, art)
+    elif savedmodel.looks_like_savedmodel(art):
+        savedmodel.scan_savedmodel(scan, art)
 
 
 # Formats whose content is analysed in place, and formats that hold further artifacts.
@@ -149,6 +151,9 @@ def _maybe_zip_with_prefix(scan: Scan, art: Artifact) -> None:
         return
     if onnx.looks_like_onnx(art):
         onnx.scan_onnx(scan, art)
+        return
+    if savedmodel.looks_like_savedmodel(art):
+        savedmodel.scan_savedmodel(scan, art)
         return
     if art.depth == 0:
         scan.label("other")

@@ -18,11 +18,10 @@ A file is ONNX when its bytes parse completely as a protobuf whose top-level fie
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from trainguard.errors import LimitExceeded, MalformedArtifact
 from trainguard.findings import Severity
 from trainguard.scan.artifact import Artifact, Scan
+from trainguard.scan.formats.protobuf import Malformed, fields
 
 # Domains ONNX and ONNX Runtime define (the empty string is ai.onnx).
 _STANDARD_DOMAINS = frozenset(
@@ -73,61 +72,17 @@ _STRINGS = {
 }
 
 
-class _Malformed(Exception):
-    pass
-
-
-def _varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _Malformed("a varint runs past its message")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(data: bytes | memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-    """(field number, wire type, value or payload start, payload end) for each field in data[start:end]."""
-    pos = start
-    while pos < end:
-        key, pos = _varint(data, pos, end)
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            raise _Malformed("field number 0")
-        if wire == 0:
-            value, pos = _varint(data, pos, end)
-            yield number, wire, value, pos
-        elif wire == 1 or wire == 5:
-            size = 8 if wire == 1 else 4
-            if pos + size > end:
-                raise _Malformed("a fixed-size field runs past its message")
-            yield number, wire, pos, pos + size
-            pos += size
-        elif wire == 2:
-            length, pos = _varint(data, pos, end)
-            if pos + length > end:
-                raise _Malformed("a field runs past its message")
-            yield number, wire, pos, pos + length
-            pos += length
-        else:
-            raise _Malformed(f"wire type {wire} (groups are not used by ONNX)")
-
-
 def looks_like_onnx(art: Artifact) -> bool:
     """The whole file parses as a protobuf, with a graph among its top-level fields."""
     data = memoryview(art.data)[art.start : art.end]
     graph = False
     try:
-        for number, wire, _, _ in _fields(data, 0, len(data)):
+        for number, wire, _, _ in fields(data, 0, len(data)):
             if number == 7:
                 if wire != 2:
                     return False
                 graph = True
-    except _Malformed:
+    except Malformed:
         return False
     return graph
 
@@ -148,7 +103,7 @@ class _Walk:
         strings: dict[str, str] = {}
         entries: list[dict[str, str]] = []
         location_is_external = False
-        for number, wire, a, b in _fields(self.data, start, end):
+        for number, wire, a, b in fields(self.data, start, end):
             self.fields += 1
             if self.fields > _MAX_FIELDS:
                 raise LimitExceeded(f"{self.art.location}: more than {_MAX_FIELDS} protobuf fields")
@@ -186,7 +141,7 @@ def scan_onnx(scan: Scan, art: Artifact) -> None:
     walk = _Walk(scan, art)
     try:
         walk.message("model", 0, len(walk.data), 0)
-    except _Malformed as exc:
+    except Malformed as exc:
         raise MalformedArtifact(f"{art.location}: ONNX protobuf is malformed ({exc})") from None
     # An operator that one of the model's own functions defines runs that function's nodes, which
     # were judged themselves.
