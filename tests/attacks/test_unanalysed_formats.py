@@ -1,6 +1,7 @@
-"""Model formats that trainguard recognises by their bytes but does not analyse yet are undecided
-(exit 3), never skipped: a Keras model's HDF5 file can hold a Lambda layer's marshalled bytecode.
-(GGUF and Keras v3 archives are analysed: tests/attacks/test_gguf.py, test_keras.py.)"""
+"""Files that trainguard recognises by their bytes but cannot analyse are undecided (exit 3), never
+skipped: here HDF5 files that are not Keras models (their datasets may hold pickles) or that this
+reader cannot follow. (Keras models in HDF5, GGUF and Keras archives: test_hdf5.py, test_gguf.py,
+test_keras.py.)"""
 
 from __future__ import annotations
 

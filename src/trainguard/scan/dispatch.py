@@ -8,18 +8,13 @@ from collections.abc import Callable
 from trainguard._pickle.reader import ARG_KIND
 from trainguard.errors import LimitExceeded, MissingExtraError, UndecidableError
 from trainguard.scan.artifact import Artifact, Scan
-from trainguard.scan.formats import containers, gguf, npy, onnx, pickles, safetensors, savedmodel, zips
+from trainguard.scan.formats import containers, gguf, hdf5, npy, onnx, pickles, safetensors, savedmodel, zips
 from trainguard.scan.formats.zipread import find_eocd
 
 log = logging.getLogger(__name__)
 
 
-# Model formats recognised by their bytes but not analysed yet: reported undecided, never skipped.
-# (A Keras .keras archive holds its weights in an HDF5 member, so it is undecided through that.)
-_UNANALYSED = {
-    "hdf5": "an HDF5 file (Keras models keep Lambda layers' marshalled bytecode there; not analysed)",
-}
-_HDF5 = b"\x89HDF\r\n\x1a\n"
+_HDF5 = hdf5.SIGNATURE
 
 
 def sniff(head: bytes, size: int) -> str:
@@ -53,14 +48,20 @@ def sniff(head: bytes, size: int) -> str:
     return "pickle"
 
 
-def _hdf5_after_a_user_block(art: Artifact) -> bool:
-    """HDF5's superblock may follow a user block of 512 bytes or a power of two above it."""
-    offset = 512
+def _hdf5_superblock(art: Artifact) -> int | None:
+    """Where HDF5's superblock is: at 0, or after a user block of 512 bytes or a power of two above."""
+    offset = 0
     while offset + len(_HDF5) <= art.size and offset <= 1 << 30:
         if art.data[art.start + offset : art.start + offset + len(_HDF5)] == _HDF5:
-            return True
-        offset *= 2
-    return False
+            return offset
+        offset = 512 if offset == 0 else offset * 2
+    return None
+
+
+def _scan_hdf5(scan: Scan, art: Artifact) -> None:
+    base = _hdf5_superblock(art)
+    assert base is not None
+    hdf5.scan_hdf5(scan, art, base)
 
 
 def analyse(scan: Scan, art: Artifact) -> None:
@@ -86,15 +87,7 @@ def _analyse(scan: Scan, art: Artifact) -> None:
         scan.label("empty")
         return
     head = art.head(512)
-    fmt = "hdf5" if _hdf5_after_a_user_block(art) else sniff(head, art.size)
-    if fmt in _UNANALYSED:
-        scan.label(fmt)
-        scan.problem(
-            "UnanalysedFormat",
-            f"{art.location}: {_UNANALYSED[fmt]}; undecided until it is",
-            art.location,
-        )
-        return
+    fmt = "hdf5" if _hdf5_superblock(art) is not None else sniff(head, art.size)
     if fmt == "pickle" and ARG_KIND[head[0]] is None:
         # Every unpickler stops at the first byte: not a pickle (but maybe data before a ZIP).
         _maybe_zip_with_prefix(scan, art)
@@ -128,6 +121,7 @@ def _also_protobuf_model(scan: Scan, art: Artifact) -> None:
 # Formats whose content is analysed in place, and formats that hold further artifacts.
 _LEAVES: dict[str, Callable[[Scan, Artifact], None]] = {
     "gguf": gguf.scan_gguf,
+    "hdf5": _scan_hdf5,
     "npy": npy.scan_npy,
     "safetensors": safetensors.scan_safetensors,
 }

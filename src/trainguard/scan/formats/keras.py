@@ -36,18 +36,23 @@ def is_keras_archive(names: set[str]) -> bool:
 
 
 def scan_keras_config(scan: Scan, art: Artifact) -> None:
-    scan.label("keras")
     if art.size > _MAX_CONFIG:
         raise LimitExceeded(f"{art.location}: a Keras config of {art.size} bytes (limit {_MAX_CONFIG})")
+    judge_keras_config(scan, bytes(art.data[art.start : art.end]), art.location)
+
+
+def judge_keras_config(scan: Scan, raw: bytes, location: str) -> None:
+    """Findings for a Keras model config (JSON), from a .keras archive or a legacy HDF5 model."""
+    scan.label("keras")
     try:
-        config = json.loads(bytes(art.data[art.start : art.end]).decode("utf-8"))
+        config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise UndecidableError(f"{art.location}: Keras config that does not parse ({exc})") from None
+        raise UndecidableError(f"{location}: Keras config that does not parse ({exc})") from None
     seen: set[str] = set()
     for severity, rule, message in _judge(config, scan.policy):
         if message not in seen:
             seen.add(message)
-            scan.add(rule, severity, message, art.location)
+            scan.add(rule, severity, message, location)
 
 
 def _objects(node: Any, depth: int = 0) -> Iterator[dict[str, Any]]:
