@@ -140,7 +140,7 @@ def _activation(module: str, function: str) -> Any:
 def test_a_config_that_imports_outside_keras_is_critical(tmp_path: Path, module: str, function: str) -> None:
     verdict, said = _result(_with_config(tmp_path, _activation(module, function)))
     assert verdict == Verdict.FINDINGS, said
-    assert f"keras-import: Keras config imports {module}.{function}" in said
+    assert "keras-import" in said and f"{module}.{function}" in said
 
 
 def test_a_layer_class_from_outside_keras_is_critical(tmp_path: Path) -> None:

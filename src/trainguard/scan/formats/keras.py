@@ -27,6 +27,11 @@ from trainguard.scan.policy import Policy
 _KERAS_PACKAGES = frozenset({"keras", "keras_hub", "keras_nlp", "keras_cv", "tf_keras"})
 # TensorFlow namespaces of TFOpLambda layers that only compute.
 _TF_MATH = ("math.", "nn.", "linalg.", "__operators__.", "compat.v1.math.", "image.", "signal.")
+# Keras modules whose functions touch files, the network, models or safe mode, and such functions.
+_KERAS_UNSAFE_MODULES = frozenset({"config", "utils", "file_utils", "io_utils", "saving", "models", "export"})
+_KERAS_UNSAFE_FUNCTIONS = frozenset(
+    {"enable_unsafe_deserialization", "get_file", "load_model", "save_model", "load_weights", "save_weights"}
+)
 _MAX_CONFIG = 64 << 20
 _MAX_DEPTH = 200
 
@@ -78,6 +83,17 @@ def _judge(config: Any, policy: Policy) -> Iterator[tuple[Severity, str, str]]:
                 "Keras Lambda layer with marshalled Python bytecode: load_model runs it with safe_mode=False"
                 " and in Keras releases before safe mode",
             )
+        if (
+            class_name == "function"
+            and isinstance(module, str)
+            and _reaches_outside(module, obj.get("config"))
+        ):
+            yield (
+                Severity.CRITICAL,
+                "keras-import",
+                f"Keras config calls {module}.{obj.get('config')}, a Keras function that loads, saves,"
+                " fetches or turns safe mode off (CVE-2025-8747, CVE-2025-9906)",
+            )
         if isinstance(module, str) and module.split(".", 1)[0] not in _KERAS_PACKAGES:
             name = str(obj.get("config") if class_name == "function" else class_name)
             if policy.allows(module, name):
@@ -113,6 +129,13 @@ def _judge(config: Any, policy: Policy) -> Iterator[tuple[Severity, str, str]]:
                     "keras-tf-op",
                     f"Keras TFOpLambda layer calls tf.{function}, outside TensorFlow's maths",
                 )
+
+
+def _reaches_outside(module: str, name: object) -> bool:
+    """A function of Keras itself that a config must not call: Keras's own file, network and
+    safe-mode functions are importable from its modules like any activation."""
+    parts = set(module.split("."))
+    return bool(parts & _KERAS_UNSAFE_MODULES) or name in _KERAS_UNSAFE_FUNCTIONS
 
 
 def _has_bytecode(obj: dict[str, Any]) -> bool:
