@@ -244,3 +244,15 @@ def test_a_pickle_that_is_also_a_whole_onnx_model_is_analysed_as_both(tmp_path: 
     path.write_bytes(data)
     verdict, said = _result(path)
     assert verdict == Verdict.FINDINGS and "onnx-custom-operator" in said
+
+
+def test_an_unknown_group_field_does_not_hide_the_model(tmp_path: Path) -> None:
+    # Protobuf parsers keep a group (wire types 3 and 4) as an unknown field and load the rest.
+    model = _model(_mlp_nodes([helper.make_node("PyOp", ["y"], ["z"], domain="ai.onnx.contrib")]))
+    group = _varint(99 << 3 | 3) + b"\x08\x01" + _varint(99 << 3 | 4)  # field 99: a group holding 1=1
+    data = group + model.SerializeToString()
+    assert onnx.load_model_from_string(data).graph.node[-1].op_type == "PyOp"
+    path = tmp_path / "grouped.onnx"
+    path.write_bytes(data)
+    verdict, said = _result(path)
+    assert verdict == Verdict.FINDINGS and "onnx-custom-operator" in said

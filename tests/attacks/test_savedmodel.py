@@ -112,3 +112,20 @@ def test_another_protobuf_is_not_taken_for_a_savedmodel(tmp_path: Path) -> None:
     path.write_bytes(b"".join(_field(n, 12345 + n) for n in range(1, 6)))
     (result,) = scan_path(path, ScanOptions(jobs=1)).results
     assert result.verdict == Verdict.SKIPPED, result
+
+
+def test_unknown_fields_do_not_hide_a_savedmodel(tmp_path: Path) -> None:
+    # TensorFlow's parser keeps unknown fields and loads the rest; so must the recognition.
+    group = _varint(99 << 3 | 3) + b"\x08\x01" + _varint(99 << 3 | 4)
+    data = _field(9, b"tags") + group + _saved_model([*GRAPH_OPS, "PyFunc"], GENUINE)
+    verdict, said = _result(_write(tmp_path, data))
+    assert verdict == Verdict.FINDINGS and "PyFunc" in said
+
+
+def test_an_onnx_graph_field_does_not_hide_a_savedmodel(tmp_path: Path) -> None:
+    # Field 7 is ONNX's graph; to TensorFlow it is an unknown field. Read as both, neither hides the other.
+    empty_graph = _field(2, b"g")  # a GraphProto with only a name
+    data = _field(7, empty_graph) + _saved_model([*GRAPH_OPS, "PyFunc"], GENUINE)
+    (result,) = scan_path(_write(tmp_path, data), ScanOptions(jobs=1)).results
+    assert result.verdict == Verdict.FINDINGS, result
+    assert {"onnx", "tf-savedmodel"} <= set(result.formats)

@@ -112,10 +112,20 @@ def _analyse(scan: Scan, art: Artifact) -> None:
 def _also_protobuf_model(scan: Scan, art: Artifact) -> None:
     """ONNX and SavedModel have no magic bytes and protobuf fields come in any order: bytes that are
     another format and also parse whole as a model load as one too, so analyse them as one too."""
+    _protobuf_models(scan, art)
+
+
+def _protobuf_models(scan: Scan, art: Artifact) -> bool:
+    """Analyse the bytes as each protobuf model they parse as (both, if both: a field unknown to one
+    schema is kept and ignored by its parser). False if neither."""
+    found = False
     if onnx.looks_like_onnx(art):
         onnx.scan_onnx(scan, art)
-    elif savedmodel.looks_like_savedmodel(art):
+        found = True
+    if savedmodel.looks_like_savedmodel(art):
         savedmodel.scan_savedmodel(scan, art)
+        found = True
+    return found
 
 
 # Formats whose content is analysed in place, and formats that hold further artifacts.
@@ -143,11 +153,7 @@ def _maybe_zip_with_prefix(scan: Scan, art: Artifact) -> None:
     if art.size >= 22 and find_eocd(art) is not None:
         zips.scan_zip(scan, art, analyse)
         return
-    if onnx.looks_like_onnx(art):
-        onnx.scan_onnx(scan, art)
-        return
-    if savedmodel.looks_like_savedmodel(art):
-        savedmodel.scan_savedmodel(scan, art)
+    if _protobuf_models(scan, art):
         return
     if art.depth == 0:
         scan.label("other")

@@ -69,18 +69,17 @@ _MAX_FIELDS = 50_000_000
 
 
 def looks_like_savedmodel(art: Artifact) -> bool:
-    """Only fields 1 (a varint) and 2 (messages) at the top, and a first MetaGraphDef with a graph."""
+    """The whole file parses, field 1 (if any) is a varint and a MetaGraphDef (field 2) holds a graph.
+    Unknown fields are tolerated, as TensorFlow's parser keeps them."""
     data = memoryview(art.data)[art.start : art.end]
-    meta: tuple[int, int] | None = None
+    metas: list[tuple[int, int]] = []
     try:
         for number, wire, a, b in fields(data, 0, len(data)):
             if (number, wire) == (2, 2):
-                meta = meta or (a, b)
-            elif (number, wire) != (1, 0):
-                return False
-        if meta is None:
-            return False
-        return any((n, w) == (2, 2) for n, w, _, _ in fields(data, *meta))
+                metas.append((a, b))
+            elif number in (1, 2) and (number, wire) != (1, 0):
+                return False  # a known field of the wrong kind: TensorFlow refuses the file
+        return any(any((n, w) == (2, 2) for n, w, _, _ in fields(data, *meta)) for meta in metas)
     except Malformed:
         return False
 
