@@ -142,3 +142,23 @@ def test_damaged_files_never_crash_the_scan_or_hide_the_lambda(tmp_path: Path) -
         # unless it removed the model config itself, which Keras then cannot load either.
         if verdict == Verdict.CLEAN:
             assert b"model_config" not in bytes(data) or b"Lambda" not in bytes(data), trial
+
+
+def test_a_second_model_config_attribute_is_read_too(tmp_path: Path) -> None:
+    # Two attributes of one name (h5py never writes that; the bytes can say it): whichever copy a
+    # reader takes, both are judged.
+    genuine = _legacy(tmp_path / "model.h5", _model(keras.layers.Dense(3)))
+    with h5py.File(genuine, "r") as f:
+        benign = f.attrs["model_config"]
+    benign = benign.decode() if isinstance(benign, bytes) else str(benign)
+    hostile = json.dumps(_os_system(json.loads(benign)))
+    path = tmp_path / "twice.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["keras_version"] = "2.15.0"
+        f.attrs["model_config"] = benign
+        f.attrs["model_confiX"] = hostile
+    raw = path.read_bytes()
+    assert raw.count(b"model_confiX") == 1
+    path.write_bytes(raw.replace(b"model_confiX", b"model_config"))
+    verdict, said = _result(path)
+    assert verdict == Verdict.FINDINGS and "os.system" in said

@@ -182,3 +182,14 @@ def test_a_config_that_cannot_be_read_is_undecided(
     verdict, said = _result(_with_config(tmp_path, lambda _: config, f"{name}.keras"))
     assert verdict == Verdict.UNDECIDED, said
     assert says in said
+
+
+def test_a_config_alone_is_read_as_keras(tmp_path: Path) -> None:
+    # load_model deserialises config.json before it looks for metadata or weights.
+    path = tmp_path / "bare.keras"
+    config = {"module": "keras.layers", "class_name": "Dense", "config": {}}
+    config["config"]["activation"] = {"module": "os", "class_name": "function", "config": "system"}
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", json.dumps(config))
+    verdict, said = _result(path)
+    assert verdict == Verdict.FINDINGS and "os.system" in said

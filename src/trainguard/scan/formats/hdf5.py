@@ -137,9 +137,10 @@ def _messages(h5: _File, address: int) -> Iterator[tuple[int, int, bytes]]:
             yield kind, flags, data
 
 
-def _root_attributes(h5: _File, root: int) -> dict[str, str | None]:
-    """Root attribute names, each with its value when it is a string (None otherwise)."""
-    found: dict[str, str | None] = {}
+def _root_attributes(h5: _File, root: int) -> dict[str, list[str | None]]:
+    """Root attribute names, each with its values when they are strings (None otherwise): every one,
+    should a name come twice (which copy a reader takes is its own business)."""
+    found: dict[str, list[str | None]] = {}
     for kind, flags, data in _messages(h5, root):
         if kind == _ATTRIBUTE_INFO:
             heap = data[2 + (2 if data[1] & 1 else 0) :][: h5.offsets]
@@ -149,7 +150,7 @@ def _root_attributes(h5: _File, root: int) -> dict[str, str | None]:
             if flags & 0x02:
                 raise _Unreadable("a shared attribute message")
             name, value = _attribute(h5, data)
-            found[name] = value
+            found.setdefault(name, []).append(value)
     return found
 
 
@@ -245,11 +246,9 @@ def scan_hdf5(scan: Scan, art: Artifact, base: int) -> None:
         )
     scan.label("keras")
     for name in ("model_config", "training_config"):
-        if name not in attributes:
-            continue
-        text = attributes[name]
-        if text is None:
-            raise UndecidableError(
-                f"{art.location}: Keras attribute {name} is not a string this reader decodes"
-            )
-        judge_keras_config(scan, text.encode("utf-8"), f"{art.location}!/@{name}")
+        for text in attributes.get(name, []):
+            if text is None:
+                raise UndecidableError(
+                    f"{art.location}: Keras attribute {name} is not a string this reader decodes"
+                )
+            judge_keras_config(scan, text.encode("utf-8"), f"{art.location}!/@{name}")

@@ -37,7 +37,9 @@ _MAX_DEPTH = 200
 
 
 def is_keras_archive(names: set[str]) -> bool:
-    return "config.json" in names and ("metadata.json" in names or "model.weights.h5" in names)
+    """Keras's loader reads config.json at the archive's root and deserialises it before it looks at
+    anything else, so that alone makes a Keras archive."""
+    return "config.json" in names
 
 
 def scan_keras_config(scan: Scan, art: Artifact) -> None:
