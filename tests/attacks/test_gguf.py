@@ -27,6 +27,8 @@ HOSTILE = {
     "map-attribute": "{% set n = 'x' %}{{ messages|map(attribute=n)|list }}",
     "str-format": "{{ '{0.__class__}'.format(messages) }}",
     "include": "{% include 'other.jinja' %}",
+    "map-attr-filter": "{% set n = 'x' %}{{ [lipsum]|map('attr', n)|list }}",
+    "map-groupby": "{% set n = 'x' %}{{ [[lipsum]]|map('groupby', n)|list }}",
 }
 
 

@@ -41,6 +41,8 @@ _GETATTR_FILTERS = frozenset(
 )
 # ... and of those, the ones whose first positional argument is that name.
 _NAME_FIRST = frozenset({"map", "selectattr", "rejectattr", "groupby", "attr"})
+# Filters that take an attribute name positionally, named as a string for map() to apply.
+_NAMED_BY_STRING = frozenset({"attr", "format", "groupby", "sum"})
 # Statements that read further templates through the environment's loader.
 _LOADING_STATEMENTS = frozenset({"include", "import", "extends", "from"})
 # Names whose values are numbers: loop counters.
@@ -114,6 +116,8 @@ def _judge(tokens: list[tuple[str, str]]) -> Iterator[str]:
                 yield f"the string {value} (escapes can spell any name)"
             if "%c" in inner or re.search(r"\{[^}]*![rsa]|\{[^}]*:c\}", inner):
                 yield f"the string {value} (formats characters)"
+            if inner in _NAMED_BY_STRING:
+                yield f"the string {value} (names a filter that looks attributes up, as map() applies it)"
         elif kind == "name" and value == "format" and previous in ("|", "."):
             yield "string formatting (format builds names at render time)"
         elif kind == "op" and value == "%" and i and tokens[i - 1][0] == "string":
