@@ -30,7 +30,16 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.attacks._payloads import CMD, PY_PAYLOAD
+from tests.attacks._payloads import (
+    CMD,
+    PY_PAYLOAD,
+    binstring,
+    binunicode,
+    binunicode8,
+    short_binstring,
+    u,
+    unicode0,
+)
 
 # What a hostile stream imports: never on the allowlist, each reaching code, files or a process.
 _TARGETS: list[tuple[str, str, str]] = [
@@ -64,47 +73,19 @@ _PUSHES_ONE = {
 }  # fmt: skip
 
 
-def _short_unicode(s: str) -> bytes:
-    raw = s.encode()
-    return b"\x8c" + bytes([len(raw)]) + raw
-
-
-def _binunicode(s: str) -> bytes:
-    raw = s.encode()
-    return b"X" + struct.pack("<I", len(raw)) + raw
-
-
-def _binunicode8(s: str) -> bytes:
-    raw = s.encode()
-    return b"\x8d" + struct.pack("<Q", len(raw)) + raw
-
-
-def _unicode0(s: str) -> bytes:
-    return b"V" + s.encode("raw-unicode-escape") + b"\n"
-
-
 def _string0(s: str) -> bytes:
+    """Protocol 0 STRING quoted as repr() quotes it: unlike `_payloads.string0`, any quotes inside."""
     return b"S" + repr(s).encode() + b"\n"
 
 
-def _binstring(s: str) -> bytes:
-    raw = s.encode()
-    return b"T" + struct.pack("<i", len(raw)) + raw
-
-
-def _short_binstring(s: str) -> bytes:
-    raw = s.encode()
-    return b"U" + bytes([len(raw)]) + raw
-
-
 _STRINGS: list[Callable[[str], bytes]] = [
-    _short_unicode,
-    _binunicode,
-    _binunicode8,
-    _unicode0,
+    u,
+    binunicode,
+    binunicode8,
+    unicode0,
     _string0,
-    _binstring,
-    _short_binstring,
+    binstring,
+    short_binstring,
 ]
 
 
