@@ -96,7 +96,7 @@ def _analyse(scan: Scan, art: Artifact) -> None:
         if not pickles.scan_pickle_file(scan, art):
             _maybe_zip_with_prefix(scan, art)
         else:
-            _also_protobuf_model(scan, art)
+            _protobuf_models(scan, art)
         return
     # pickle.load reads any file as a pickle; a polyglot may be both a container and a pickle.
     as_pickle = "read as a pickle: "
@@ -106,18 +106,15 @@ def _analyse(scan: Scan, art: Artifact) -> None:
         _LEAVES[fmt](scan, art)
     else:
         _CONTAINERS[fmt](scan, art, analyse)
-    _also_protobuf_model(scan, art)
-
-
-def _also_protobuf_model(scan: Scan, art: Artifact) -> None:
-    """ONNX and SavedModel have no magic bytes and protobuf fields come in any order: bytes that are
-    another format and also parse whole as a model load as one too, so analyse them as one too."""
     _protobuf_models(scan, art)
 
 
 def _protobuf_models(scan: Scan, art: Artifact) -> bool:
-    """Analyse the bytes as each protobuf model they parse as (both, if both: a field unknown to one
-    schema is kept and ignored by its parser). False if neither."""
+    """Analyse the bytes as each protobuf model they parse as; False if neither.
+
+    ONNX and SavedModel have no magic bytes and protobuf fields come in any order, so bytes that are
+    another format (a pickle, say) and also parse whole as a model load as one too; and a field one
+    schema does not know is kept and ignored by its parser, so bytes may be both models at once."""
     found = False
     if onnx.looks_like_onnx(art):
         onnx.scan_onnx(scan, art)
