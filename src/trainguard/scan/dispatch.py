@@ -8,7 +8,18 @@ from collections.abc import Callable
 from trainguard._pickle.reader import ARG_KIND
 from trainguard.errors import LimitExceeded, MissingExtraError, UndecidableError
 from trainguard.scan.artifact import Artifact, Scan
-from trainguard.scan.formats import containers, gguf, hdf5, npy, onnx, pickles, safetensors, savedmodel, zips
+from trainguard.scan.formats import (
+    containers,
+    gguf,
+    hdf5,
+    npy,
+    onnx,
+    pickles,
+    protobuf,
+    safetensors,
+    savedmodel,
+    zips,
+)
 from trainguard.scan.formats.zipread import find_eocd
 
 log = logging.getLogger(__name__)
@@ -115,11 +126,14 @@ def _protobuf_models(scan: Scan, art: Artifact) -> bool:
     ONNX and SavedModel have no magic bytes and protobuf fields come in any order, so bytes that are
     another format (a pickle, say) and also parse whole as a model load as one too; and a field one
     schema does not know is kept and ignored by its parser, so bytes may be both models at once."""
+    top = protobuf.top_level(memoryview(art.data)[art.start : art.end])
+    if top is None:
+        return False
     found = False
-    if onnx.looks_like_onnx(art):
+    if onnx.looks_like_onnx(top):
         onnx.scan_onnx(scan, art)
         found = True
-    if savedmodel.looks_like_savedmodel(art):
+    if savedmodel.looks_like_savedmodel(art, top):
         savedmodel.scan_savedmodel(scan, art)
         found = True
     return found

@@ -21,7 +21,7 @@ from __future__ import annotations
 from trainguard.errors import LimitExceeded, MalformedArtifact
 from trainguard.findings import Severity
 from trainguard.scan.artifact import Artifact, Scan
-from trainguard.scan.formats.protobuf import Malformed, fields
+from trainguard.scan.formats.protobuf import Field, Malformed, fields
 
 # Domains ONNX and ONNX Runtime define (the empty string is ai.onnx).
 _STANDARD_DOMAINS = frozenset(
@@ -72,19 +72,10 @@ _STRINGS = {
 }
 
 
-def looks_like_onnx(art: Artifact) -> bool:
-    """The whole file parses as a protobuf, with a graph among its top-level fields."""
-    data = memoryview(art.data)[art.start : art.end]
-    graph = False
-    try:
-        for number, wire, _, _ in fields(data, 0, len(data)):
-            if number == 7:
-                if wire != 2:
-                    return False
-                graph = True
-    except Malformed:
-        return False
-    return graph
+def looks_like_onnx(top: list[Field]) -> bool:
+    """A protobuf (its top-level fields) with a graph (field 7) among them."""
+    graph = [wire for number, wire, _, _ in top if number == 7]
+    return bool(graph) and all(wire == 2 for wire in graph)
 
 
 class _Walk:

@@ -25,8 +25,18 @@ def varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
 
 _MAX_GROUP_DEPTH = 64
 
+Field = tuple[int, int, int, int]  # number, wire type, value or payload start, payload end
 
-def fields(data: bytes | memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+
+def top_level(data: bytes | memoryview) -> list[Field] | None:
+    """Every top-level field of `data` read as one message, or None if it is not a whole protobuf."""
+    try:
+        return list(fields(data, 0, len(data)))
+    except Malformed:
+        return None
+
+
+def fields(data: bytes | memoryview, start: int, end: int) -> Iterator[Field]:
     """(field number, wire type, value or payload start, payload end) for each field in data[start:end].
 
     Groups (wire types 3 and 4) are skipped whole, as parsers keep them as unknown fields: no schema

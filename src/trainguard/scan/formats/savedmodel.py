@@ -24,7 +24,7 @@ from __future__ import annotations
 from trainguard.errors import LimitExceeded, MalformedArtifact
 from trainguard.findings import Severity
 from trainguard.scan.artifact import Artifact, Scan
-from trainguard.scan.formats.protobuf import Malformed, fields
+from trainguard.scan.formats.protobuf import Field, Malformed, fields
 
 _PYTHON_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
 _FILE_OPS = frozenset(
@@ -68,18 +68,18 @@ _CHILDREN = {
 _MAX_FIELDS = 50_000_000
 
 
-def looks_like_savedmodel(art: Artifact) -> bool:
-    """The whole file parses, field 1 (if any) is a varint and a MetaGraphDef (field 2) holds a graph.
-    Unknown fields are tolerated, as TensorFlow's parser keeps them."""
+def looks_like_savedmodel(art: Artifact, top: list[Field]) -> bool:
+    """A protobuf (its top-level fields) whose field 1 (if any) is a varint and whose MetaGraphDef
+    (field 2) holds a graph. Unknown fields are tolerated, as TensorFlow's parser keeps them."""
+    if any(number in (1, 2) and (number, wire) not in ((1, 0), (2, 2)) for number, wire, _, _ in top):
+        return False  # a known field of the wrong kind: TensorFlow refuses the file
     data = memoryview(art.data)[art.start : art.end]
-    metas: list[tuple[int, int]] = []
     try:
-        for number, wire, a, b in fields(data, 0, len(data)):
-            if (number, wire) == (2, 2):
-                metas.append((a, b))
-            elif number in (1, 2) and (number, wire) != (1, 0):
-                return False  # a known field of the wrong kind: TensorFlow refuses the file
-        return any(any((n, w) == (2, 2) for n, w, _, _ in fields(data, *meta)) for meta in metas)
+        return any(
+            any((n, w) == (2, 2) for n, w, _, _ in fields(data, a, b))
+            for number, _, a, b in top
+            if number == 2
+        )
     except Malformed:
         return False
 
