@@ -140,11 +140,14 @@ class NamespaceSnapshot:
             if not isinstance(module, types.ModuleType):
                 continue
             for label, namespace, klass in _namespaces(module_name, module, seen_classes):
-                recorded = frozenset(k for k, v in namespace.items() if _is_code(v))
-                keys.append([label, namespace, recorded, len(namespace), klass])
+                # A copy taken in one C call: another thread (a lazy import, a backend's own thread)
+                # may bind names while this runs, and a live iteration would then stop with an error.
+                current = dict(namespace)
+                recorded = frozenset(k for k, v in current.items() if _is_code(v))
+                keys.append([label, namespace, recorded, len(current), klass])
                 # Sorted: every rank takes the same slices (set order depends on the hash seed).
                 for key in sorted(recorded):
-                    value = namespace[key]
+                    value = current[key]
                     bindings.append((f"{label}.{key}", namespace, key, value))
                     function = _function_of(value)
                     if function is not None and id(function) not in seen_functions:
