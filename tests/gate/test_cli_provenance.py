@@ -181,3 +181,14 @@ def test_an_unreadable_file_is_undecided(home: Path, ckpt: Path) -> None:
     finally:
         target.chmod(0o644)
     assert done.returncode == 3, done.stdout + done.stderr
+
+
+def test_a_fifo_in_place_of_the_signature_fails_at_once(home: Path, ckpt: Path) -> None:
+    # A plain open() of a FIFO blocks until a writer comes: verify must refuse it, not hang.
+    assert _run(home, "sign", str(ckpt)).returncode == 0
+    signature = ckpt / ".trainguard.sig"
+    signature.unlink()
+    os.mkfifo(signature)
+    done = _run(home, "verify", str(ckpt), "--trust", _public(home))  # _run's timeout fails a hang
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "not a regular file" in done.stdout

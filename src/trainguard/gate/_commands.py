@@ -40,6 +40,7 @@ from trainguard.provenance import (
     UnreadableTree,
     VerifyResult,
     build_manifest,
+    read_signature_bytes,
     sign_path,
     signature_path,
     verify_path,
@@ -49,9 +50,6 @@ if TYPE_CHECKING:
     from trainguard.gate._audit import AuditReport
 
 __all__ = ["cmd_ckpt_audit", "cmd_keygen_pem", "cmd_sign", "cmd_verify", "default_signing_key"]
-
-_MAX_SIGNATURE_BYTES = 64 << 20
-
 
 def _cache() -> VerifyCache | None:
     """The verification cache, or None (with a warning) if it cannot be opened: then all is hashed."""
@@ -152,10 +150,10 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def _read_signature_bytes(path: Path) -> bytes | None:
+    # The provenance reader: bounded, and it refuses a FIFO or a device (a plain open would hang).
     try:
-        with path.open("rb") as handle:
-            return handle.read(_MAX_SIGNATURE_BYTES + 1)
-    except OSError:
+        return read_signature_bytes(path)
+    except VerificationFailed:
         return None  # verify_path reports a missing or unreadable signature file in its own words
 
 
