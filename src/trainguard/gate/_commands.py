@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["cmd_ckpt_audit", "cmd_keygen_pem", "cmd_sign", "cmd_verify", "default_signing_key"]
 
+
 def _cache() -> VerifyCache | None:
     """The verification cache, or None (with a warning) if it cannot be opened: then all is hashed."""
     from trainguard.ledger._ledger import default_home
