@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -153,6 +154,36 @@ def test_oms_bundle_round_trip(home: Path, ckpt: Path, tmp_path: Path) -> None:
     (ckpt / "extra.bin").write_bytes(b"added")
     code, report = _verify_json(home, ckpt, "--signature", str(bundle), "--trust", f"{key}.pub")
     assert code == 1 and any("added: extra.bin" in p for p in report["problems"])  # type: ignore[attr-defined]
+
+
+def test_a_directory_swapped_for_an_older_signed_one_fails_verification(home: Path, ckpt: Path) -> None:
+    newer = ckpt.parent / "step-200"
+    shutil.copytree(ckpt, newer)
+    (newer / "model.safetensors").write_bytes(os.urandom(1 << 20))
+    for folder in (ckpt, newer):
+        assert _run(home, "sign", str(folder)).returncode == 0
+    assert _run(home, "verify", str(newer), "--trust", _public(home)).returncode == 0
+    shutil.rmtree(newer)
+    shutil.copytree(ckpt, newer)
+    done = _run(home, "verify", str(newer), "--trust", _public(home))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "signed as 'step-100', checked as 'step-200'" in done.stdout
+    audit = _run(home, "ckpt", "audit", str(ckpt.parent), "--trust", _public(home), "--format", "json")
+    statuses = {Path(c["path"]).name: c["status"] for c in json.loads(audit.stdout)["checkpoints"]}
+    assert statuses == {"step-100": "ok", "step-200": "altered"}
+
+
+def test_an_oms_signed_directory_is_bound_to_its_name(home: Path, ckpt: Path, tmp_path: Path) -> None:
+    key = tmp_path / "oms.pem"
+    assert _run(home, "keygen", "--pem", "--alg", "ecdsa-p256", str(key)).returncode == 0
+    bundle = tmp_path / "model.sig"
+    signed = _run(home, "sign", str(ckpt), "--format", "oms", "--key", str(key), "--out", str(bundle))
+    assert signed.returncode == 0, signed.stderr
+    elsewhere = ckpt.parent / "step-200"
+    shutil.copytree(ckpt, elsewhere)
+    code, report = _verify_json(home, elsewhere, "--signature", str(bundle), "--trust", f"{key}.pub")
+    assert code == 1, report
+    assert any("signed as 'step-100'" in p for p in report["problems"])  # type: ignore[attr-defined]
 
 
 def test_ckpt_audit_and_the_ledger(home: Path, ckpt: Path) -> None:

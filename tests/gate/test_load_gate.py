@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -130,6 +131,28 @@ def test_load_a_file_covered_by_its_directory_signature(
     (folder / "config.json").write_text('{"evil": 1}')
     with pytest.raises(LoadRefused, match=r"config\.json"):
         load(folder / "model.pt", trusted=trusted)
+
+
+def test_a_directory_swapped_for_an_older_signed_one_is_refused(
+    tmp_path: Path, key: PrivateKey, trusted: list[PublicKey]
+) -> None:
+    # Each copy verifies as itself; step2000/ replaced by a copy of step1000/ must not.
+    older, newer = tmp_path / "step1000", tmp_path / "step2000"
+    for folder, scale in ((older, 1.0), (newer, 2.0)):
+        folder.mkdir()
+        torch.save({"w": torch.full((4,), scale)}, folder / "model.pt")
+        sign_path(folder, key)
+    assert load(newer / "model.pt", trusted=trusted)["w"][0] == 2.0
+    shutil.rmtree(newer)
+    shutil.copytree(older, newer)
+    _load._MEMO.clear()
+    with pytest.raises(LoadRefused, match="signed as 'step1000', checked as 'step2000'"):
+        load(newer / "model.pt", trusted=trusted)
+    shutil.rmtree(newer)
+    newer.symlink_to(older, target_is_directory=True)
+    with pytest.raises(LoadRefused, match="signed as 'step1000'") as refused:
+        load(newer / "model.pt", trusted=trusted)
+    assert "symlink" in str(refused.value.hint)
 
 
 def test_trust_policy_from_the_environment(

@@ -326,12 +326,15 @@ class TreeDiff:
     modified: tuple[str, ...] = ()
     mode_changed: tuple[str, ...] = ()
     links_changed: tuple[str, ...] = ()
+    # (signed, on disk) when a directory is checked under another name than the one it was signed as.
+    name_changed: tuple[str, str] | None = None
     details: dict[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
         return not (
-            self.added
+            self.name_changed
+            or self.added
             or self.removed
             or self.renamed
             or self.modified
@@ -341,7 +344,14 @@ class TreeDiff:
 
     def describe(self) -> list[str]:
         """One line per difference, naming the file."""
-        lines = [f"added: {path}" for path in self.added]
+        lines: list[str] = []
+        if self.name_changed:
+            signed, found = self.name_changed
+            lines.append(
+                f"directory name: signed as {signed!r}, checked as {found!r} (a copy or a swap of another "
+                "signed directory)"
+            )
+        lines += [f"added: {path}" for path in self.added]
         lines += [f"removed: {path}" for path in self.removed]
         lines += [f"renamed: {old} -> {new}" for old, new in self.renamed]
         lines += [f"modified: {path}{self._detail('modified', path)}" for path in self.modified]
@@ -369,7 +379,11 @@ def _modified_detail(old: FileEntry, new: FileEntry) -> str:
 
 
 def diff_manifests(signed: Manifest, actual: Manifest) -> TreeDiff:
-    """Compare what was signed with what is on disk; renamed = removed and added with the same content."""
+    """Compare what was signed with what is on disk; renamed = removed and added with the same content.
+
+    A directory's own name is compared too: its files alone cannot tell step2000/ from a copy of a
+    signed step1000/ put in its place. (A file's name is its one entry's path, compared already.)
+    """
     old = {entry.path: entry for entry in signed.files}
     new = {entry.path: entry for entry in actual.files}
     details: dict[str, str] = {}
@@ -410,7 +424,9 @@ def diff_manifests(signed: Manifest, actual: Manifest) -> TreeDiff:
             details[f"link:{path}"] = f"removed, was -> {before}"
         else:
             details[f"link:{path}"] = f"-> {before} is now -> {after}"
+    renamed_dir = signed.kind == "directory" and signed.name != actual.name
     return TreeDiff(
+        name_changed=(signed.name, actual.name) if renamed_dir else None,
         added=tuple(added),
         removed=tuple(removed),
         renamed=tuple(sorted(renamed)),

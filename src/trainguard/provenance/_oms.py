@@ -33,8 +33,10 @@ What model_signing 1.1.1 leaves open, read from its code (``_signing/signing.py`
   lists, and nothing else.
 - No sizes, no file modes (an executable bit is not signed), no symlinks (refused by default; with
   ``allow_symlinks`` they are followed, out of the tree too, and hashed as their targets).
-- The subject name is "only informative" and never compared; the statement's key order comes from a
-  protobuf Struct and ``ignore_paths`` from a frozenset, so the same model signs to different bytes.
+- The subject name is "only informative" and never compared (we compare a directory's name with it,
+  so a copy of another signed directory put in its place fails); the statement's key order comes
+  from a protobuf Struct and ``ignore_paths`` from a frozenset, so the same model signs to different
+  bytes.
 - On a bad signature the verifier retries with the pre-1.0 PAE (``DSSEV1 ... b'...'``, a Python bytes
   repr) and accepts the v0.1 predicate, which has no root and no serialization. We accept neither.
 - Only ``signatures[0]`` is checked; the signature file is read and parsed without a size bound.
@@ -397,6 +399,10 @@ def _choose_signer(
     raise VerificationFailed(f"{where}: invalid OMS signature by {names}: the bundle was altered")
 
 
+def _bindable(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+
+
 def _as_compared(digests: dict[str, str], kind: str, name: str, shard_size: int) -> Manifest:
     """A manifest of names and digests only: OMS signs no size, mode or link, so none is compared."""
     files = tuple(FileEntry(path, 0, 0, digests[path]) for path in sorted(digests))
@@ -473,7 +479,9 @@ def verify_oms_bundle(
         )
         covered = Manifest(actual.kind, actual.name, actual.shard_size, files, links)
     signed_view = _as_compared(signed, actual.kind, name, actual.shard_size)
-    disk_view = _as_compared(on_disk, actual.kind, name, actual.shard_size)
+    # The subject name is signed: a directory is bound to it unless it was signed without one.
+    disk_name = actual.name if actual.kind == "directory" and _bindable(name) else name
+    disk_view = _as_compared(on_disk, actual.kind, disk_name, actual.shard_size)
     disk_view = Manifest(disk_view.kind, disk_view.name, disk_view.shard_size, disk_view.files, covered.links)
     diff = diff_manifests(signed_view, disk_view)
     result = VerifyResult(path, covered, signer, diff, "sha256:" + root)

@@ -415,8 +415,17 @@ def verify_tree(
         raise TreeChanged(
             f"{path} does not match its signature by {signer.label} ({count}):\n  " + "\n  ".join(lines),
             result,
+            hint=_renamed_hint(path, diff),
         )
     return result
+
+
+def _renamed_hint(path: Path, diff: TreeDiff) -> str | None:
+    if diff.name_changed is None:
+        return None
+    if path.is_symlink():
+        return f"{path} is a symlink: verify the directory it points to under its own name"
+    return f"if {path} was renamed on purpose, re-sign it under its new name: trainguard sign {path}"
 
 
 def _manifest_deferring(
