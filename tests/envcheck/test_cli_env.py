@@ -521,3 +521,31 @@ def test_snapshot_refused_only_for_undecided_files_exits_3(
     assert not out.exists()
     assert "pyc-undecided" in done.stdout
     assert done.returncode == 3, _out(done)
+
+
+# Entries that cannot be listed or followed.
+
+
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [
+        ("loop", "loop"),  # a link to itself: ELOOP on every stat
+        ("evil.dist-info", "evil.dist-info"),  # the same, where distributions are listed
+        ("goodpkg/again", "."),  # a directory cycle inside a package
+        ("dangling.pth", "nowhere.pth"),
+    ],
+)
+def test_a_symlink_loop_in_site_packages_hides_no_finding(
+    _home: Path, venv: Path, baseline: Path, pub: Path, name: str, target: str
+) -> None:
+    site = site_packages(venv)
+    (site / name).symlink_to(target)
+    verify: list[str | Path] = ["env", "verify", "--prefix", venv, "--baseline", baseline, "--trust", pub]
+    looped = _tg(_home, *verify)
+    assert looped.returncode in (1, 3), _out(looped)
+    assert os.path.realpath(site / name.split("/")[0]) in looped.stdout or name in looped.stdout, _out(looped)
+    _flip_update(venv)
+    for args in (verify, ["env", "verify", "--prefix", venv]):
+        done = _tg(_home, *args)
+        assert done.returncode == 1, _out(done)
+        assert "goodpkg/optim.py" in done.stdout, _out(done)

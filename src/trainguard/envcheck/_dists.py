@@ -88,13 +88,16 @@ def read_distributions(site_dir: str, *, records: bool = True) -> list[Distribut
     environment's RECORDs are tens of thousands of rows), except for editable installs, whose RECORD
     says which .pth file is theirs.
 
-    Malformed, oversized, unreadable or non-UTF-8 metadata never raises: it becomes a problem string.
-    Only a site directory that cannot be listed at all raises (UsageError naming it).
+    Malformed, oversized, unreadable or non-UTF-8 metadata never raises: it becomes a problem string,
+    also for a metadata directory that cannot even be followed (a symlink loop). Only a site directory
+    that cannot be listed at all raises (UsageError naming it).
     """
     root = os.path.abspath(site_dir)
     try:
         with os.scandir(root) as entries:
-            found = [(entry.name, entry.is_dir(follow_symlinks=True)) for entry in entries]
+            found = [
+                (entry.name, _is_dir(entry)) for entry in entries if entry.name.endswith(_METADATA_SUFFIXES)
+            ]
     except OSError as exc:
         raise UsageError(f"cannot list site directory {site_dir}: {exc.strerror or exc}") from exc
     dists: list[Distribution] = []
@@ -105,6 +108,18 @@ def read_distributions(site_dir: str, *, records: bool = True) -> list[Distribut
             dists.append(_read_egg_info(root, name, is_dir))
     dists.sort(key=lambda d: (d.key, d.meta_dir))
     return dists
+
+
+_METADATA_SUFFIXES = (".dist-info", ".egg-info")
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    """Whether `entry` is a directory; one that cannot be followed counts as one, so that reading its
+    metadata fails there, as a problem of that distribution, instead of hiding the whole site."""
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return True
 
 
 class _Problems:

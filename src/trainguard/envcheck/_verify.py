@@ -728,7 +728,7 @@ def _distribution_changes(survey_: Survey, baseline: Baseline) -> list[EnvFindin
                     "distribution-added",
                     Severity.HIGH,
                     dist.meta_dir,
-                    f"{dist.name} {dist.version} was installed after the baseline",
+                    f"{dist.name} {dist.version}".rstrip() + " was installed after the baseline",
                     "uninstall it, or take a new baseline if it was installed on purpose",
                     dist.name,
                 )
