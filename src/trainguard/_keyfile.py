@@ -5,8 +5,11 @@ Used by the ledger's note keys and by the checkpoint signing keys alike.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from trainguard.errors import KeyFileError
@@ -44,28 +47,77 @@ def read_key_file(path: Path, *, private: bool, max_bytes: int) -> bytes:
 
 
 def write_new_key_file(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` exclusively (never overwriting) with exactly `mode`, and write `data` durably.
+    """Create `path` (never overwriting) with exactly `mode` and `data`, durably and all at once.
 
-    A missing parent folder is created with mode 0700.
+    The bytes go to a temporary file in the same folder, which is then hard-linked to `path`: the link
+    fails if `path` exists, and no other process can see `path` empty or half-written (processes
+    creating the same default key together read the winner's whole key). Where the file system has no
+    hard links, `path` is created exclusively and written in place. A missing parent folder is
+    created with mode 0700.
     """
     parent = path.parent
     if not parent.exists():
         try:
-            parent.mkdir(mode=0o700, parents=True)
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise KeyFileError(f"cannot create directory {parent}: {exc.strerror}") from None
+    if path.exists() or path.is_symlink():
+        raise _exists(path)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, mode)
-    except FileExistsError:
-        raise KeyFileError(
-            f"key file {path} already exists; refusing to overwrite it",
-            hint="move the old key away first if you really mean to replace it",
-        ) from None
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=parent)
     except OSError as exc:
         raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
+    try:
+        _write_durably(fd, data, mode)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise _exists(path) from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
+                raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
+            _create_in_place(path, data, mode)
+    finally:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink()
+    _sync_folder(parent)
+
+
+def _exists(path: Path) -> KeyFileError:
+    return KeyFileError(
+        f"key file {path} already exists; refusing to overwrite it",
+        hint="move the old key away first if you really mean to replace it",
+    )
+
+
+def _write_durably(fd: int, data: bytes, mode: int) -> None:
     with os.fdopen(fd, "wb") as handle:
         # The umask may have taken bits away from a public key's 0644; set exactly what was asked.
         os.fchmod(fd, mode)
         handle.write(data)
         handle.flush()
         os.fsync(fd)
+
+
+def _create_in_place(path: Path, data: bytes, mode: int) -> None:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        raise _exists(path) from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
+    _write_durably(fd, data, mode)
+
+
+def _sync_folder(folder: Path) -> None:
+    """The new name itself survives a crash."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)

@@ -122,6 +122,9 @@ class Ledger:
             meta = store.meta()
             if not meta:
                 meta, key = cls._initialise(store, key, origin, default)
+            elif key is None and key_path.exists():
+                # Another process created the default key and this ledger since we looked.
+                key = SigningKey.load(key_path)
             return cls._from_meta(store, meta, key, explicit_key, verifier, origin)
         except BaseException:
             store.close()
