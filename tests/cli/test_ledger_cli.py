@@ -113,6 +113,23 @@ def test_edit_with_recomputed_leaf_hash_is_still_caught(home: Path) -> None:
     assert "first bad index: 1" in done.stdout
 
 
+def test_a_deleted_checkpoint_row_exits_1_and_names_its_size(home: Path) -> None:
+    # Each append signed one checkpoint, each naming the size of the one before it.
+    _sql(home, "DELETE FROM checkpoints WHERE size = 3")
+    done = _run(home, "ledger", "verify")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "the checkpoint at size 3 is missing" in done.stdout
+
+
+def test_a_replaced_verifier_key_in_the_store_exits_1(home: Path) -> None:
+    origin = (home / "keys" / "ledger.pub").read_text().split("+")[0]
+    other = SigningKey.generate(origin).verifier().text()
+    _sql(home, "UPDATE meta SET value = ? WHERE key = 'verifier'", other)
+    done = _run(home, "ledger", "verify")  # against keys/ledger.pub, kept apart from the store
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "the store records verifier key" in done.stdout
+
+
 def test_ledger_rewritten_under_another_key_is_caught(home: Path, tmp_path: Path) -> None:
     # The attacker builds a whole new history under the same origin with a key of their own, then puts it
     # in place of the real database. It is self-consistent; only the key kept apart gives it away.

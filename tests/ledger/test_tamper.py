@@ -136,6 +136,30 @@ def test_entries_and_nodes_rewritten_without_resigning(
     assert "the first invalid at size 20" in " ".join(report.problems)
 
 
+def test_deleted_middle_checkpoint(ledger: Ledger, key: SigningKey, attacker_for: AttackerFor) -> None:
+    attacker_for(ledger.location).execute("DELETE FROM checkpoints WHERE size = ?", (20,))
+    report = _verify(ledger, key)
+    assert not report.ok
+    assert report.problems == [
+        "the checkpoint at size 20 is missing: the one at size 25 was signed after it (its row was deleted)"
+    ]
+
+
+def test_replaced_verifier_key_in_the_meta_table(
+    ledger: Ledger, key: SigningKey, attacker_for: AttackerFor
+) -> None:
+    forged = SigningKey.generate(key.name)
+    attacker_for(ledger.location).execute(
+        "UPDATE meta SET value = ? WHERE key = 'verifier'", (forged.verifier().text(),)
+    )
+    report = _verify_with_pinned_key(ledger, key)
+    assert not report.ok
+    assert report.problems == [
+        f"the store records verifier key {forged.ident}, not the ledger's key {key.ident}: its meta table "
+        "was changed"
+    ]
+
+
 def test_key_swap(ledger: Ledger, key: SigningKey, attacker_for: AttackerFor) -> None:
     """Rewrite history consistently and re-sign it with the attacker's key, under the same key name."""
     attacker = attacker_for(ledger.location)

@@ -26,6 +26,7 @@ from trainguard.ledger._keys import (
 __all__ = [
     "MAX_NOTE_BYTES",
     "MAX_SIGNATURES",
+    "PREVIOUS_SIZE",
     "Checkpoint",
     "Note",
     "NoteSignature",
@@ -42,6 +43,9 @@ __all__ = [
 MAX_NOTE_BYTES = 1 << 20
 MAX_SIGNATURES = 100  # golang.org/x/mod/sumdb/note rejects more; C2SP asks verifiers to accept at least 16
 _SIG_PREFIX = "\u2014 "  # em dash, space
+# The extension line that chains each checkpoint to the one signed before it, so that a checkpoint row
+# deleted from the middle of a store is missed by the one after it.
+PREVIOUS_SIZE = "previous-size"
 _ROOT_BYTES = 32  # SHA-256 root hash (RFC 9162)
 _MAX_TIMESTAMP = (1 << 63) - 1
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
@@ -256,6 +260,18 @@ class Checkpoint:
         if len(root) != _ROOT_BYTES:
             raise VerificationFailed(f"malformed checkpoint: the root hash has {len(root)} bytes")
         return cls(origin, size, root, tuple(extensions))
+
+    def previous_size(self) -> int | None:
+        """The size of the checkpoint signed before this one, from its `previous-size N` extension line;
+        None for a checkpoint without one (written before the line existed). VerificationFailed for a
+        line that is repeated or not a decimal."""
+        found = [ext for ext in self.extensions if ext.startswith(PREVIOUS_SIZE + " ")]
+        if not found:
+            return None
+        value = _decimal(found[0][len(PREVIOUS_SIZE) + 1 :])
+        if len(found) > 1 or value is None or value >= self.size:
+            raise VerificationFailed(f"malformed checkpoint: bad {PREVIOUS_SIZE} line at size {self.size}")
+        return value
 
 
 def sign_checkpoint(checkpoint: Checkpoint, key: SigningKey) -> str:

@@ -19,7 +19,6 @@ import psycopg
 from trainguard.errors import StoreError, TrainguardError
 from trainguard.ledger._keys import VerifierKey
 from trainguard.ledger._merkle import NodeKey
-from trainguard.ledger._note import Checkpoint
 from trainguard.ledger._sqlreads import SqlReads
 from trainguard.ledger._store import (
     META_FORMAT,
@@ -162,7 +161,7 @@ class PostgresStore(SqlReads):
                 copy.set_types(["int2", "int8", "bytea"])
                 for row in batch.nodes:
                     copy.write_row(row)
-            note = sign(Checkpoint(origin, batch.size, batch.root))
+            note = sign(batch.checkpoint(origin))
             cur.execute("INSERT INTO checkpoints (size, note) VALUES (%s, %s)", (batch.size, note))
         return size, note
 

@@ -13,7 +13,6 @@ from typing import Any
 from trainguard.errors import StoreError
 from trainguard.ledger._keys import VerifierKey
 from trainguard.ledger._merkle import NodeKey
-from trainguard.ledger._note import Checkpoint
 from trainguard.ledger._sqlreads import SqlReads
 from trainguard.ledger._store import (
     META_FORMAT,
@@ -152,7 +151,7 @@ class SqliteStore(SqlReads):
                 [(size + i, data) for i, data in enumerate(entries)],
             )
             cur.executemany("INSERT INTO nodes (level, idx, hash) VALUES (?, ?, ?)", batch.nodes)
-            note = sign(Checkpoint(origin, batch.size, batch.root))
+            note = sign(batch.checkpoint(origin))
             cur.execute("INSERT INTO checkpoints (size, note) VALUES (?, ?)", (batch.size, note))
         return size, note
 

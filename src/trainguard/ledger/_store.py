@@ -23,7 +23,7 @@ from typing import Protocol
 from trainguard.errors import KeyFileError, MissingExtraError, StoreError
 from trainguard.ledger._keys import VerifierKey
 from trainguard.ledger._merkle import Frontier, NodeKey, ProofError, leaf_hash, perfect_cover
-from trainguard.ledger._note import Checkpoint
+from trainguard.ledger._note import PREVIOUS_SIZE, Checkpoint
 
 __all__ = [
     "META_FORMAT",
@@ -124,6 +124,12 @@ class Batch:
     nodes: list[tuple[int, int, bytes]]
     size: int
     root: bytes
+    previous: int
+    """The size of the latest checkpoint before this batch."""
+
+    def checkpoint(self, origin: str) -> Checkpoint:
+        """The checkpoint to sign for this batch, chained to the one before it."""
+        return Checkpoint(origin, self.size, self.root, (f"{PREVIOUS_SIZE} {self.previous}",))
 
 
 def next_batch(
@@ -156,7 +162,7 @@ def next_batch(
     nodes: list[tuple[int, int, bytes]] = []
     for data in entries:
         nodes.extend((level, idx, h) for (level, idx), h in frontier.append(leaf_hash(data)))
-    return Batch(nodes, frontier.size, frontier.root())
+    return Batch(nodes, frontier.size, frontier.root(), signed)
 
 
 def check_meta(existing: Mapping[str, str], origin: str, verifier: VerifierKey, location: str) -> None:

@@ -12,6 +12,7 @@ What it finds, and what it names as the first bad index:
   that the rest of the log is still checked;
 - fewer entries than the latest checkpoint covers (truncation): the first missing index;
 - entries beyond the latest checkpoint (unsigned rows): the first of them;
+- a checkpoint row deleted from the middle: the next checkpoint names the size it follows;
 - a checkpoint whose signature is not by the ledger key (key swap) or whose signed root is not the root of
   the entries (entries and nodes rewritten together): when no changed entry was already found, the change
   lies between the last checkpoint that verified and this one, and the first index of that range is named.
@@ -31,6 +32,7 @@ from trainguard.ledger._events import Event
 from trainguard.ledger._keys import VerifierKey
 from trainguard.ledger._merkle import EMPTY_ROOT, Frontier, NodeKey, leaf_hash
 from trainguard.ledger._note import Checkpoint, Note, open_checkpoint
+from trainguard.ledger._store import META_VERIFIER, describe_key
 
 __all__ = ["LedgerExport", "VerifyReport", "verify_ledger", "verify_stream"]
 
@@ -109,6 +111,7 @@ class _Run:
         self.entries_checked = 0
         self.checkpoints_checked = 0
         self.nodes_checked = 0
+        self.previous_stored = 0  # the size of the stored checkpoint before the one being checked
         # The current run of missing rows, and the problem line that describes it (while listed).
         self.gap_start = 0
         self.gap_len = 0
@@ -212,6 +215,9 @@ class _Run:
             self.problem("signature", f"checkpoint at size {size}: {exc.message}", None)
             cp = _unsigned_body(note)
         good = signed and cp is not None
+        if signed and cp is not None:
+            self.chained(size, cp)
+        self.previous_stored = size
         if cp is not None:
             if cp.size != size:
                 good = False
@@ -261,6 +267,30 @@ class _Run:
                 f"entries from {self.last_good} on are not covered by a valid checkpoint; "
                 f"the last valid one is at size {self.last_good}, the first invalid at size {size}",
                 self.last_good,
+            )
+
+    def chained(self, size: int, cp: Checkpoint) -> None:
+        """Compare the size a checkpoint says it follows with the stored checkpoint before it."""
+        try:
+            previous = cp.previous_size()
+        except VerificationFailed as exc:
+            self.problem("checkpoint", exc.message, None)
+            return
+        if previous is None or previous == self.previous_stored:
+            return
+        if previous > self.previous_stored:
+            self.problem(
+                "deleted checkpoint",
+                f"the checkpoint at size {previous} is missing: the one at size {size} was signed after it "
+                "(its row was deleted)",
+                None,
+            )
+        else:
+            self.problem(
+                "checkpoint",
+                f"the checkpoint at size {size} follows size {previous}, but a checkpoint at size "
+                f"{self.previous_stored} is stored between them",
+                None,
             )
 
     def _explained(self) -> bool:
@@ -405,16 +435,33 @@ def _store_stream(store: _VerifiableStore, key: VerifierKey, trusted: Checkpoint
         trusted=trusted,
         stored_nodes=store.nodes_completed,
     )
-    if entries_size <= signed_size:
+    problems = list(report.problems)
+    first = report.first_bad_index
+    recorded = meta.get(META_VERIFIER)
+    if _parsed_key(recorded) != key:
+        # Checked against a key kept elsewhere, the log may verify while the store names another key:
+        # every later append would then be refused, or signed by the wrong key.
+        problems.append(
+            f"the store records verifier key {describe_key(recorded or '')}, not the ledger's key "
+            f"{key.ident}: its meta table was changed"
+        )
+    if entries_size > signed_size:
+        # Rows beyond the latest checkpoint were never signed: trainguard writes both in one transaction.
+        problems.append(
+            f"entries {signed_size}..{entries_size - 1} are not covered by any signed checkpoint "
+            "(rows added outside trainguard)"
+        )
+        first = signed_size if first is None else min(first, signed_size)
+    if problems == report.problems:
         return report
-    # Rows beyond the latest checkpoint were never signed: trainguard writes both in one transaction.
-    problems = [
-        *report.problems,
-        f"entries {signed_size}..{entries_size - 1} are not covered by any signed checkpoint "
-        "(rows added outside trainguard)",
-    ]
-    first = signed_size if report.first_bad_index is None else min(report.first_bad_index, signed_size)
     return dataclasses.replace(report, ok=False, problems=problems, first_bad_index=first)
+
+
+def _parsed_key(text: str | None) -> VerifierKey | None:
+    try:
+        return None if text is None else VerifierKey.from_text(text)
+    except (TrainguardError, ValueError):
+        return None
 
 
 def _export_stream(export: LedgerExport, key: VerifierKey, trusted: Checkpoint | None) -> VerifyReport:
