@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from trainguard.gate._cache import CACHE_NAME
+from trainguard.provenance import UnreadableTree
 
 
 def _run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -29,6 +31,7 @@ def _run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "trainguard", *args],
         capture_output=True,
         text=True,
+        errors="replace",  # file names that are not UTF-8 are printed as their bytes
         env=env,
         timeout=120,
         check=False,
@@ -212,6 +215,51 @@ def test_an_unreadable_file_is_undecided(home: Path, ckpt: Path) -> None:
     finally:
         target.chmod(0o644)
     assert done.returncode == 3, done.stdout + done.stderr
+
+
+def _verify_events(home: Path) -> list[dict[str, Any]]:
+    shown = _run(home, "ledger", "show", "--type", "provenance.verify")
+    assert shown.returncode == 0, shown.stderr
+    return [json.loads(line)["payload"] for line in shown.stdout.splitlines()]
+
+
+def test_every_verification_outcome_is_recorded_whatever_the_file_names(
+    home: Path, ckpt: Path, tmp_path: Path
+) -> None:
+    assert _run(home, "sign", str(ckpt)).returncode == 0
+    # A file whose name is not UTF-8 put in the checkpoint: the failure names it, and is recorded.
+    (ckpt / os.fsdecode(b"\xff.bin")).write_bytes(b"planted")
+    done = _run(home, "verify", str(ckpt), "--trust", _public(home))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "not recorded" not in done.stderr, done.stderr
+    # A directory whose own name is not UTF-8.
+    odd = tmp_path / os.fsdecode(b"ck\xfe")
+    odd.mkdir()
+    assert _run(home, "verify", str(odd), "--trust", _public(home)).returncode == 1
+    events = _verify_events(home)
+    assert [event["ok"] for event in events] == [False, False]
+    assert "\\xff.bin" in events[0]["problems"][0]
+    assert events[1]["path"].endswith("ck\\xfe")
+
+
+def test_an_undecided_verification_is_recorded(
+    home: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In process, so that it runs as root too: the file read fails as an unreadable file's would.
+    from trainguard import cli
+    from trainguard.provenance import _signature
+
+    assert _run(home, "sign", str(ckpt)).returncode == 0
+
+    def unreadable(path: Path, **_: object) -> None:
+        raise UnreadableTree(path / "model.safetensors", "cannot be read: Permission denied")
+
+    monkeypatch.setenv("TRAINGUARD_HOME", str(home))
+    monkeypatch.setattr(_signature, "build_manifest", unreadable)
+    assert cli.main(["verify", str(ckpt), "--trust", _public(home), "--full"]) == 3
+    assert "Permission denied" in capsys.readouterr().err
+    [event] = _verify_events(home)
+    assert event["ok"] is False and event["problems"][0].startswith("undecided: ")
 
 
 def test_a_fifo_in_place_of_the_signature_fails_at_once(home: Path, ckpt: Path) -> None:

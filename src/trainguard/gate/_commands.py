@@ -215,12 +215,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     message = ""
     fmt = "trainguard"
     hint: str | None = None
+    undecided: UnreadableTree | None = None
     try:
         result, fmt = _verify(args, trusted, cache)
     except TreeChanged as exc:
         result, problems, message = exc.result, exc.diff.describe(), exc.message
-    except UnreadableTree:
-        raise  # exit 3: nothing is known about the files
+    except UnreadableTree as exc:
+        # Exit 3 once recorded: nothing is known about the files, and that is an outcome too.
+        undecided, message = exc, f"undecided: {exc.message}"
     except VerificationFailed as exc:
         message, hint = exc.message, exc.hint
     finally:
@@ -243,6 +245,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             fmt=fmt,
         )
         record(EVENT_VERIFY, payload, require=_require_ledger(args))
+    if undecided is not None:
+        raise undecided
     if args.format == "json":
         document: dict[str, Any] = {
             "schema_version": "1",

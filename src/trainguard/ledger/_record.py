@@ -15,7 +15,34 @@ from typing import Any
 
 from trainguard.errors import StoreError, TrainguardError
 
-__all__ = ["record"]
+__all__ = ["record", "valid_text"]
+
+_SURROGATES = range(0xD800, 0xE000)
+_ESCAPED_BYTES = range(0xDC80, 0xDD00)  # what os.fsdecode makes of a byte that is not UTF-8
+
+
+def valid_text(value: Any) -> Any:
+    """`value` with every string made valid Unicode: a file name that is not UTF-8 reaches Python with
+    lone surrogates, which JSON cannot carry, and the event must be recorded all the same. Such a byte
+    is written ``\\xff``, any other lone surrogate ``\\udXXX``."""
+    if isinstance(value, str):
+        return value if value.isascii() else _escape_surrogates(value)
+    if isinstance(value, Mapping):
+        return {valid_text(key): valid_text(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [valid_text(item) for item in value]
+    return value
+
+
+def _escape_surrogates(text: str) -> str:
+    if not any(ord(ch) in _SURROGATES for ch in text):
+        return text
+    return "".join(
+        ch
+        if ord(ch) not in _SURROGATES
+        else (f"\\x{ord(ch) - 0xDC00:02x}" if ord(ch) in _ESCAPED_BYTES else f"\\u{ord(ch):04x}")
+        for ch in text
+    )
 
 
 def record(event_type: str, payload: Mapping[str, Any], *, require: bool = False) -> int | None:
@@ -32,7 +59,7 @@ def record(event_type: str, payload: Mapping[str, Any], *, require: bool = False
     try:
         key = SigningKey.load(Path(key_file), alg=ALG_ED25519) if key_file else None
         with Ledger.open(location, key=key) as ledger:
-            return ledger.append(new_event(event_type, payload))
+            return ledger.append(new_event(event_type, valid_text(payload)))
     # A ledger of any kind failing in any way must not stop the command; bugs still show in the message.
     except Exception as exc:
         message = exc.diagnostics() if isinstance(exc, TrainguardError) else f"{type(exc).__name__}: {exc}"
