@@ -34,16 +34,36 @@ def read_key_file(path: Path, *, private: bool, max_bytes: int) -> bytes:
         os.close(fd)
         raise KeyFileError(f"key file {path} is not a regular file")
     with os.fdopen(fd, "rb") as handle:
-        mode = stat.S_IMODE(info.st_mode)
-        if private and mode & 0o077:
-            raise KeyFileError(
-                f"private key file {path} is accessible by other users (mode {mode:04o})",
-                hint=f"chmod 600 {path}",
-            )
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise KeyFileError(f"key file {path} is too large to be a key file")
+    if private and _is_public_pem(data):
+        # Said before the mode: a public key is 0644 on purpose, and chmod would not make it private.
+        raise KeyFileError(
+            f"{path} is a public key, but a private key is needed to sign",
+            hint=f"pass the private key it was made from (keygen writes FILE and FILE.pub): "
+            f"{_private_guess(path)}",
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if private and mode & 0o077:
+        raise KeyFileError(
+            f"private key file {path} is accessible by other users (mode {mode:04o})",
+            hint=f"chmod 600 {path}",
+        )
     return data
+
+
+def _is_public_pem(data: bytes) -> bool:
+    """A PEM public key, or a signed-note verifier key (``name+keyid+base64``: a private note key
+    starts with ``PRIVATE+KEY+``)."""
+    text = data.strip()
+    if text.startswith((b"-----BEGIN PUBLIC KEY-----", b"-----BEGIN EC PUBLIC KEY-----")):
+        return True
+    return b"PRIVATE" not in text and b"\n" not in text and text.count(b"+") == 2
+
+
+def _private_guess(path: Path) -> str:
+    return str(path.with_suffix("")) if path.suffix == ".pub" else "the file without .pub"
 
 
 def write_new_key_file(path: Path, data: bytes, mode: int) -> None:

@@ -136,6 +136,14 @@ def test_exit_codes_for_usage_and_trust_errors(home: Path, ckpt: Path, tmp_path:
     assert not_signed.returncode == 1 and "not signed" in not_signed.stdout
 
 
+def test_a_public_key_given_to_sign_is_named_as_one(home: Path, ckpt: Path) -> None:
+    done = _run(home, "sign", str(ckpt), "--key", _public(home))
+    assert done.returncode != 0
+    assert f"{_public(home)} is a public key, but a private key is needed to sign" in done.stderr
+    assert "chmod" not in done.stderr
+    assert str(home / "keys" / "signing.pem") in done.stderr  # the private key it came from
+
+
 def test_trust_policy_names_the_signer(home: Path, ckpt: Path, tmp_path: Path) -> None:
     assert _run(home, "sign", str(ckpt)).returncode == 0
     policy = tmp_path / "trust.toml"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainguard.errors import UsageError
+from trainguard.errors import TrainguardError, UsageError
 from trainguard.gate._load import load
 from trainguard.gate._save import save
 from trainguard.provenance import PrivateKey, build_manifest, signature_path, verify_path
@@ -81,6 +81,52 @@ def test_save_replaces_an_existing_checkpoint_and_its_signature(tmp_path: Path, 
 def test_save_refuses_a_directory(tmp_path: Path, key: PrivateKey) -> None:
     with pytest.raises(UsageError):
         save({"v": 1}, tmp_path, key=key)
+
+
+def test_the_key_may_be_a_path_or_the_default_signing_key(
+    tmp_path: Path, key: PrivateKey, _home: Path
+) -> None:
+    pem = tmp_path / "signing.pem"
+    key.save(pem)
+    path = tmp_path / "ckpt.pt"
+    assert save({"v": torch.ones(2)}, path, key=str(pem)).key_id == key.key_id
+    assert save({"v": torch.ones(2)}, path, key=pem).key_id == key.key_id
+    with pytest.raises(UsageError, match=r"no default signing key at .*signing\.pem: create it with"):
+        save({"v": torch.ones(2)}, path)
+    key.save(_home / "keys" / "signing.pem")
+    assert save({"v": torch.ones(2)}, path).key_id == key.key_id
+
+
+@pytest.mark.parametrize(
+    ("bad_key", "message"),
+    [
+        ("public", "is a public key, but a private key is needed"),
+        ("missing", "does not exist"),
+        ("public object", "key is a PublicKey"),
+        (42, "key must be a PrivateKey or the path of a private key file, not int"),
+    ],
+)
+def test_a_bad_key_leaves_the_checkpoint_untouched(
+    tmp_path: Path, key: PrivateKey, bad_key: object, message: str
+) -> None:
+    path = tmp_path / "ckpt.pt"
+    save({"v": torch.zeros(3)}, path, key=key)
+    before = path.read_bytes(), signature_path(path).read_bytes()
+    key.public().save(tmp_path / "signing.pem.pub")
+    given = {
+        "public": str(tmp_path / "signing.pem.pub"),
+        "missing": tmp_path / "nowhere.pem",
+        "public object": key.public(),
+    }.get(bad_key, bad_key)  # type: ignore[call-overload]
+    with pytest.raises(TrainguardError, match=message):
+        save({"v": torch.ones(3)}, path, key=given)  # type: ignore[arg-type]
+    assert (path.read_bytes(), signature_path(path).read_bytes()) == before
+    assert verify_path(path, [key.public()]).ok
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt.pt",
+        "ckpt.pt.trainguard.sig",
+        "signing.pem.pub",
+    ]
 
 
 def test_a_failed_save_leaves_nothing_behind(tmp_path: Path, key: PrivateKey) -> None:

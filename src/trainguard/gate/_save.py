@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trainguard.errors import UsageError
-from trainguard.provenance import DEFAULT_SHARD_SIZE, FileEntry, Manifest, PrivateKey, SignResult
+from trainguard.provenance import DEFAULT_SHARD_SIZE, FileEntry, Manifest, PrivateKey, PublicKey, SignResult
 from trainguard.provenance._hashing import read_buffer
 from trainguard.provenance._signature import sign_manifest
 
@@ -162,12 +162,17 @@ def save(
     obj: object,
     path: str | os.PathLike[str],
     *,
-    key: PrivateKey,
+    key: PrivateKey | str | os.PathLike[str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     fsync: bool = True,
     **kwargs: Any,
 ) -> SignResult:
     """``torch.save(obj, path, **kwargs)``, then sign the file with `key` (PATH.trainguard.sig).
+
+    `key` is a `trainguard.provenance.PrivateKey`, or the path of a private key file (PEM, mode 0600,
+    as `trainguard keygen --pem FILE` writes it); None is the default signing key,
+    $TRAINGUARD_HOME/keys/signing.pem, the one `trainguard sign` uses. The key and the arguments are
+    checked before anything is written: a bad one leaves the old checkpoint as it was.
 
     The digests are taken while the file is written: a thread reads back and hashes what torch has
     written while torch goes on writing. The file is written under a temporary name, fsynced, and renamed
@@ -175,15 +180,21 @@ def save(
     `fsync=False` skips the syncs (as torch.save does): faster, but after a power loss the file may be
     incomplete; its signature then no longer matches and the load gate refuses it.
     """
-    import torch
-
-    if shard_size <= 0:
-        raise UsageError("shard_size must be positive")
+    if isinstance(shard_size, bool) or shard_size <= 0:
+        raise UsageError(f"trainguard.save: shard_size must be a positive integer, not {shard_size!r}")
+    signing_key = _signing_key(key)
     target = Path(path)
     if target.is_dir():
         raise UsageError(f"{target} is a directory: trainguard.save writes one checkpoint file")
+    if not target.parent.is_dir():
+        raise UsageError(f"cannot save {target}: the folder {target.parent} does not exist")
+    import torch
+
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise UsageError(f"cannot save {target}: {exc.strerror or exc}") from None
     writer = None
     try:
         writer = _HashingWriter(fd, shard_size)
@@ -205,7 +216,31 @@ def save(
         _sync_directory(target.parent)
     entry = FileEntry(target.name, info.st_size, info.st_mode & 0o7777, digest, shards)
     manifest = Manifest(kind="file", name=target.name, shard_size=shard_size, files=(entry,))
-    return sign_manifest(target, manifest, key)
+    return sign_manifest(target, manifest, signing_key)
+
+
+def _signing_key(key: object) -> PrivateKey:
+    """The key `save` signs with, loaded and checked before the checkpoint is touched."""
+    if isinstance(key, PrivateKey):
+        return key
+    if key is None:
+        from trainguard._cli_common import default_signing_key
+
+        default = default_signing_key()
+        if not default.exists():
+            raise UsageError(
+                f"trainguard.save: no key given and no default signing key at {default}: create it with "
+                f"`trainguard keygen --pem {default}`, or pass key=PATH or key=PrivateKey"
+            )
+        return PrivateKey.load(default)
+    if isinstance(key, str | os.PathLike):
+        return PrivateKey.load(Path(key))
+    if isinstance(key, PublicKey):
+        raise UsageError("trainguard.save: key is a PublicKey, which verifies; signing needs its PrivateKey")
+    raise UsageError(
+        f"trainguard.save: key must be a PrivateKey or the path of a private key file, not "
+        f"{type(key).__name__}"
+    )
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

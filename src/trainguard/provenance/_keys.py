@@ -165,6 +165,8 @@ class PrivateKey:
         """Parse an unencrypted PKCS#8 PEM. Messages never quote the key material."""
         if b"ENCRYPTED" in data:
             raise KeyFileError(f"{where}: encrypted private keys are not supported")
+        if b"PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:
+            raise KeyFileError(f"{where}: this is a public key, but a private key is needed to sign")
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm):
