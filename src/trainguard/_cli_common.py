@@ -74,9 +74,11 @@ def trusted_keys(args: argparse.Namespace, *, required: bool) -> list[PublicKey]
     if args.trust_policy is not None:
         keys.extend(load_trust_policy(Path(args.trust_policy)))
     if required and not keys:
+        public = f"{default_signing_key()}.pub"
         raise UsageError(
             "no trusted keys: pass --trust KEY or a policy file",
-            hint="--trust signing.pem.pub, or --trust-policy FILE (env TRAINGUARD_TRUST_POLICY)",
+            hint=f"--trust {public} for your own default key, or --trust-policy FILE "
+            "(env TRAINGUARD_TRUST_POLICY)",
         )
     return keys
 

@@ -24,9 +24,17 @@ def _run(name: str) -> Callable[[argparse.Namespace], int]:
 
 def _keygen(args: argparse.Namespace) -> int:
     """Note keys for the ledger and witnesses; PEM keys for signing checkpoints."""
+    from trainguard.errors import UsageError
+
+    if args.out is None:
+        if args.witness or args.name:
+            raise UsageError("a ledger or witness key needs a FILE to write it to")
+        from trainguard._cli_common import default_signing_key
+
+        # The checkpoint signing key, where `trainguard sign` and `trainguard.save` look for it.
+        args.pem, args.out = True, default_signing_key()
     if not args.pem:
         return int(_run("cmd_keygen")(args))
-    from trainguard.errors import UsageError
     from trainguard.gate._commands import cmd_keygen_pem
 
     if args.witness or args.name:
@@ -53,7 +61,14 @@ def _add_keygen(
         "as FILE.pub: a C2SP signed-note key for the ledger or a witness, or with --pem a PEM key for "
         "`trainguard sign`.",
     )
-    keygen.add_argument("out", type=Path, metavar="FILE", help="private key file to create")
+    keygen.add_argument(
+        "out",
+        type=Path,
+        nargs="?",
+        metavar="FILE",
+        help="private key file to create; without FILE, the default checkpoint signing key "
+        "($TRAINGUARD_HOME/keys/signing.pem) that `trainguard sign` uses",
+    )
     keygen.add_argument("--name", help="key name (note keys); for a ledger key, the ledger's origin")
     keygen.add_argument(
         "--witness", action="store_true", help="a witness cosigning key (cosignature/v1) instead of a log key"

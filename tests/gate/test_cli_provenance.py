@@ -136,6 +136,19 @@ def test_exit_codes_for_usage_and_trust_errors(home: Path, ckpt: Path, tmp_path:
     assert not_signed.returncode == 1 and "not signed" in not_signed.stdout
 
 
+def test_keygen_without_a_file_makes_the_default_signing_key(tmp_path: Path, ckpt: Path) -> None:
+    home = tmp_path / "fresh-home"
+    made = _run(home, "keygen")
+    assert made.returncode == 0, made.stderr
+    assert (home / "keys" / "signing.pem").stat().st_mode & 0o777 == 0o600
+    assert f"trust it with: trainguard verify --trust {_public(home)}" in made.stderr
+    assert _run(home, "sign", str(ckpt)).returncode == 0  # no --key: the default one
+    assert _run(home, "verify", str(ckpt), "--trust", _public(home)).returncode == 0
+    again = _run(home, "keygen")
+    assert again.returncode != 0 and "never overwritten" in again.stderr
+    assert _run(home, "keygen", "--witness").returncode == 2
+
+
 def test_a_public_key_given_to_sign_is_named_as_one(home: Path, ckpt: Path) -> None:
     done = _run(home, "sign", str(ckpt), "--key", _public(home))
     assert done.returncode != 0
