@@ -44,6 +44,10 @@ class TrainguardError(Exception):
             return f"{self.message}\n  hint: {self.hint}"
         return self.message
 
+    def __str__(self) -> str:
+        # A traceback shows str(exc): the fix must be in it, not only in an attribute nobody prints.
+        return self.diagnostics()
+
 
 class UsageError(TrainguardError):
     """The command line or its configuration cannot be used as given."""

@@ -183,6 +183,20 @@ def test_refuses_an_unsigned_file(tmp_path: Path, trusted: list[PublicKey]) -> N
     assert "trainguard sign" in caught.value.diagnostics()
 
 
+def test_a_missing_file_is_named_as_missing_and_the_fix_shows_in_a_traceback(
+    tmp_path: Path, trusted: list[PublicKey]
+) -> None:
+    with pytest.raises(LoadRefused, match="it does not exist"):
+        load(tmp_path / "nowhere.pt", trusted=trusted)
+    # Uncaught, as in a training script: the traceback's last line carries the hint.
+    script = f"import torch, trainguard\ntrainguard.load({str(tmp_path / 'model.pt')!r}, trusted=[])\n"
+    torch.save(_state(), tmp_path / "model.pt")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "LoadRefused: refused to load: no trusted keys" in done.stderr
+    assert "hint: " in done.stderr.splitlines()[-1]
+
+
 def test_refuses_a_file_signed_by_an_untrusted_key(
     tmp_path: Path, stranger: PrivateKey, trusted: list[PublicKey]
 ) -> None:

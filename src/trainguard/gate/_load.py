@@ -260,6 +260,8 @@ def _signed_target(path: Path) -> tuple[Path, str]:
     for parent in absolute.parents:
         if (parent / SIGNATURE_NAME).is_file():
             return parent, absolute.relative_to(parent).as_posix()
+    if not os.path.lexists(path):
+        raise LoadRefused(path, "it does not exist", hint="check the path")
     raise LoadRefused(path, "it is not signed", hint=_SIGN_HINT.format(path=path))
 
 
