@@ -267,3 +267,19 @@ def test_a_ledger_that_cannot_be_written_stops_the_launch(home: Path, tmp_path: 
     assert done.returncode == 3, done.stderr
     assert "ledger" in done.stderr
     assert not marker.exists()
+
+
+def test_a_message_never_runs_into_an_unfinished_line_of_the_job(
+    home: Path, supervised: list[Supervised]
+) -> None:
+    job = [
+        sys.executable,
+        "-c",
+        "import sys; sys.stderr.write('epoch 3: 42%'); sys.stderr.flush(); sys.exit(5)",
+    ]
+    run = Supervised(job)
+    supervised.append(run)
+    code, err = run.finish()
+    assert code == 5, err
+    assert "epoch 3: 42%\n" in err
+    assert any(line.startswith("trainguard: job ") for line in err.splitlines()), err

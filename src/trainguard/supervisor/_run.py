@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,6 +31,7 @@ from trainguard.supervisor._attest import build_attestation, code_state, config_
 from trainguard.supervisor._journal import Journal
 from trainguard.supervisor._preflight import Refused, check_environment, check_inputs
 from trainguard.supervisor._procs import JobProcesses, describe_wait_status, signal_name
+from trainguard.supervisor._say import say
 from trainguard.supervisor._watch import Watcher
 
 __all__ = ["ENV_ENV_DIGEST", "ENV_SEED", "cmd_run"]
@@ -45,7 +45,7 @@ _SOCKET_BUFFER = 1 << 20
 
 
 def _say(message: str) -> None:
-    print(f"trainguard: {message}", file=sys.stderr, flush=True)
+    say(message)
 
 
 def new_run_id() -> str:

@@ -24,7 +24,6 @@ import select
 import signal
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +40,7 @@ from trainguard.supervisor._procs import (
     read_stat,
     signal_name,
 )
+from trainguard.supervisor._say import say
 from trainguard.supervisor._verdicts import Alarm, GuardVerdicts, parse_report
 
 __all__ = ["Watcher"]
@@ -173,7 +173,7 @@ class Watcher:
             except ValueError as exc:
                 self.rejected += 1
                 if self.rejected == 1:
-                    print(f"trainguard: ignoring a malformed heartbeat datagram: {exc}", file=sys.stderr)
+                    say(f"ignoring a malformed heartbeat datagram: {exc}")
 
     def _handle(self, datagram: Datagram) -> None:
         rank = self._ranks.get(datagram.rank)
@@ -197,13 +197,13 @@ class Watcher:
             self._journal.write(
                 "run.rank_resumed", {"rank": rank.rank, "pid": rank.pid, "step": rank.step}, rank=rank.rank
             )
-            print(f"trainguard: rank {rank.rank} (pid {rank.pid}) beats again", file=sys.stderr)
+            say(f"rank {rank.rank} (pid {rank.pid}) beats again")
 
     def _raise(self, alarms: list[Alarm]) -> None:
         for alarm in alarms:
             self.alarms.append(alarm)
             self._journal.write("run.guard_alarm", alarm.payload(), rank=alarm.rank)
-            print(f"trainguard: {alarm.message}", file=sys.stderr)
+            say(alarm.message)
             if alarm.stop and not self._stopped:
                 self._stopped = True  # asked twice, stop_job would SIGKILL at once
                 self._stop_job()
@@ -282,12 +282,7 @@ class Watcher:
         }
         self.lost.append(payload)
         self._journal.write("run.rank_lost", payload, rank=rank.rank)
-        print(
-            f"trainguard: RANK {rank.rank} LOST (pid {rank.pid}, step {rank.step}, "
-            f"silent {silent:.2f} s): {cause}",
-            file=sys.stderr,
-            flush=True,
-        )
+        say(f"RANK {rank.rank} LOST (pid {rank.pid}, step {rank.step}, silent {silent:.2f} s): {cause}")
 
     # Signals that nobody takes
 
@@ -346,7 +341,4 @@ class Watcher:
             "action": action,
         }
         self._journal.write("run.signal", payload, rank=rank)
-        print(
-            f"trainguard: {name} pending in pid {pid}, which does not watch signals: {action}",
-            file=sys.stderr,
-        )
+        say(f"{name} pending in pid {pid}, which does not watch signals: {action}")
