@@ -11,7 +11,7 @@ import concurrent.futures
 import hashlib
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from trainguard.provenance._hashing import read_buffer
 
@@ -28,10 +28,15 @@ class _Buffer(threading.local):
 
 
 def sha256_files(
-    paths: Sequence[str], *, sizes: Mapping[str, int] | None = None, workers: int | None = None
+    paths: Sequence[str],
+    *,
+    sizes: Mapping[str, int] | None = None,
+    workers: int | None = None,
+    done: Callable[[int, int], None] | None = None,
 ) -> dict[str, bytes | OSError]:
     """The raw SHA-256 digest of every path, or the OSError that stopped it (missing, unreadable, a
-    symlink, not a regular file). `sizes`, when the caller has them, orders the work without a stat."""
+    symlink, not a regular file). `sizes`, when the caller has them, orders the work without a stat.
+    `done(files, bytes)`, when given, hears how much is hashed as batches finish (from this thread)."""
     workers = workers or min(8, (os.cpu_count() or 1) + 1)
     buffers = _Buffer()
     results: dict[str, bytes | OSError] = {}
@@ -42,18 +47,27 @@ def sha256_files(
     big = [p for p in todo if sizes[p] >= _SMALL]
     small = [p for p in todo if sizes[p] < _SMALL]
     batches = [small[i : i + _BATCH] for i in range(0, len(small), _BATCH)]
+    hashed_bytes = 0
+
+    def add(found: Mapping[str, bytes | OSError]) -> None:
+        nonlocal hashed_bytes
+        results.update(found)
+        hashed_bytes += sum(sizes[path] for path in found)
+        if done is not None:
+            done(len(results), hashed_bytes)
+
     if workers == 1:
         for path in big:
-            results[path] = _hash_one(path, buffers)
+            add({path: _hash_one(path, buffers)})
         for batch in batches:
-            results.update(_hash_batch(batch, buffers))
+            add(_hash_batch(batch, buffers))
         return results
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="tg-env-hash") as pool:
         big_futures = {path: pool.submit(_hash_one, path, buffers) for path in big}
         for batch_result in pool.map(_hash_batch, batches, [buffers] * len(batches)):
-            results.update(batch_result)
+            add(batch_result)
         for path, future in big_futures.items():
-            results[path] = future.result()
+            add({path: future.result()})
     return results
 
 

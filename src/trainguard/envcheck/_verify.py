@@ -156,9 +156,14 @@ def survey(
                 from_cache.add(path)
                 continue
         todo.append(entry)
-    if progress is not None and todo:
-        progress(f"hashing {len(todo)} files")
-    found = sha256_files([entry.location for entry in todo], sizes={e.location: e.size for e in todo})
+    sizes = {e.location: e.size for e in todo}
+    found = sha256_files(
+        [entry.location for entry in todo],
+        sizes=sizes,
+        done=_hash_progress(progress, len(todo), sum(sizes.values()))
+        if progress is not None and todo
+        else None,
+    )
     unreadable = {location: (location, why) for location, why in problems}
     for entry in todo:
         result = found[entry.location]
@@ -184,6 +189,26 @@ def survey(
         from_cache=from_cache,
         records_read=records,
     )
+
+
+_PROGRESS_EVERY_S = 2.0
+
+
+def _hash_progress(progress: Progress, files: int, size: int) -> Callable[[int, int], None]:
+    """Says what is being hashed, then how far it got and how fast, every couple of seconds."""
+    progress(f"hashing {files} files ({size / 2**20:.0f} MiB) not seen unchanged since the last clean check")
+    start = last = time.monotonic()
+
+    def done(count: int, hashed: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < _PROGRESS_EVERY_S and count < files:
+            return
+        last = now
+        rate = hashed / 2**20 / max(now - start, 1e-6)
+        progress(f"hashed {count} of {files} files, {hashed / 2**20:.0f} MiB, {rate:.0f} MiB/s")
+
+    return done
 
 
 def _owner(entry: Entry) -> str:

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainguard.errors import UndecidableError, UsageError, VerificationFailed
 from trainguard.provenance import PublicKey, verify_path
+from trainguard.supervisor._say import say
+
+if TYPE_CHECKING:
+    from trainguard.envcheck._findings import EnvFinding
 
 __all__ = ["Refused", "check_environment", "check_inputs"]
 
@@ -27,15 +31,43 @@ class EnvironmentResult:
     digest: str | None
 
 
+# Without a baseline, RECORDs show tampering but cannot tell a wanted install from an unwanted one. Two
+# kinds of finding describe how the environment was installed rather than a change to it, and do not
+# reach the job: they are shown and attested, not refused. A baseline accepts them for good, or not.
+_NOTED_WHY = (
+    "describe how the environment was installed, not a change to it, and do not reach this job: "
+    "launching anyway (`trainguard env snapshot` takes a baseline that accepts them; with --baseline "
+    "every finding refuses the launch)"
+)
+
+
+def _beside_the_job(finding: EnvFinding, command: Sequence[str]) -> bool:
+    """An editable install (its code is not hashed, which the report says), or a pytest plug-in when the
+    job is not a pytest run. A torch device-backend autoload always refuses: `import torch` runs it."""
+    if finding.kind == "editable-install":
+        return True
+    return (
+        finding.kind == "autoload-entry-point"
+        and "'pytest11'" in finding.message
+        and not any("pytest" in Path(arg).name for arg in command)
+    )
+
+
+def _progress() -> Callable[[str], None] | None:
+    # On a terminal only: a job's log gets the verdict, not the hashing rate.
+    return say if sys.stderr.isatty() else None
+
+
 def check_environment(
     *,
     skip: bool,
     python: str | None,
     baseline_path: Path | None,
     trusted: Sequence[PublicKey],
+    command: Sequence[str] = (),
 ) -> EnvironmentResult:
     """Verify the environment of the job's interpreter (default: this one) against a signed baseline, or
-    against its RECORDs; Refused listing the findings."""
+    against its RECORDs; Refused listing the findings (those `_beside_the_job` are only shown)."""
     if skip:
         return EnvironmentResult({"checked": False, "digest": None}, None)
     from trainguard.envcheck._api import verify_environment
@@ -50,8 +82,14 @@ def check_environment(
                 f"baseline {baseline_path} does not check out: {exc.message}", hint=exc.hint
             ) from None
     prefix = None if python is not None else sys.prefix
-    report = verify_environment(baseline=baseline, python=python, prefix=prefix)
-    problems = [f"{f.kind} {f.path}: {f.message}" for f in report.findings + report.undecided]
+    report = verify_environment(baseline=baseline, python=python, prefix=prefix, progress=_progress())
+    noted = [f for f in report.findings if baseline is None and _beside_the_job(f, command)]
+    if noted:
+        listed = "".join(f"\n  {f.kind} {f.path}: {f.message}" for f in noted)
+        say(f"note: {len(noted)} finding(s) {_NOTED_WHY}:{listed}")
+    problems = [
+        f"{f.kind} {f.path}: {f.message}" for f in report.findings + report.undecided if f not in noted
+    ]
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -67,6 +105,7 @@ def check_environment(
         "reference": report.reference,
         "baseline_digest": report.baseline_digest,
         "signer": signer.key_id if signer is not None else None,
+        "noted": [{"kind": f.kind, "path": f.path, "message": f.message} for f in noted],
     }
     return EnvironmentResult(summary, report.digest)
 

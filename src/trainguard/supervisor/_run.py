@@ -170,7 +170,11 @@ def _run(
 ) -> int:
     try:
         environment = check_environment(
-            skip=args.no_env_check, python=args.python, baseline_path=args.baseline, trusted=trusted
+            skip=args.no_env_check,
+            python=args.python,
+            baseline_path=args.baseline,
+            trusted=trusted,
+            command=command,
         )
         inputs = check_inputs([Path(p) for p in args.input], trusted)
     except Refused as exc:
