@@ -175,6 +175,18 @@ def test_bad_settings_are_usage_errors(model: nn.Module, settings: dict[str, obj
         trainguard.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), ledger=False, **settings)  # type: ignore[arg-type]
 
 
+def test_the_readme_lists_every_watch_setting_and_no_other() -> None:
+    import dataclasses
+    import re
+
+    from trainguard.monitor import GuardConfig
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("| setting | default | what it does |", 1)[1].split("\n\n", 1)[0]
+    listed = re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE)
+    assert sorted(listed) == sorted({field.name for field in dataclasses.fields(GuardConfig)} | {"skip"})
+
+
 def test_watch_is_reachable_from_the_package_without_importing_torch_first() -> None:
     code = (
         "import sys, trainguard\n"

@@ -62,6 +62,9 @@ class GuardConfig:
     rollback: Callable[[IntegrityError], None] | None = None
     # After this many rollbacks a failure stops the job: an attack that persists would loop forever.
     max_rollbacks: int = 3
+    # This process trains on its own although a launcher set WORLD_SIZE above 1 (a sweep under torchrun,
+    # a child of a rank): without it, such a process with no process group is refused.
+    single_process: bool = False
 
     def __post_init__(self) -> None:
         for name in (

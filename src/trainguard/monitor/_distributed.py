@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import secrets
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from trainguard.errors import UsageError
 
 __all__ = ["Channel", "Gathering"]
 
@@ -31,10 +34,23 @@ class Gathering:
 
 
 class Channel:
-    """All-gathers of int64 vectors among the job's ranks; a single process is a world of one."""
+    """All-gathers of int64 vectors among the job's ranks; a single process is a world of one.
 
-    def __init__(self, timeout: datetime.timedelta) -> None:
+    A process that a launcher started as one of several (WORLD_SIZE above 1) but that has no process
+    group is refused, unless `single_process` says it runs alone on purpose: each rank would otherwise
+    be a world of one, with every check across replicas silently off.
+    """
+
+    def __init__(self, timeout: datetime.timedelta, *, single_process: bool = False) -> None:
         self.distributed = dist.is_available() and dist.is_initialized()
+        if single_process and self.distributed and dist.get_world_size() > 1:
+            raise UsageError(
+                "watch(): single_process=True, but torch.distributed's process group has "
+                f"{dist.get_world_size()} ranks, which the guard compares; drop single_process",
+                hint="single_process=True is for a process that runs alone, without a process group",
+            )
+        if not self.distributed and not single_process:
+            _refuse_launched_alone()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         self._group = dist.new_group(backend="gloo", timeout=timeout) if self.distributed else None
@@ -65,3 +81,27 @@ class Channel:
             with contextlib.suppress(RuntimeError, ValueError):
                 dist.destroy_process_group(self._group)
             self._group = None
+
+
+def _refuse_launched_alone() -> None:
+    """Raise if a launcher (torchrun, torch.distributed.launch, a SLURM script) said this process is one
+    of several: torch.distributed was then not initialised yet, or at all."""
+    raw = os.environ.get("WORLD_SIZE")
+    if raw is None:
+        return
+    try:
+        world = int(raw)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise UsageError(
+            f"watch(): the environment's WORLD_SIZE is {raw[:40]!r}, not a number of processes (1 or more)",
+            hint="unset WORLD_SIZE for a single process, or let the launcher (torchrun) set it",
+        )
+    if world > 1:
+        raise UsageError(
+            f"watch(): WORLD_SIZE={world} says this process is one of {world}, but torch.distributed is "
+            "not initialised, so every rank would be watched alone with the checks across replicas off; "
+            "call torch.distributed.init_process_group() before trainguard.watch(...)",
+            hint="pass single_process=True if each process trains on its own, without the others",
+        )

@@ -75,7 +75,7 @@ class Guard:
         self._notices: list[str] = []
         self._model = _inner(model)
         self._optimizer = optimizer
-        self._channel = Channel(config.collective_timeout)
+        self._channel = Channel(config.collective_timeout, single_process=config.single_process)
         self.rank = self._channel.rank
         self.world_size = self._channel.world
         seed, run = self._channel.shared_secret()

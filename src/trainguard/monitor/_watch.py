@@ -22,14 +22,16 @@ def watch(
     **settings: object,
 ) -> Guard:
     """Guard `model` and `optimizer` from now on; call it on every rank, after the process group
-    (and DDP) are set up and before the first step.
+    (and DDP) are set up and before the first step. Under a launcher that set WORLD_SIZE above 1, a
+    process without a process group is a UsageError (`single_process=True` if it runs alone on purpose).
 
         guard = trainguard.watch(model, optimizer)
         for batch in loader:
-            loss = model(batch).loss
+            loss = model(batch).loss  # across ranks: the last step's failure raises IntegrityError here
             loss.backward()
-            optimizer.step()          # raises trainguard.IntegrityError on every rank if a check fails
+            optimizer.step()          # in a single process: this step's failure raises here
             optimizer.zero_grad()
+        guard.close()                 # the last step's verdict
 
     `checks` / `skip` choose checks by name; `actions` maps a check to "stop", "alert" or "rollback";
     other settings are `GuardConfig`'s fields (replica_groups, run_config, rollback, ...).
