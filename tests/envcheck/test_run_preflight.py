@@ -4,7 +4,6 @@ autoload reaches every job that imports torch."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,4 +55,4 @@ def test_a_first_run_without_a_baseline(
     else:
         assert done.returncode == 1, done.stderr
         assert "not launching" in done.stderr and f"group {group!r}" in done.stderr
-    assert os.path.isdir(tmp_path / "home")
+    assert (tmp_path / "home").is_dir()

@@ -160,8 +160,10 @@ def verify_loaded(
     stdlib = os.path.realpath(layout.stdlib)
     root_dirs = _real_roots(roots) if roots is not None else _default_roots()
     owners: dict[str, str] = {}
+    editables: dict[str, str] = {}
     if expected is None:
-        expected, owners = _recorded_digests(site_dirs)
+        expected, owners, editables = _recorded_digests(site_dirs)
+    from_editable: dict[str, list[tuple[str, list[str]]]] = {}
     loaded: dict[str, list[str]] = {}
     items = list((sys.modules if modules is None else modules).items())
     for name, module in items:
@@ -173,7 +175,10 @@ def verify_loaded(
     to_hash: list[str] = []
     for path, names in sorted(loaded.items()):
         what = _modules_phrase(names)
-        if not _under(path, root_dirs):
+        editable = next((loc for loc in editables if _under(path, [loc])), None)
+        if editable is not None and not _under(path, root_dirs):
+            from_editable.setdefault(editable, []).append((path, names))
+        elif not _under(path, root_dirs):
             findings.append(
                 EnvFinding(
                     "loaded-outside",
@@ -223,6 +228,7 @@ def verify_loaded(
                     owners.get(path),
                 )
             )
+    findings.extend(_editable_findings(from_editable, editables))
     if unverifiable:
         findings.append(
             EnvFinding(
@@ -260,20 +266,50 @@ def _module_files(module: object) -> list[str]:
     return files
 
 
-def _recorded_digests(site_dirs: Sequence[str]) -> tuple[dict[str, bytes], dict[str, str]]:
+def _editable_findings(
+    from_editable: Mapping[str, list[tuple[str, list[str]]]], editables: Mapping[str, str]
+) -> list[EnvFinding]:
+    """One finding per editable install that code was loaded from: its files are many, the fact one."""
+    findings = []
+    for location, loaded in sorted(from_editable.items()):
+        names = sorted({name for _, module_names in loaded for name in module_names})
+        findings.append(
+            EnvFinding(
+                "loaded-editable",
+                Severity.MEDIUM,
+                location,
+                f"{_modules_phrase(names)} ({len(loaded)} files) were loaded from the editable install of "
+                f"{editables[location]} in {location}: no install record hashes that code, and anyone who "
+                "can write there can change it.",
+                "Install a built wheel where the run must be verifiable (shared training nodes); an "
+                "editable install is for development.",
+                editables[location],
+            )
+        )
+    return findings
+
+
+def _recorded_digests(
+    site_dirs: Sequence[str],
+) -> tuple[dict[str, bytes], dict[str, str], dict[str, str]]:
+    """Recorded digests by real path, the distribution of each, and the source tree of each editable
+    install (real path -> distribution)."""
     from trainguard.envcheck._dists import read_distributions
 
     digests: dict[str, bytes] = {}
     owners: dict[str, str] = {}
+    editables: dict[str, str] = {}
     for site in site_dirs:
         for dist in read_distributions(site):
+            if dist.editable and dist.editable_location:
+                editables[os.path.realpath(dist.editable_location)] = dist.name
             for row in dist.records:
                 if row.algorithm == "sha256" and row.digest is not None:
                     # Real path of the site dir joined with the row: one realpath per dir, not per row.
                     path = os.path.normpath(os.path.join(site, row.path))
                     digests[path] = row.digest
                     owners[path] = dist.name
-    return digests, owners
+    return digests, owners, editables
 
 
 def _modules_phrase(names: Sequence[str]) -> str:
