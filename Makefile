@@ -3,19 +3,41 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SAMPLES ?= samples
+# pip shows what it fetches and installs: a first setup takes minutes and must not look hung.
+PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar on
+# Each install step leaves a stamp: a second `make test` or `make demo` skips what is installed already,
+# and a changed pyproject.toml installs again.
+TORCH_STAMP := $(VENV)/.installed-torch
+DEMO_STAMP := $(VENV)/.installed-demo
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: dev demo test lint typecheck unit reformat clean differential
 
 $(BIN)/python:
+	@echo "make: creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(PIP) --upgrade pip
 
 # torch is pinned first so that nothing later can pull a multi-gigabyte CUDA build.
-dev: $(BIN)/python
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(TORCH_STAMP): | $(BIN)/python
+	@echo "make: installing torch 2.13.0, pinned before anything that depends on it"
+	$(PIP) torch==2.13.0
+	touch $@
 
-demo: dev
+# The main job needs trainguard and what writes the sample checkpoints, not the development toolchain.
+$(DEMO_STAMP): pyproject.toml $(TORCH_STAMP)
+	@echo "make: installing trainguard for the demo"
+	$(PIP) -e '.[demo]'
+	touch $@
+
+$(DEV_STAMP): pyproject.toml $(TORCH_STAMP)
+	@echo "make: installing trainguard with the development and test toolchain"
+	$(PIP) -e '.[dev]'
+	touch $@
+
+dev: $(DEV_STAMP)
+
+demo: $(DEMO_STAMP)
 	rm -rf $(SAMPLES)
 	$(BIN)/python examples/make_samples.py $(SAMPLES)
 	$(BIN)/trainguard scan $(SAMPLES) ; status=$$? ; \
