@@ -79,6 +79,12 @@ def add_commands(
     snapshot.add_argument(
         "--force", action="store_true", help="write the baseline even though the RECORD check found problems"
     )
+    snapshot.add_argument(
+        "--full",
+        action="store_true",
+        help="re-hash every file; by default files unchanged since the last clean check are taken from "
+        "its signed cache",
+    )
     snapshot.set_defaults(run=handler("trainguard.envcheck._commands", "cmd_env_snapshot"))
 
     verify = actions.add_parser(

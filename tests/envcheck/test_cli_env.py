@@ -20,7 +20,7 @@ import pytest
 
 from trainguard.provenance import PublicKey
 
-from .conftest import build_wheel, pip_install, site_packages, venv_python
+from .conftest import GOOD_FILES, build_wheel, pip_install, site_packages, venv_python
 
 PYC = f"optim.{sys.implementation.cache_tag}.pyc"
 SUMMARY = re.compile(
@@ -549,3 +549,36 @@ def test_a_symlink_loop_in_site_packages_hides_no_finding(
         done = _tg(_home, *args)
         assert done.returncode == 1, _out(done)
         assert "goodpkg/optim.py" in done.stdout, _out(done)
+
+
+def test_a_snapshot_after_a_clean_check_takes_unchanged_files_from_its_cache(
+    _home: Path, venv: Path, pub: Path, tmp_path: Path
+) -> None:
+    time.sleep(2.1)  # files changed within two seconds of a check are never cached (racy ctime)
+    assert _tg(_home, "env", "verify", "--prefix", venv).returncode == 0
+    out = tmp_path / "quick.json"
+    quick = _tg(_home, "env", "snapshot", "--prefix", venv, "--out", out, "--format", "json")
+    assert quick.returncode == 0, _out(quick)
+    report = json.loads(quick.stdout)
+    # The files the RECORDs vouched for (the standard library has no RECORD: hashed each time).
+    assert report["cached"] >= len(GOOD_FILES), report
+    full = _tg(
+        _home,
+        "env",
+        "snapshot",
+        "--prefix",
+        venv,
+        "--out",
+        tmp_path / "full.json",
+        "--full",
+        "--format",
+        "json",
+    )
+    assert full.returncode == 0, _out(full)
+    assert json.loads(full.stdout)["cached"] == 0
+    assert _payload(out)["digest"] == _payload(tmp_path / "full.json")["digest"]
+    # A file edited since the clean check is hashed again: the snapshot refuses it.
+    _flip_update(venv)
+    edited = _tg(_home, "env", "snapshot", "--prefix", venv, "--out", tmp_path / "after.json")
+    assert edited.returncode == 1, _out(edited)
+    assert "goodpkg/optim.py" in edited.stdout and not (tmp_path / "after.json").exists()

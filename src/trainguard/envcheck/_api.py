@@ -47,6 +47,7 @@ def snapshot_environment(
     wheels: str | None = None,
     home: Path | None = None,
     progress: Progress | None = None,
+    full: bool = False,
 ) -> tuple[Baseline, EnvReport]:
     """A baseline of the environment as it is now, and the RECORD check made on the way (the caller
     decides whether an environment with findings may be baselined).
@@ -54,6 +55,8 @@ def snapshot_environment(
     With a hash-pinned `lock` file and the `wheels` it pins, each distribution's files are checked
     against the RECORD inside its wheel, whose own hash the lock fixes, and the baseline takes those
     digests: a file altered together with its installed RECORD before the snapshot is still caught.
+    Unless `full`, files unchanged since the last clean check against the RECORDs (the signed cache,
+    as `verify_environment` uses it) are not hashed again.
     """
     from trainguard.ledger._ledger import default_home
 
@@ -64,8 +67,14 @@ def snapshot_environment(
     start = time.perf_counter()
     environ = os.environ if environ is None else environ
     layout = _layout(python, prefix, environ)
-    found = survey(layout, environ, progress=progress)
-    report, _ = verify_against_records(found, mode="full", check_bytecode=check_bytecode, progress=progress)
+    records_cache = QuickCache(home or default_home(), layout.prefix, None)
+    found = survey(layout, environ, cache=None if full else records_cache, progress=progress)
+    report, clean = verify_against_records(
+        found, mode="full" if full else "quick", check_bytecode=check_bytecode, progress=progress
+    )
+    if found.hashed or records_cache.rejected:
+        with contextlib.suppress(TrainguardError, OSError):
+            records_cache.save(clean_stat(found, clean))
     anchored: Mapping[str, bytes] | None = None
     anchors: Mapping[str, str] | None = None
     if lock is not None and wheels is not None:

@@ -105,6 +105,7 @@ def cmd_env_snapshot(args: argparse.Namespace) -> int:
         lock=args.lock,
         wheels=args.wheels,
         progress=_progress(args),
+        full=bool(args.full),
     )
     # Injection points are recorded as accepted and variables belong to this shell: neither blocks.
     accepted = set(baseline.injections)
