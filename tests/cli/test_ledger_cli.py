@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ledger.conftest import PG_URL, pg_schema, with_query
 from trainguard.ledger._events import new_event
 from trainguard.ledger._keys import SigningKey
 from trainguard.ledger._ledger import Ledger
@@ -240,6 +242,105 @@ def test_rollback_to_an_older_consistent_state_is_caught_only_by_the_witness(
     assert caught.returncode == 1
     assert "rollback" in caught.stdout
     assert "first bad index: 5" in caught.stdout
+
+
+# The README's PostgreSQL-and-witness commands, with the placeholders a test must replace.
+README_STORE = "postgresql://ledger@db-host/evidence"
+README_LISTEN = "0.0.0.0:7490"
+README_WITNESS = "http://witness-host:7490"
+_LEDGER_TABLES = ("entries", "nodes", "checkpoints", "cosignatures", "meta")
+
+
+def _readme_witness_commands() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("### Witnesses", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    for placeholder in (README_STORE, README_LISTEN, README_WITNESS):
+        assert placeholder in block, f"the README's witness commands no longer say {placeholder}"
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def test_readme_postgresql_ledger_with_a_witness_catches_a_rollback(tmp_path: Path) -> None:
+    import psycopg
+
+    commands = _readme_witness_commands()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINGUARD_LEDGER")}
+    env["TRAINGUARD_HOME"] = str(tmp_path / "home")  # no default key to fall back on
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        assert argv[0] == "trainguard", argv
+        return subprocess.run(
+            [sys.executable, "-m", "trainguard", *argv[1:]],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=120,
+            check=False,
+        )
+
+    with pg_schema() as schema:
+        replace = {README_STORE: with_query(PG_URL, schema=schema), README_LISTEN: "127.0.0.1:0"}
+        witness: subprocess.Popen[str] | None = None
+
+        def filled(argv: list[str]) -> list[str]:
+            for placeholder, value in replace.items():
+                argv = [arg.replace(placeholder, value) for arg in argv]
+            return argv
+
+        try:
+            for readme_argv in commands:
+                argv = filled(readme_argv)
+                if argv[0] == "export":
+                    for assignment in argv[1:]:
+                        name, _, value = assignment.partition("=")
+                        env[name] = value
+                elif argv[1:3] == ["witness", "serve"]:
+                    witness = subprocess.Popen(
+                        [sys.executable, "-m", "trainguard", *argv[1:]],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                        env=env,
+                        cwd=tmp_path,
+                    )
+                    assert witness.stdout is not None and witness.stderr is not None
+                    line = witness.stdout.readline()
+                    assert line.startswith("port "), witness.stderr.read()
+                    replace[README_WITNESS] = f"http://127.0.0.1:{int(line.split()[1])}"
+                else:
+                    done = run(argv)
+                    assert done.returncode == 0, f"{shlex.join(readme_argv)}:\n{done.stdout}{done.stderr}"
+            verify = filled(commands[-1])
+            assert verify[1:3] == ["ledger", "verify"]
+            first = done  # what the README's last command printed
+            assert "(example.org/train-ledger): verified 1 entries" in first.stdout
+            assert f"witness {replace[README_WITNESS]} cosigned size 1: \u2014 witness-a " in first.stderr
+
+            # Someone with write access saves the database, lets it grow, then puts the saved copy back.
+            with psycopg.connect(PG_URL, autocommit=True) as conn:
+                for table in _LEDGER_TABLES:
+                    conn.execute(f"CREATE TABLE {schema}.saved_{table} AS TABLE {schema}.{table}")
+            for step in range(2):
+                appended = run(["trainguard", "ledger", "append", "--type", "step", "--rank", str(step)])
+                assert appended.returncode == 0, appended.stderr
+            grown = run(verify)
+            assert grown.returncode == 0, grown.stdout + grown.stderr
+            assert "cosigned size 3" in grown.stderr
+            with psycopg.connect(PG_URL, autocommit=True) as conn, conn.transaction():
+                for table in _LEDGER_TABLES:
+                    conn.execute(f"TRUNCATE {schema}.{table}")
+                    conn.execute(f"INSERT INTO {schema}.{table} SELECT * FROM {schema}.saved_{table}")
+
+            alone = run(verify[: verify.index("--witness")])
+            assert alone.returncode == 0, alone.stdout + alone.stderr  # nothing inside the store betrays it
+            caught = run(verify)
+            assert caught.returncode == 1, caught.stdout + caught.stderr
+            assert "rollback: the witness has cosigned size 3" in caught.stdout
+            assert "first bad index: 1" in caught.stdout
+        finally:
+            if witness is not None:
+                witness.terminate()
+                witness.wait(timeout=30)
 
 
 HELP_COMMANDS = [["ledger", "verify"], ["sign"], ["verify"], ["ckpt", "audit"], ["keygen"]]

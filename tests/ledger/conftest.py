@@ -6,6 +6,7 @@ PostgreSQL cases are skipped when no server answers there, unless that variable 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sqlite3
@@ -45,10 +46,7 @@ def _pg_unavailable() -> str | None:
 
 def schema_url(schema: str) -> str:
     """PG_URL with search_path set to `schema` through libpq's options parameter."""
-    parts = urllib.parse.urlsplit(PG_URL)
-    query = urllib.parse.parse_qsl(parts.query)
-    query.append(("options", f"-csearch_path={schema}"))
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+    return with_query(PG_URL, options=f"-csearch_path={schema}")
 
 
 @pytest.fixture(autouse=True)
@@ -59,24 +57,45 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-@pytest.fixture
-def pg_location() -> Iterator[str]:
-    """A fresh, empty PostgreSQL schema for one test, dropped afterwards."""
+def require_pg() -> None:
+    """Skip the test when no PostgreSQL answers at PG_URL; fail it when one was asked for."""
     reason = _pg_unavailable()
     if reason is not None:
         if "TRAINGUARD_TEST_POSTGRES" in os.environ:
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+def with_query(url: str, **params: str) -> str:
+    """`url` with query parameters added."""
+    parts = urllib.parse.urlsplit(url)
+    query = [*urllib.parse.parse_qsl(parts.query), *params.items()]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+@contextlib.contextmanager
+def pg_schema() -> Iterator[str]:
+    """The name of a schema no one uses, dropped afterwards with all it holds (whoever created it)."""
+    require_pg()
     import psycopg
 
     schema = f"tg_test_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
     try:
-        yield schema_url(schema)
+        yield schema
     finally:
         with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def pg_location() -> Iterator[str]:
+    """A fresh, empty PostgreSQL schema for one test, named by search_path, dropped afterwards."""
+    import psycopg
+
+    with pg_schema() as schema:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        yield schema_url(schema)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.ledger.conftest import ORIGIN, PG_URL, MemoryTree, event, make_ledger
-from trainguard.errors import KeyFileError, MissingExtraError, StoreError
+from trainguard.errors import KeyFileError, MissingExtraError, StoreError, UsageError
 from trainguard.ledger._keys import SigningKey, VerifierKey
 from trainguard.ledger._ledger import Ledger
 from trainguard.ledger._merkle import (
@@ -187,10 +187,32 @@ def test_a_new_ledger_needs_a_key(location: str) -> None:
         Ledger.open(location)
 
 
+def test_a_new_ledger_takes_its_origin_from_its_key(location: str) -> None:
+    # A witness finds a log's key by the log's origin, so the two must agree from the start.
+    key = SigningKey.generate("example.org/train-ledger")
+    with Ledger.open(location, key=key) as ledger:
+        assert ledger.origin == "example.org/train-ledger"
+        ledger.append(event(0))
+        checkpoint, _ = ledger.head()
+        assert checkpoint.origin == key.name
+
+
+def test_an_origin_other_than_the_keys_name_is_refused(location: str, key: SigningKey) -> None:
+    with pytest.raises(UsageError, match=r"origin 'elsewhere/log'.*named 'test.example/ledger'") as caught:
+        Ledger.open(location, key=key, origin="elsewhere/log")
+    assert caught.value.hint is not None and "--name elsewhere/log" in caught.value.hint
+    store = open_store(location)
+    try:
+        assert store.meta() == {}
+    finally:
+        store.close()
+
+
 def test_default_ledger_generates_its_key(_home: Path) -> None:
     with Ledger.open() as ledger:
         assert ledger.location == str(_home / "ledger.db")
         assert ledger.origin.startswith("trainguard/")
+        assert ledger.origin == ledger.verifier.name
         assert ledger.append(event(0)) == 0
         verifier = ledger.verifier
     key_file = _home / "keys" / "ledger.key"

@@ -18,7 +18,7 @@ from types import TracebackType
 
 from trainguard.errors import KeyFileError, StoreError, UsageError
 from trainguard.ledger._events import Event
-from trainguard.ledger._keys import SigningKey, VerifierKey
+from trainguard.ledger._keys import SigningKey, VerifierKey, is_valid_key_name
 from trainguard.ledger._merkle import consistency_proof, inclusion_proof, root_hash
 from trainguard.ledger._note import Checkpoint, open_checkpoint, sign_checkpoint
 from trainguard.ledger._store import META_ORIGIN, META_VERIFIER, Store, describe_key, open_store
@@ -106,9 +106,10 @@ class Ledger:
 
         `location` None is $TRAINGUARD_HOME/ledger.db. `key` None reads $TRAINGUARD_HOME/keys/ledger.key when
         it exists; a new default ledger without one gets a freshly generated key there (mode 0600). Without a
-        signing key the ledger opens read-only. `verifier`, when given, must be the ledger's recorded key;
-        `origin` names a new ledger (default trainguard/<hostname>/<random>).
-        KeyFileError when a key given differs from the ledger's, naming both.
+        signing key the ledger opens read-only. `verifier`, when given, must be the ledger's recorded key.
+        A new ledger's origin is its key's name, as witnesses find a log's key by its origin: `origin`, when
+        given, must be that name (a generated default key is named after it; default
+        trainguard/<hostname>/<random>). KeyFileError when a key given differs from the ledger's, naming both.
         """
         default = location is None
         explicit_key = key is not None
@@ -134,14 +135,28 @@ class Ledger:
     def _initialise(
         store: Store, key: SigningKey | None, origin: str | None, default: bool
     ) -> tuple[dict[str, str], SigningKey]:
-        new_origin = origin or default_origin()
+        if origin is not None and not is_valid_key_name(origin):
+            raise UsageError(
+                f"cannot create ledger {store.location} with origin {origin!r}: it names the ledger's key, "
+                "so it may hold neither spaces nor '+'"
+            )
         if key is None:
             if not default:
                 raise StoreError(
                     f"ledger {store.location} is empty and no signing key was given to create it",
-                    hint=f"pass a key, or create {default_key_path()} first",
+                    hint="make one with 'trainguard keygen FILE --name ORIGIN' and pass it (--key, "
+                    f"TRAINGUARD_LEDGER_KEY), or create {default_key_path()}",
                 )
-            key = _generate_default_key(new_origin)
+            key = _generate_default_key(origin or default_origin())
+        # A witness finds the key of a log by its origin (the key's name): a ledger named otherwise could
+        # never be witnessed.
+        new_origin = key.name if origin is None else origin
+        if new_origin != key.name:
+            raise UsageError(
+                f"cannot create ledger {store.location} with origin {new_origin!r}: its key {key.ident} is "
+                f"named {key.name!r}, and a ledger's origin is its key's name",
+                hint=f"make the key with 'trainguard keygen FILE --name {new_origin}', or give no origin",
+            )
         try:
             store.init(new_origin, key.verifier())
         except StoreError:

@@ -1,13 +1,24 @@
 """The shared ledger store: PostgreSQL through psycopg 3 (the ``postgresql`` extra).
 
-The location is a libpq URL. Its tables live in the connection's current schema, so one database can hold
-several ledgers, each chosen with ``?options=-csearch_path%3D<schema>``. Writers from any host serialise on a
-transaction-level advisory lock keyed by that schema.
+The location is a libpq URL. A ledger's five tables live in one schema, so a database shared with other
+applications, or holding several ledgers, keeps them apart:
+
+- ``?schema=NAME`` names it (a lowercase SQL identifier), and is taken out of the URL before libpq sees it;
+- otherwise a ``search_path`` set in the URL's ``options`` (or in ``PGOPTIONS``) names it;
+- otherwise it is ``trainguard``. A ledger made by an earlier trainguard in the connection's default schema
+  (usually ``public``) is opened where it is, with a warning, as long as ``trainguard`` holds none: a
+  ledger found in both is refused rather than guessed at, so processes never split between two ledgers.
+
+A missing schema is created (``CREATE SCHEMA``) only when the store is opened to be written. Writers from any
+host serialise on a transaction-level advisory lock keyed by the schema's name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import re
 import threading
 import urllib.parse
 import zlib
@@ -15,8 +26,9 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
-from trainguard.errors import StoreError, TrainguardError
+from trainguard.errors import StoreError, TrainguardError, UsageError
 from trainguard.ledger._keys import VerifierKey
 from trainguard.ledger._merkle import NodeKey
 from trainguard.ledger._sqlreads import SqlReads
@@ -32,7 +44,12 @@ from trainguard.ledger._store import (
     next_batch,
 )
 
-__all__ = ["PostgresStore", "redact"]
+__all__ = ["DEFAULT_SCHEMA", "PostgresStore", "redact", "split_schema"]
+
+DEFAULT_SCHEMA = "trainguard"
+# Lowercase only: PostgreSQL folds unquoted names, so "Ledger" in psql and in the URL would differ.
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_MAX_IDENTIFIER_BYTES = 63
 
 _TABLES = ("entries", "nodes", "checkpoints", "cosignatures", "meta")
 _SCHEMA = (
@@ -65,30 +82,174 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def split_schema(url: str) -> tuple[str, str | None]:
+    """The URL without its ``schema`` query parameter, for libpq, and that parameter (None when absent).
+
+    UsageError when the parameter is repeated or is not a lowercase SQL identifier.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url, None  # libpq says what is wrong with it
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    named = [value for name, value in query if name == "schema"]
+    if not named:
+        return url, None
+    if len(named) > 1:
+        raise UsageError(f"ledger {redact(url)} names a schema {len(named)} times", hint="give ?schema= once")
+    schema = named[0]
+    if (
+        not _SCHEMA_NAME.fullmatch(schema)
+        or len(schema) > _MAX_IDENTIFIER_BYTES
+        or schema.startswith("pg_")  # reserved for the system
+    ):
+        raise UsageError(
+            f"ledger {redact(url)}: schema {schema!r} is not a usable schema name",
+            hint="use lowercase letters, digits and '_', at most 63, not starting with a digit or 'pg_'",
+        )
+    rest = urllib.parse.urlencode([(name, value) for name, value in query if name != "schema"])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), schema
+
+
+def _sets_search_path(url: str) -> bool:
+    """Whether the URL's ``options`` or $PGOPTIONS set search_path, which then names the schema."""
+    try:
+        query = urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query, keep_blank_values=True)
+    except ValueError:
+        query = []
+    options = [value for name, value in query if name == "options"]
+    options.append(os.environ.get("PGOPTIONS", ""))
+    return any(re.search(r"search[_-]path", value) for value in options)
+
+
 def _int32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
+
+
+# Second half of the lock taken to create a schema: two sessions creating one collide in the catalog.
+_SCHEMA_LOCK = _int32(zlib.crc32(b"trainguard schema creation"))
 
 
 class PostgresStore(SqlReads):
     """A ledger in a PostgreSQL schema. Thread-safe: one autocommit connection, used under a lock."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
         self._url = url
         self._display = redact(url)
         self._lock = threading.RLock()
         self._origin: str | None = None
+        libpq_url, named = split_schema(url)
+        if named is not None and _sets_search_path(libpq_url):
+            raise UsageError(
+                f"ledger {self._display} names its schema twice, with schema= and a search_path option",
+                hint="keep only ?schema=NAME",
+            )
         with self._errors("connect to"):
-            self._conn = psycopg.connect(url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S)
-        with self._errors("open"):
-            row = self._conn.execute("SELECT current_schema()").fetchone()
-            if row is None or row[0] is None:
+            self._conn = psycopg.connect(libpq_url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S)
+        try:
+            with self._errors("open"):
+                if named is None and _sets_search_path(libpq_url):
+                    self.schema = self._search_path_schema()
+                else:
+                    self.schema = named or self._default_schema()
+                    self._enter_schema(create)
+                self._lock_key = _int32(zlib.crc32(self.schema.encode()))
+                self._create_tables(create)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _current_schema(self) -> str | None:
+        row = self._conn.execute("SELECT current_schema()").fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def _search_path_schema(self) -> str:
+        """The schema a search_path option names; it must exist, as trainguard does not parse the path."""
+        schema = self._current_schema()
+        if schema is None:
+            raise StoreError(
+                f"ledger {self._display} has no schema to live in: none named in its search_path exists",
+                hint="create that schema, or name one with ?schema=NAME instead, which trainguard creates",
+            )
+        return schema
+
+    def _holds_ledger(self, schema: str) -> bool:
+        """Whether `schema` holds all five tables and a meta table naming a verifier key."""
+        row = self._conn.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = ANY(%s)",
+            (schema, list(_TABLES)),
+        ).fetchone()
+        if row is None or int(row[0]) != len(_TABLES):
+            return False
+        query = sql.SQL("SELECT 1 FROM {} WHERE key = %s").format(sql.Identifier(schema, "meta"))
+        try:
+            return self._conn.execute(query, (META_VERIFIER,)).fetchone() is not None
+        except (psycopg.errors.UndefinedColumn, psycopg.errors.InsufficientPrivilege):
+            return False  # another application's table called meta, or one this role could never use
+
+    def _default_schema(self) -> str:
+        """``trainguard``, or the schema where an earlier trainguard made this database's ledger."""
+        legacy = self._current_schema()
+        if legacy is None or legacy == DEFAULT_SCHEMA or not self._holds_ledger(legacy):
+            return DEFAULT_SCHEMA
+        if self._holds_ledger(DEFAULT_SCHEMA):
+            raise StoreError(
+                f"database {self._display} holds two trainguard ledgers, in schemas {DEFAULT_SCHEMA!r} and "
+                f"{legacy!r}, and the URL does not say which one to use",
+                hint=f"add ?schema={DEFAULT_SCHEMA} or ?schema={legacy} to the URL",
+            )
+        logging.getLogger("trainguard").warning(
+            "ledger %s is in schema %r, where earlier trainguard versions made ledgers; new ledgers go in "
+            "schema %r. Add ?schema=%s to the URL to keep it there (and silence this), or move its five "
+            "tables with ALTER TABLE ... SET SCHEMA %s while no process writes to it",
+            self._display,
+            legacy,
+            DEFAULT_SCHEMA,
+            legacy,
+            DEFAULT_SCHEMA,
+        )
+        return legacy
+
+    def _enter_schema(self, create: bool) -> None:
+        """Make `self.schema` the connection's only schema, creating it first when `create` allows."""
+        schema = sql.Identifier(self.schema)
+        if not self._schema_exists():
+            if not create:
                 raise StoreError(
-                    f"ledger {self._display} has no schema to live in",
-                    hint="create the schema named in search_path, or drop the search_path option",
+                    f"no ledger at {self._display}: schema {self.schema!r} does not exist",
+                    hint="check the URL's database and schema, or append an event with the ledger's key "
+                    "to create one",
                 )
-            self.schema = str(row[0])
-            self._lock_key = _int32(zlib.crc32(self.schema.encode()))
-            self._create_schema()
+            try:
+                with self._conn.transaction():
+                    # IF NOT EXISTS would still need the privilege to create: test under the lock instead.
+                    self._conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, _SCHEMA_LOCK))
+                    if not self._schema_exists():
+                        self._conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
+            except psycopg.errors.InsufficientPrivilege:
+                user = self._user()
+                raise StoreError(
+                    f"cannot create the ledger {self._display}: role {user!r} may not create schema "
+                    f"{self.schema!r}",
+                    hint=f"have an administrator run 'CREATE SCHEMA {self.schema} AUTHORIZATION {user}', "
+                    "or name a schema this role may write with ?schema=NAME",
+                ) from None
+        self._conn.execute(sql.SQL("SET search_path TO {}").format(schema))
+        if self._current_schema() != self.schema:
+            raise StoreError(
+                f"cannot open ledger {self._display}: role {self._user()!r} may not use schema "
+                f"{self.schema!r}",
+                hint=f"have an administrator run 'GRANT USAGE, CREATE ON SCHEMA {self.schema} TO "
+                f"{self._user()}'",
+            )
+
+    def _schema_exists(self) -> bool:
+        row = self._conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)).fetchone()
+        return row is not None
+
+    def _user(self) -> str:
+        row = self._conn.execute("SELECT current_user").fetchone()
+        return "" if row is None else str(row[0])
 
     @property
     def location(self) -> str:
@@ -111,7 +272,7 @@ class PostgresStore(SqlReads):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise StoreError(f"cannot {action} ledger {self._display}: {first}") from None
 
-    def _create_schema(self) -> None:
+    def _create_tables(self, create: bool) -> None:
         conn = self._conn
         rows = conn.execute(
             "SELECT table_name FROM information_schema.tables"
@@ -122,10 +283,16 @@ class PostgresStore(SqlReads):
         if present and "meta" not in present:
             raise StoreError(
                 f"schema {self.schema!r} of {self._display} holds tables that are not a trainguard ledger",
-                hint="choose another schema with ?options=-csearch_path%3D<schema>",
+                hint="choose another schema with ?schema=NAME",
             )
         if len(present) == len(_TABLES):
             return
+        if not present and not create:
+            raise StoreError(
+                f"no ledger at {self._display}: schema {self.schema!r} holds none",
+                hint="check the URL's database and schema, or append an event with the ledger's key "
+                "to create one",
+            )
         with conn.transaction(), conn.cursor() as cur:
             # Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalog; serialise them.
             cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, self._lock_key))

@@ -229,7 +229,9 @@ def is_postgres_location(location: str | Path) -> bool:
 def open_store(location: str | Path, *, create: bool = True) -> Store:
     """Open the store at `location`: a ``postgresql://`` URL, or otherwise the path of a SQLite file.
 
-    With `create` false a missing SQLite file is a StoreError instead of a new empty ledger.
+    With `create` false a missing SQLite file, or a PostgreSQL schema without a ledger, is a StoreError
+    instead of a new empty ledger. A URL's ``?schema=NAME`` names the PostgreSQL schema (default
+    ``trainguard``, created when `create` allows).
     """
     if is_postgres_location(location):
         try:
@@ -238,7 +240,7 @@ def open_store(location: str | Path, *, create: bool = True) -> Store:
             raise MissingExtraError("psycopg", "postgresql", "A PostgreSQL ledger") from None
         from trainguard.ledger._postgres import PostgresStore
 
-        return PostgresStore(str(location))
+        return PostgresStore(str(location), create=create)
     from trainguard.ledger._sqlite import SqliteStore
 
     return SqliteStore(Path(location), create=create)
