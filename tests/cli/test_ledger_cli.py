@@ -358,3 +358,18 @@ def test_help_imports_no_room(command: list[str]) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("command", [["verify"], ["head"], ["show"], ["prove", "0"], ["export", "out.jsonl"]])
+def test_reading_a_ledger_that_does_not_exist_creates_nothing(tmp_path: Path, command: list[str]) -> None:
+    home = tmp_path / "empty-home"
+    done = _run(home, "ledger", *command)
+    assert done.returncode == 3, done.stdout + done.stderr  # never "verified": it may have been deleted
+    assert "no ledger at" in done.stderr
+    assert not home.exists()
+
+
+def test_show_of_an_entry_beyond_the_end_is_an_error(home: Path) -> None:
+    done = _run(home, "ledger", "show", "999")
+    assert done.returncode == 2
+    assert "has 5 entries (0..4); no entry 999" in done.stderr

@@ -51,8 +51,10 @@ def _trusted_key(args: argparse.Namespace) -> tuple[VerifierKey | None, str]:
     return None, ""
 
 
-def _open(args: argparse.Namespace, *, key: SigningKey | None = None) -> Ledger:
-    return Ledger.open(args.store, key=key)
+def _open(args: argparse.Namespace, *, key: SigningKey | None = None, create: bool = False) -> Ledger:
+    """The ledger of --store (default: the default one). Only appends create it: a command that reads
+    a ledger that does not exist says so, and leaves no key or database behind."""
+    return Ledger.open(args.store, key=key, create=create)
 
 
 # keygen
@@ -108,7 +110,7 @@ def _payload(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_append(args: argparse.Namespace) -> int:
     key = SigningKey.load(args.key, alg=ALG_ED25519) if args.key is not None else None
     event = new_event(args.event_type, _payload(args), run_id=args.run_id, rank=args.rank)
-    with _open(args, key=key) as ledger:
+    with _open(args, key=key, create=True) as ledger:
         index = ledger.append(event)
         print(f"{index}")
         print(f"appended entry {index} to {ledger.location} ({ledger.origin})", file=sys.stderr)
@@ -360,6 +362,11 @@ def cmd_prove(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     with _open(args) as ledger:
         if args.index is not None:
+            if not 0 <= args.index < ledger.size:
+                raise UsageError(
+                    f"ledger {ledger.location} has {ledger.size} entries (0..{ledger.size - 1}); "
+                    f"no entry {args.index}"
+                )
             start, end = args.index, args.index + 1
         else:
             start, end = args.start, args.end

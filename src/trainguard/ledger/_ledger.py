@@ -101,8 +101,11 @@ class Ledger:
         key: SigningKey | None = None,
         verifier: VerifierKey | None = None,
         origin: str | None = None,
+        create: bool = True,
     ) -> Ledger:
         """Open (creating if needed) the ledger at `location`: a SQLite path or a ``postgresql://`` URL.
+
+        With `create` false nothing is made (no store, no key): a missing or empty ledger is a StoreError.
 
         `location` None is $TRAINGUARD_HOME/ledger.db. `key` None reads $TRAINGUARD_HOME/keys/ledger.key when
         it exists; a new default ledger without one gets a freshly generated key there (mode 0600). Without a
@@ -116,11 +119,15 @@ class Ledger:
         key_path = default_key_path()
         if key is None and key_path.exists():
             key = SigningKey.load(key_path)
-        store = open_store(
-            default_location() if location is None else location, create=key is not None or default
-        )
+        where = default_location() if location is None else location
+        store = open_store(where, create=create and (key is not None or default))
         try:
             meta = store.meta()
+            if not meta and not create:
+                raise StoreError(
+                    f"no ledger at {store.location} yet: nothing to read",
+                    hint="the first append creates it (trainguard ledger append, sign, run, watch)",
+                )
             if not meta:
                 meta, key = cls._initialise(store, key, origin, default)
             elif key is None and key_path.exists():
