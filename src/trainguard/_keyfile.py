@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 from trainguard.errors import KeyFileError
 
 __all__ = ["read_key_file", "write_new_key_file"]
+
+# A signed-note verifier key: name, 8 hex digits of key id, base64 (which may itself hold "+").
+_NOTE_VERIFIER = re.compile(rb"[^+\s]+\+[0-9a-f]{8}\+[A-Za-z0-9+/]+={0,2}")
 
 
 def read_key_file(path: Path, *, private: bool, max_bytes: int) -> bytes:
@@ -59,7 +63,7 @@ def _is_public_pem(data: bytes) -> bool:
     text = data.strip()
     if text.startswith((b"-----BEGIN PUBLIC KEY-----", b"-----BEGIN EC PUBLIC KEY-----")):
         return True
-    return b"PRIVATE" not in text and b"\n" not in text and text.count(b"+") == 2
+    return not text.startswith(b"PRIVATE+KEY+") and _NOTE_VERIFIER.fullmatch(text) is not None
 
 
 def _private_guess(path: Path) -> str:

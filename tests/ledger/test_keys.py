@@ -196,3 +196,13 @@ def test_wrong_kind_of_key_file(tmp_path: Path) -> None:
     assert f"{public} is a public key, but a private key is needed" in info.value.message
     with pytest.raises(KeyFileError, match="wrong kind"):
         SigningKey.load(private, alg=ALG_COSIGNATURE_V1)
+
+
+def test_every_verifier_key_is_told_apart_from_a_private_one() -> None:
+    # Base64 may hold "+": a verifier key is recognised by its form, whatever its random bytes.
+    from trainguard._keyfile import _is_public_pem
+
+    for _ in range(200):
+        key = SigningKey.generate("example.com/log")
+        assert _is_public_pem(key.verifier().text().encode() + b"\n")
+        assert not _is_public_pem(key.text().encode() + b"\n")
