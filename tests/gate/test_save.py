@@ -122,11 +122,8 @@ def test_a_bad_key_leaves_the_checkpoint_untouched(
         save({"v": torch.ones(3)}, path, key=given)  # type: ignore[arg-type]
     assert (path.read_bytes(), signature_path(path).read_bytes()) == before
     assert verify_path(path, [key.public()]).ok
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "ckpt.pt",
-        "ckpt.pt.trainguard.sig",
-        "signing.pem.pub",
-    ]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "tg-home")  # tg-home: the ledger's
+    assert left == ["ckpt.pt", "ckpt.pt.trainguard.sig", "signing.pem.pub"]
 
 
 def test_a_failed_save_leaves_nothing_behind(tmp_path: Path, key: PrivateKey) -> None:
@@ -175,3 +172,43 @@ def test_followers_hash_every_written_byte_whatever_the_write_sizes(tmp_path: Pa
     assert digest == hashlib.sha256(data).hexdigest()
     expected = [hashlib.sha256(data[i : i + shard_size]).hexdigest() for i in range(0, len(data), shard_size)]
     assert list(shards) == (expected if len(data) > shard_size else [])
+
+
+def test_a_saved_checkpoint_is_in_the_ledger_so_its_deletion_is_seen(
+    tmp_path: Path, key: PrivateKey, _home: Path
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save({"v": torch.ones(2)}, folder / "a.pt", key=key)
+    save({"v": torch.ones(2)}, folder / "b.pt", key=key)
+    save({"v": torch.ones(2)}, folder / "c.pt", key=key, ledger=False)
+    (folder / "b.pt").unlink()
+    public = tmp_path / "signer.pub"
+    key.public().save(public)
+    audit = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainguard",
+            "ckpt",
+            "audit",
+            str(folder),
+            "--trust",
+            str(public),
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRAINGUARD_HOME": str(_home)},
+        timeout=120,
+        check=False,
+    )
+    assert audit.returncode == 1, audit.stdout + audit.stderr
+    statuses = {Path(c["path"]).name: c["status"] for c in json.loads(audit.stdout)["checkpoints"]}
+    assert statuses == {"a.pt": "ok", "b.pt": "missing", "c.pt": "unsigned"}

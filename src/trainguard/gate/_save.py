@@ -165,6 +165,7 @@ def save(
     key: PrivateKey | str | os.PathLike[str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     fsync: bool = True,
+    ledger: bool = True,
     **kwargs: Any,
 ) -> SignResult:
     """``torch.save(obj, path, **kwargs)``, then sign the file with `key` (PATH.trainguard.sig).
@@ -172,7 +173,9 @@ def save(
     `key` is a `trainguard.provenance.PrivateKey`, or the path of a private key file (PEM, mode 0600,
     as `trainguard keygen --pem FILE` writes it); None is the default signing key,
     $TRAINGUARD_HOME/keys/signing.pem, the one `trainguard sign` uses. The key and the arguments are
-    checked before anything is written: a bad one leaves the old checkpoint as it was.
+    checked before anything is written: a bad one leaves the old checkpoint as it was. The signing is
+    recorded in the ledger as `trainguard sign` records it (`ledger=False` does not), so that
+    `trainguard ckpt audit` notices the file altered or deleted later.
 
     The digests are taken while the file is written: a thread reads back and hashes what torch has
     written while torch goes on writing. The file is written under a temporary name, fsynced, and renamed
@@ -216,7 +219,28 @@ def save(
         _sync_directory(target.parent)
     entry = FileEntry(target.name, info.st_size, info.st_mode & 0o7777, digest, shards)
     manifest = Manifest(kind="file", name=target.name, shard_size=shard_size, files=(entry,))
-    return sign_manifest(target, manifest, signing_key)
+    signed = sign_manifest(target, manifest, signing_key)
+    if ledger:
+        _record(signed, manifest)
+    return signed
+
+
+def _record(signed: SignResult, manifest: Manifest) -> None:
+    """The signing in the ledger, as `trainguard sign` records it: `ckpt audit` then knows the file, and
+    notices when it is altered or deleted. A ledger that cannot be written is a warning."""
+    from trainguard.gate._events import EVENT_SIGN, provenance_payload, record
+
+    payload = provenance_payload(
+        signed.path,
+        root=signed.root,
+        kind=manifest.kind,
+        files=len(manifest.files),
+        size=manifest.total_bytes,
+        key_id=signed.key_id,
+        ok=True,
+        signature=signed.sig_path,
+    )
+    record(EVENT_SIGN, payload)
 
 
 def _signing_key(key: object) -> PrivateKey:
