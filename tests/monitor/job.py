@@ -21,7 +21,17 @@ from torch import nn
 
 import trainguard
 
-ATTACKS = ("none", "flip", "noise", "hook", "monkeypatch_step", "sleep", "nan", "gated_flip")
+ATTACKS = (
+    "none",
+    "flip",
+    "noise",
+    "hook",
+    "monkeypatch_step",
+    "sleep",
+    "nan",
+    "gated_flip",
+    "hook_before_watch",
+)
 
 
 def main() -> int:
@@ -51,9 +61,19 @@ def main() -> int:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    guard = trainguard.watch(
-        model, optimizer, skip=args.skip, params_every=args.params_every, defer=args.defer
+    attacked_here = args.attack != "none" and (
+        not args.attack_ranks or start_rank_of(model) in {int(r) for r in args.attack_ranks.split(",")}
     )
+    if attacked_here and args.attack == "hook_before_watch":
+        # Planted before the guard starts: the hook inventory it sees first already holds it.
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        inner[0].register_forward_hook(lambda module, args, output: output * 1.5)
+    try:
+        guard = trainguard.watch(
+            model, optimizer, skip=args.skip, params_every=args.params_every, defer=args.defer
+        )
+    except trainguard.IntegrityError as exc:  # the ranks disagree before the first step
+        finish(args.out, rank, {"rank": rank, "finished": False, "error": None}, exc)
     if args.ready is not None:
         (args.ready / f"rank{rank}.ready.json").write_text(json.dumps({"pid": os.getpid()}))
     attacked = args.attack != "none" and (
@@ -84,6 +104,10 @@ def main() -> int:
     finish(args.out, rank, result, failure)
 
 
+def start_rank_of(model: nn.Module) -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def arm(attack: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, gate: int) -> None:
     """Plant one attack in this process, from this step on."""
     if attack in ("flip", "noise", "sleep", "gated_flip"):
@@ -108,7 +132,7 @@ def arm(attack: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, gate
                             p.add_(p.grad, alpha=group["lr"])
 
         type(optimizer).step = step
-    elif attack != "nan":
+    elif attack not in ("nan", "hook_before_watch"):
         raise ValueError(attack)
 
 

@@ -95,6 +95,13 @@ def test_injected_forward_hook_is_caught(tmp_path: Path) -> None:
     assert "hook was added" in error["message"]
 
 
+def test_a_hook_on_one_replica_before_watch_is_caught_at_the_start(tmp_path: Path) -> None:
+    # Registered before watch(), it is part of what the guard first sees; only the replicas differ.
+    error = run_job(tmp_path, 3, "--attack", "hook_before_watch", "--attack-ranks", "1").error()
+    assert error["check"] == "code" and error["ranks"] == [1], error
+    assert "hooks of rank 1 differ from those of its replicas" in error["message"]
+
+
 def test_step_replaced_without_hooks_is_caught_on_every_rank(tmp_path: Path) -> None:
     # The guard's optimizer hooks never run again: the next forward pass sees the weights moved.
     error = run_job(tmp_path, 2, "--attack", "monkeypatch_step").error()

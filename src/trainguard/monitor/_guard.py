@@ -48,7 +48,7 @@ from trainguard.monitor._fingerprint import Fingerprinter
 from trainguard.monitor._gradpath import GradientPath
 from trainguard.monitor._heartbeat import HeartbeatSender
 from trainguard.monitor._hyper import HyperParameters
-from trainguard.monitor._identity import compare_identity, digest
+from trainguard.monitor._identity import compare_identity, digest, hook_digest
 from trainguard.monitor._offcpu import ChangePoint, OffCpuClock, own_elapsed_us, own_time_ns
 from trainguard.monitor._recompute import UpdateCheck, coverage
 from trainguard.monitor._sampler import SamplerWatch
@@ -186,7 +186,11 @@ class Guard:
             )
         self._versions = self._param_versions()
         self._report_length, failures = compare_identity(
-            self._channel, config, report_length(len(self._slot_names))
+            self._channel,
+            config,
+            report_length(len(self._slot_names)),
+            hooks=hook_digest(model.modules(), self._params),
+            replica_groups=self._replica_groups,
         )
         self._act(failures)
         self._record("monitor.start", self._start_payload())
