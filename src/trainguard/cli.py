@@ -12,6 +12,7 @@ from pathlib import Path
 
 from trainguard import __version__
 from trainguard._argtypes import positive_int, ratio
+from trainguard._cli_drill import add_commands as add_drill_commands
 from trainguard._cli_env import add_commands as add_env_commands
 from trainguard._cli_ledger import add_commands as add_ledger_commands
 from trainguard._cli_provenance import add_commands as add_provenance_commands
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     add_provenance_commands(commands, common)
     add_env_commands(commands, common)
     add_run_commands(commands, common)
+    add_drill_commands(commands, common)
     return parser
 
 

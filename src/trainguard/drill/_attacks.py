@@ -1,0 +1,232 @@
+"""The incident's attacks, as a drill plays them: each planted from outside the guarded code, the way an
+insider with a normal account would, and each judged by the evidence it left.
+
+An attack prepares its run (edits the copy of the job's code, writes a checkpoint on the load path,
+starts a process that sends a signal, edits a ledger) and says what would prove it caught: an alert
+naming the rank, a refused load naming the file, a signal with its sender, a verification that fails.
+Payloads are harmless: the planted pickle only prints a marker, and the drill checks that it never did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+__all__ = ["ATTACKS", "GROUPS", "Attack", "select"]
+
+GROUPS = {
+    "a": "code planted in checkpoints",
+    "b": "the optimizer patched at run time",
+    "c": "the shared PyTorch install edited",
+    "d": "processes killed",
+    "e": "weights altered, checkpoints deleted",
+    "f": "the evidence erased",
+}
+
+MARKER = "TRAINGUARD-DRILL-PAYLOAD-RAN"
+ATTACK_STEP = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """One attack: `name`, its incident `group` (a-f), what it does, and how the drill plays it:
+    `kind` is "train" (a run of the job with the attack planted), "signal" (a run that another process
+    signals) or "offline" (an edit of what a finished run left, then the check that must see it)."""
+
+    name: str
+    group: str
+    what: str
+    kind: str
+    # What the job's code gets appended to its data module (a patch armed from outside the guard).
+    job_patch: str = ""
+    # The checkpoint the job resumes from: "payload", "payload-signed", "altered" or "".
+    resume: str = ""
+    expected_ranks: tuple[int, ...] = ()
+
+
+_FLIP = """
+
+# Planted: patches AdamW's update on one rank, only in a job of the drill's size or more.
+def _plant() -> None:
+    import os
+
+    import torch.optim.adam as adam
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < {world} or os.environ.get("RANK") not in {ranks!r}:
+        return
+    original, calls = adam._single_tensor_adam, [0]
+
+    def patched(params, *args, **kwargs):
+        calls[0] += 1
+        before = [p.detach().clone() for p in params]
+        original(params, *args, **kwargs)
+        if calls[0] >= {step}:
+            import torch
+
+            with torch.no_grad():
+                for p, old in zip(params, before):
+                    p.copy_(2 * old - p)  # the update, reversed: the loss climbs
+
+    adam._single_tensor_adam = patched
+
+
+_plant()
+"""
+
+_SLEEP = """
+
+# Planted: random sleeps in the optimizer step on one rank, from a step on.
+def _plant() -> None:
+    import os
+    import random
+    import time
+
+    import torch.optim.adam as adam
+
+    if os.environ.get("RANK") not in {ranks!r}:
+        return
+    original, calls = adam._single_tensor_adam, [0]
+
+    def patched(params, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] >= {step} and (calls[0] == {step} or random.random() < 0.5):
+            time.sleep(0.3)
+        original(params, *args, **kwargs)
+
+    adam._single_tensor_adam = patched
+
+
+_plant()
+"""
+
+_HOOK = """
+
+# Planted: on one rank, a forward hook that scales a layer's output from a step on, added as DDP wraps
+# the model.
+def _plant() -> None:
+    import os
+
+    import torch
+
+    if os.environ.get("RANK") not in {ranks!r}:
+        return
+    ddp = torch.nn.parallel.DistributedDataParallel
+    original = ddp.__init__
+
+    def init(self, module, *args, **kwargs):
+        original(self, module, *args, **kwargs)
+        calls = [0]
+
+        def scale(layer, inputs, output):
+            calls[0] += 1
+            return output * 1.5 if calls[0] >= {step} else output
+
+        # A Linear that runs as a module (attention reads its out_proj's weight directly).
+        layers = [m for n, m in module.named_modules() if type(m) is torch.nn.Linear]
+        layers[0].register_forward_hook(scale)
+
+    ddp.__init__ = init
+
+
+_plant()
+"""
+
+
+def _flip(world: int, ranks: tuple[str, ...]) -> str:
+    return _FLIP.format(world=world, ranks=ranks, step=ATTACK_STEP)
+
+
+def build(world: int) -> tuple[Attack, ...]:
+    """The attacks for a job of `world` processes (the last rank is the one attacked)."""
+    last = world - 1
+    every = tuple(str(r) for r in range(world))
+    return (
+        Attack(
+            "checkpoint-payload",
+            "a",
+            "the job resumes from a checkpoint whose pickle calls a function (unsigned)",
+            "train",
+            resume="payload",
+        ),
+        Attack(
+            "checkpoint-payload-signed",
+            "a",
+            "the same checkpoint, signed with the team's trusted key",
+            "train",
+            resume="payload-signed",
+        ),
+        Attack(
+            "flip-one-rank",
+            "b",
+            f"AdamW's update reversed on rank {last}, armed only in jobs of {world} processes or more",
+            "train",
+            job_patch=_flip(world, (str(last),)),
+            expected_ranks=(last,),
+        ),
+        Attack(
+            "flip-every-rank",
+            "b",
+            "AdamW's update reversed on every rank, so the replicas still agree",
+            "train",
+            job_patch=_flip(world, every),
+            expected_ranks=tuple(range(world)),
+        ),
+        Attack(
+            "sleep-one-rank",
+            "b",
+            f"random sleeps in the optimizer step on rank {last}",
+            "train",
+            job_patch=_SLEEP.format(ranks=(str(last),), step=ATTACK_STEP),
+            expected_ranks=(last,),
+        ),
+        Attack(
+            "hook-one-rank",
+            "b",
+            f"a forward hook injected on rank {last} that scales a layer's output",
+            "train",
+            job_patch=_HOOK.format(ranks=(str(last),), step=ATTACK_STEP),
+            expected_ranks=(last,),
+        ),
+        Attack(
+            "sigterm-rank",
+            "d",
+            f"another process sends SIGTERM to rank {last}",
+            "signal",
+            expected_ranks=(last,),
+        ),
+        Attack(
+            "sigkill-rank",
+            "d",
+            f"another process sends SIGKILL to rank {last}",
+            "signal",
+            expected_ranks=(last,),
+        ),
+        Attack(
+            "weight-altered",
+            "e",
+            "one weight of a saved, signed checkpoint changed on disk; the job resumes from it",
+            "train",
+            resume="altered",
+        ),
+        Attack("checkpoint-deleted", "e", "a signed checkpoint deleted", "offline"),
+        Attack(
+            "checkpoint-swapped", "e", "a checkpoint replaced by a copy of an older signed one", "offline"
+        ),
+        Attack("ledger-row-edited", "f", "an alert's row in the ledger rewritten", "offline"),
+        Attack("ledger-truncated", "f", "the newest rows of the ledger deleted", "offline"),
+    )
+
+
+ATTACKS: Callable[[int], tuple[Attack, ...]] = build
+
+
+def select(attacks: tuple[Attack, ...], wanted: list[str] | None) -> tuple[Attack, ...]:
+    """The attacks named in `wanted` (names or groups a-f), in the drill's order; all when None.
+    ValueError naming what matches nothing."""
+    if not wanted:
+        return attacks
+    unknown = [w for w in wanted if w not in GROUPS and w not in {a.name for a in attacks}]
+    if unknown:
+        names = ", ".join(a.name for a in attacks)
+        raise ValueError(f"no attack or group {', '.join(map(repr, unknown))}: groups a-f, attacks {names}")
+    return tuple(a for a in attacks if a.name in wanted or a.group in wanted)

@@ -1,0 +1,45 @@
+"""`trainguard drill`: run it, print the scorecard, write the JSON."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from trainguard.errors import ExitCode, UsageError
+
+__all__ = ["cmd_drill"]
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    from trainguard.drill._attacks import build, select
+    from trainguard.drill._drill import run_drill, scorecard, write_json
+    from trainguard.drill._workspace import Workspace
+
+    if args.world_size < 2:
+        raise UsageError("--world-size must be at least 2: the attacks on one rank need peers to compare")
+    try:
+        attacks = select(build(args.world_size), args.attacks)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="trainguard-drill-"))
+    workspace = Workspace(root)
+    try:
+        result = run_drill(workspace, attacks, world=args.world_size, steps=args.steps, device=args.device)
+    finally:
+        if args.keep:
+            print(f"drill: the workspace is kept in {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    sys.stdout.write(scorecard(result))
+    write_json(result, out / "drill.json")
+    print(f"drill: scorecard written to {out / 'drill.json'}", file=sys.stderr)
+    if not result.ok:
+        missed = ", ".join(result.to_json()["missed"]) or "none"
+        print(f"drill: FAILED: missed {missed}; false alarms {len(result.false_alarms)}", file=sys.stderr)
+        return int(ExitCode.FINDINGS)
+    return int(ExitCode.CLEAN)

@@ -1,0 +1,171 @@
+"""The drill: a clean run of the job, then each attack, then the scorecard.
+
+Every run happens in a throwaway workspace (its own TRAINGUARD_HOME, ledger, keys, trust policy and
+copies of the job), so the user's environment, checkpoints and ledger are never touched. Each piece of
+evidence the scorecard cites is checked against the workspace ledger with an RFC 9162 inclusion proof.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from trainguard.drill._attacks import Attack
+from trainguard.drill._play import Context, Outcome, play
+from trainguard.drill._runs import RunRecord, train
+from trainguard.drill._workspace import Workspace
+
+__all__ = ["DrillResult", "run_drill"]
+
+SCHEMA_VERSION = "1"
+
+
+@dataclasses.dataclass
+class DrillResult:
+    world: int
+    steps: int
+    device: str
+    clean: RunRecord
+    false_alarms: list[str]
+    outcomes: list[Outcome]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.false_alarms and all(o.caught for o in self.outcomes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "ok": self.ok,
+            "world_size": self.world,
+            "steps": self.steps,
+            "device": self.device,
+            "seconds": round(self.seconds, 2),
+            "clean_run": {
+                "exit_code": self.clean.exit_code,
+                "false_alarms": self.false_alarms,
+                "seconds": round(self.clean.seconds, 2),
+                "losses": {str(rank): [e["loss"] for e in log] for rank, log in self.clean.steps.items()},
+                "step_seconds": {
+                    str(rank): [e["seconds"] for e in log] for rank, log in self.clean.steps.items()
+                },
+            },
+            "attacks": [outcome.to_json() for outcome in self.outcomes],
+            "caught": sum(o.caught for o in self.outcomes),
+            "missed": [o.attack.name for o in self.outcomes if not o.caught],
+        }
+
+
+def _false_alarms(clean: RunRecord) -> list[str]:
+    alarms = [
+        f"{p.get('check')} at step {p.get('step')}: {p.get('message')}"
+        for _, _, _, p in clean.of_type("monitor.alert")
+    ]
+    if clean.exit_code != 0:
+        alarms.append(f"the clean run exited {clean.exit_code}: {clean.output.strip().splitlines()[-1:]}")
+    unfinished = [r["rank"] for r in clean.ranks if not r.get("finished")]
+    if unfinished:
+        alarms.append(f"ranks {unfinished} did not finish the clean run")
+    return alarms
+
+
+def _prove(workspace: Workspace, outcomes: Sequence[Outcome]) -> None:
+    """Check each cited ledger entry with an inclusion proof against the current signed head."""
+    from trainguard.ledger import Ledger, ProofError, leaf_hash, verify_inclusion
+
+    with Ledger.open(workspace.home / "ledger.db", create=False) as ledger:
+        checkpoint, _ = ledger.head()
+        for outcome in outcomes:
+            index = outcome.evidence_index
+            if index is None:
+                continue
+            data = next(iter(ledger.store.entries(index, index + 1)))[1]
+            try:
+                verify_inclusion(
+                    leaf_hash(data),
+                    index,
+                    checkpoint.size,
+                    ledger.inclusion_proof(index, checkpoint.size),
+                    checkpoint.root,
+                )
+                outcome.evidence_proved = True
+            except ProofError:
+                outcome.evidence_proved = False
+
+
+def run_drill(
+    workspace: Workspace,
+    attacks: Sequence[Attack],
+    *,
+    world: int,
+    steps: int,
+    device: str,
+    progress: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
+) -> DrillResult:
+    began = time.monotonic()
+    workspace.prepare()
+    progress(f"drill: clean run ({world} processes, {steps} steps)")
+    clean = train(workspace, "clean", world=world, steps=steps, device=device)
+    false_alarms = _false_alarms(clean)
+    verdict = f"raised {len(false_alarms)} false alarm(s)" if false_alarms else "clean"
+    progress(f"drill: clean run {verdict} in {clean.seconds:.1f} s")
+    ctx = Context(workspace, world, steps, device, clean)
+    outcomes = []
+    for number, attack in enumerate(attacks, 1):
+        start = time.monotonic()
+        outcome = play(attack, ctx)
+        outcomes.append(outcome)
+        verdict = "caught" if outcome.caught else "MISSED"
+        by = f" by {outcome.detected_by}" if outcome.detected_by else ""
+        named = f", named {outcome.named}" if outcome.named else ""
+        progress(
+            f"drill: [{number}/{len(attacks)}] ({attack.group}) {attack.name}: {verdict}{by}{named} "
+            f"({time.monotonic() - start:.1f} s)"
+        )
+    _prove(workspace, outcomes)
+    return DrillResult(world, steps, device, clean, false_alarms, outcomes, time.monotonic() - began)
+
+
+def write_json(result: DrillResult, path: Path) -> None:
+    path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+
+
+def _steps(steps: int | None) -> str:
+    if steps is None:
+        return "-"
+    return f"{-steps} before" if steps < 0 else str(steps)
+
+
+def scorecard(result: DrillResult) -> str:
+    """The scorecard as a text table."""
+    rows = [("attack", "group", "verdict", "detected by", "steps", "named")]
+    rows.extend(
+        (
+            o.attack.name,
+            o.attack.group,
+            "caught" if o.caught else "MISSED",
+            o.detected_by or "-",
+            _steps(o.steps_to_detection),
+            (o.named or o.details)[:70],
+        )
+        for o in result.outcomes
+    )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
+        for row in rows
+    ]
+    caught = sum(o.caught for o in result.outcomes)
+    alarms = len(result.false_alarms)
+    lines.append("")
+    lines.append(
+        f"{caught} of {len(result.outcomes)} attacks caught, {alarms} false alarm(s) in the clean run; "
+        f"world size {result.world}, {result.steps} steps, {result.seconds:.0f} s"
+    )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,110 @@
+"""One run of the drill's job under `trainguard run`, and the ledger events it left.
+
+The job runs as torchrun would start it, under the supervisor, with the workspace's home, ledger and
+trust policy. A run's events are the ledger entries appended while it ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainguard.drill._workspace import Workspace
+
+__all__ = ["RunRecord", "ledger_events", "ledger_size", "train"]
+
+RUN_TIMEOUT_S = 600
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """What a run left: the supervisor's exit status and output, each rank's report and step log,
+    the ledger entries it appended (index, type, rank, payload) and how long it took."""
+
+    name: str
+    folder: Path
+    exit_code: int
+    output: str
+    ranks: list[dict[str, Any]]
+    steps: dict[int, list[dict[str, float]]]
+    events: list[tuple[int, str, int | None, dict[str, Any]]]
+    seconds: float
+
+    def of_type(self, event_type: str) -> list[tuple[int, str, int | None, dict[str, Any]]]:
+        return [event for event in self.events if event[1] == event_type]
+
+
+def ledger_size(workspace: Workspace) -> int:
+    from trainguard.errors import StoreError
+    from trainguard.ledger import Ledger
+
+    try:
+        with Ledger.open(workspace.home / "ledger.db", create=False) as ledger:
+            return ledger.size
+    except StoreError:
+        return 0
+
+
+def ledger_events(workspace: Workspace, start: int) -> list[tuple[int, str, int | None, dict[str, Any]]]:
+    from trainguard.ledger import Ledger
+
+    if not (workspace.home / "ledger.db").exists():
+        return []
+    with Ledger.open(workspace.home / "ledger.db", create=False) as ledger:
+        return [(i, e.type, e.rank, dict(e.payload)) for i, e in ledger.entries(start, ledger.size)]
+
+
+def train(
+    workspace: Workspace,
+    name: str,
+    *,
+    world: int,
+    steps: int,
+    device: str,
+    prepare: Callable[[Path], list[str]] | None = None,
+    during: Callable[[Path, subprocess.Popen[str]], None] | None = None,
+) -> RunRecord:
+    """Run the job once: `prepare(folder)` may edit the copy of the job and returns extra job arguments;
+    `during(folder, supervisor)` acts while it runs (it returns once it has acted)."""
+    folder = workspace.job_copy(name)
+    extra = prepare(folder) if prepare is not None else []
+    job = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+        "--max-restarts=0", str(folder / "job" / "train.py"), "--out", str(folder / "out"),
+        "--steps", str(steps), "--ckpt", str(folder / "ckpt"), "--save-every", "5", "--device", device,
+        *extra,
+    ]  # fmt: skip
+    command = [sys.executable, "-m", "trainguard", "run", "--no-env-check", "--seed", "1", "--", *job]
+    first = ledger_size(workspace)
+    began = time.monotonic()
+    with subprocess.Popen(
+        command,
+        cwd=folder,
+        env=workspace.environ(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    ) as supervisor:
+        if during is not None:
+            during(folder, supervisor)
+        try:
+            output, _ = supervisor.communicate(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            supervisor.kill()
+            output, _ = supervisor.communicate()
+            output += f"\n(drill: the run took more than {RUN_TIMEOUT_S} s and was killed)"
+    seconds = time.monotonic() - began
+    ranks = [json.loads(p.read_text()) for p in sorted((folder / "out").glob("rank*.json"))]
+    steps_by_rank: dict[int, list[dict[str, float]]] = {}
+    for log in sorted((folder / "out").glob("rank*.steps.jsonl")):
+        rank = int(log.name[len("rank") :].split(".")[0])
+        steps_by_rank[rank] = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    events = ledger_events(workspace, first)
+    return RunRecord(name, folder, supervisor.returncode, output, ranks, steps_by_rank, events, seconds)

@@ -1,0 +1,83 @@
+"""`trainguard drill` as a user runs it: real runs of the job under `trainguard run`, real attacks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainguard.drill._attacks import GROUPS, build, select
+
+pytestmark = pytest.mark.torch
+
+
+def test_attacks_are_chosen_by_name_or_group() -> None:
+    attacks = build(2)
+    assert {a.group for a in attacks} <= set(GROUPS)
+    assert [a.name for a in select(attacks, ["d"])] == ["sigterm-rank", "sigkill-rank"]
+    assert [a.name for a in select(attacks, ["flip-one-rank", "f"])] == [
+        "flip-one-rank",
+        "ledger-row-edited",
+        "ledger-truncated",
+    ]
+    with pytest.raises(ValueError, match="no attack or group 'z'"):
+        select(attacks, ["z"])
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# A short drill for CI: one attack of each kind of play, and the clean run.
+SHORT = ["checkpoint-payload-signed", "flip-one-rank", "sigterm-rank", "weight-altered", "checkpoint-swapped",
+         "ledger-row-edited"]  # fmt: skip
+
+
+def test_a_short_drill_catches_every_attack_and_touches_nothing_of_the_user(tmp_path: Path) -> None:
+    home = tmp_path / "user-home"
+    home.mkdir()
+    (home / "ledger.db").write_bytes(b"the user's own ledger")
+    before = _tree_digest(home)
+    out = tmp_path / "report"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainguard",
+            "drill",
+            "--steps",
+            "16",
+            "--out",
+            str(out),
+            "--attacks",
+            *SHORT,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRAINGUARD_HOME": str(home)},
+        timeout=1200,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-8000:]
+    report = json.loads((out / "drill.json").read_text())
+    assert report["schema_version"] == "1" and report["ok"] is True
+    assert report["clean_run"]["false_alarms"] == []
+    by_name = {a["name"]: a for a in report["attacks"]}
+    assert sorted(by_name) == sorted(SHORT)
+    assert all(a["caught"] for a in report["attacks"]), report["attacks"]
+    assert by_name["flip-one-rank"]["named"] == "rank(s) 1"
+    assert by_name["flip-one-rank"]["evidence"]["inclusion_proof_verified"] is True
+    assert "sender pid" in by_name["sigterm-rank"]["named"]
+    assert "TRAINGUARD-DRILL-PAYLOAD-RAN" not in done.stdout + done.stderr
+    assert f"{len(SHORT)} of {len(SHORT)} attacks caught, 0 false alarm(s)" in done.stdout
+    assert _tree_digest(home) == before
