@@ -31,11 +31,16 @@ FORBIDDEN = {
     # The monitor stands on the ledger and the in-process code checks; it loads checkpoints only through
     # the gate (to roll back), never by itself.
     "monitor": {"_pickle", "scan", "report", "cli"},
+    # The drill runs the job and the commands as processes; it reads the ledger and signs with keys.
+    "drill": {"_pickle", "scan", "report", "cli", "monitor", "supervisor"},
+    "_cli_drill": {"_pickle", "scan", "report", "ledger", "provenance", "envcheck", "drill"},
 }
-# Nothing imports the monitor but the command line.
+# Nothing imports the monitor or the drill but the command line.
 for _room, _forbidden in FORBIDDEN.items():
     if _room != "monitor":
         _forbidden.add("monitor")
+    if _room != "drill":
+        _forbidden.add("drill")
 FRAMEWORKS = {"torch", "numpy", "safetensors", "joblib", "transformers", "lightning", "pytorch_lightning"}
 
 
@@ -43,6 +48,8 @@ FRAMEWORKS = {"torch", "numpy", "safetensors", "joblib", "transformers", "lightn
 ADAPTERS = {"gate"}
 # Rooms built on torch: their modules import it at the top; their package __init__ must stay lazy.
 TORCH_ROOMS = {"monitor"}
+# The drill's training job: scripts run in their own processes, never imported by the package.
+JOB_SCRIPTS = "drill/job/"
 # Framework callbacks in a torch room: each may import its own framework at the top as well.
 FRAMEWORK_MODULES = {
     "monitor/hf.py": {"transformers"},
@@ -71,6 +78,8 @@ def _room(path: Path) -> str:
 def test_module_respects_the_layers(path: Path) -> None:
     room = _room(path)
     framework_imports = _imports(path, top_level_only=room in ADAPTERS)
+    if path.relative_to(SRC).as_posix().startswith(JOB_SCRIPTS):
+        framework_imports = {name for name in framework_imports if name.split(".")[0] != "torch"}
     if room in TORCH_ROOMS and path.name != "__init__.py":
         own = {"torch", *FRAMEWORK_MODULES.get(path.relative_to(SRC).as_posix(), ())}
         framework_imports = {name for name in framework_imports if name.split(".")[0] not in own}
