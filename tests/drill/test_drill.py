@@ -39,8 +39,15 @@ def _tree_digest(root: Path) -> str:
 
 
 # A short drill for CI: one attack of each kind of play, and the clean run.
-SHORT = ["checkpoint-payload-signed", "flip-one-rank", "sigterm-rank", "weight-altered", "checkpoint-swapped",
-         "ledger-row-edited"]  # fmt: skip
+SHORT = [
+    "checkpoint-payload-signed",
+    "flip-one-rank",
+    "lr-negated-one-rank",
+    "sigterm-rank",
+    "weight-altered",
+    "checkpoint-swapped",
+    "ledger-row-edited",
+]
 
 
 def test_a_short_drill_catches_every_attack_and_touches_nothing_of_the_user(tmp_path: Path) -> None:
@@ -77,6 +84,9 @@ def test_a_short_drill_catches_every_attack_and_touches_nothing_of_the_user(tmp_
     assert all(a["caught"] for a in report["attacks"]), report["attacks"]
     assert by_name["flip-one-rank"]["named"] == "rank(s) 1"
     assert by_name["flip-one-rank"]["evidence"]["inclusion_proof_verified"] is True
+    # No code patched: the replicas' fingerprints disagree at the very step it acts.
+    assert by_name["lr-negated-one-rank"]["detected_by"] == "monitor: fingerprint"
+    assert by_name["lr-negated-one-rank"]["steps_to_detection"] == 0
     assert "sender pid" in by_name["sigterm-rank"]["named"]
     assert "TRAINGUARD-DRILL-PAYLOAD-RAN" not in done.stdout + done.stderr
     assert f"{len(SHORT)} of {len(SHORT)} attacks caught, 0 false alarm(s)" in done.stdout

@@ -132,6 +132,50 @@ _plant()
 """
 
 
+# Attacks that change no code at all: the job's own data module, which the insider can edit, reaches
+# the optimizer through its caller's frame (the training loop's locals) and changes what it holds.
+_DATA_ONLY = """
+
+_original_get = Batches.get
+
+
+def _get(self, step):
+    import os
+    import sys
+
+    import torch
+
+    optimizer = sys._getframe(1).f_locals.get("optimizer")
+    if os.environ.get("RANK") in {ranks!r} and step >= {step} and optimizer is not None:
+        with torch.no_grad():
+{action}
+    return _original_get(self, step)
+
+
+Batches.get = _get
+"""
+
+_NUDGE_WEIGHTS = """\
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.add_(torch.randn_like(p) * 1e-3)  # weights written between steps"""
+
+_NEGATE_LR = """\
+            if step == {step}:
+                for group in optimizer.param_groups:
+                    group["lr"] = -group["lr"]  # the same rule, walking up the loss"""
+
+_FLIP_STATE = """\
+            if step == {step}:
+                for state in optimizer.state.values():
+                    if "exp_avg" in state:
+                        state["exp_avg"].neg_()  # the momentum reversed"""
+
+
+def _data_only(action: str, ranks: tuple[str, ...]) -> str:
+    return _DATA_ONLY.format(ranks=ranks, step=ATTACK_STEP, action=action.format(step=ATTACK_STEP))
+
+
 def _flip(world: int, ranks: tuple[str, ...]) -> str:
     return _FLIP.format(world=world, ranks=ranks, step=ATTACK_STEP)
 
@@ -185,6 +229,30 @@ def build(world: int) -> tuple[Attack, ...]:
             f"a forward hook injected on rank {last} that scales a layer's output",
             "train",
             job_patch=_HOOK.format(ranks=(str(last),), step=ATTACK_STEP),
+            expected_ranks=(last,),
+        ),
+        Attack(
+            "weights-nudged-one-rank",
+            "b",
+            f"rank {last}'s weights changed between steps by the job's data module (no code patched)",
+            "train",
+            job_patch=_data_only(_NUDGE_WEIGHTS, (str(last),)),
+            expected_ranks=(last,),
+        ),
+        Attack(
+            "lr-negated-one-rank",
+            "b",
+            f"rank {last}'s learning rate negated by the job's data module (no code patched)",
+            "train",
+            job_patch=_data_only(_NEGATE_LR, (str(last),)),
+            expected_ranks=(last,),
+        ),
+        Attack(
+            "optimizer-state-flipped-one-rank",
+            "b",
+            f"rank {last}'s AdamW momentum reversed by the job's data module (no code patched)",
+            "train",
+            job_patch=_data_only(_FLIP_STATE, (str(last),)),
             expected_ranks=(last,),
         ),
         Attack(

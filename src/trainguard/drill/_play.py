@@ -99,7 +99,8 @@ def _patched(attack: Attack, ctx: Context) -> Outcome:
     )
     # The clean run raised no alert, so any alert here is the attack's; one before the attack acted
     # means its code was seen before it fired (steps_to_detection is then negative).
-    alerts = run.of_type("monitor.alert")
+    # Alerts that stopped the job first: an alert-only check (data_wait, spike) is weaker evidence.
+    alerts = sorted(run.of_type("monitor.alert"), key=lambda e: e[3].get("action") != "stop")
     wanted = set(attack.expected_ranks)
     single = len(wanted) == 1
     for index, _, _, payload in alerts:
