@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.readme.walkthrough import REPO, blocks, commands
+from tests.readme.walkthrough import REPO, RUN_LANGS, SHOWN_LANGS, blocks, commands
 
 
 def test_blocks_and_their_directives_are_read_as_written() -> None:
@@ -41,7 +41,7 @@ def test_every_readme_block_is_run_or_says_why_not() -> None:
     for block in blocks((REPO / "README.md").read_text()):
         if block.directive is not None and block.directive[0] == "skip":
             assert block.directive[1].strip(), f"README line {block.line}: a skip without a reason"
-        elif block.lang not in ("sh", "python", "console", "text", "toml"):
+        elif block.lang not in RUN_LANGS + SHOWN_LANGS:
             raise AssertionError(
                 f"README line {block.line}: a {block.lang or 'plain'} block is never checked"
             )

@@ -10,9 +10,8 @@ Payloads are harmless: the planted pickle only prints a marker, and the drill ch
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
-__all__ = ["ATTACKS", "GROUPS", "Attack", "select"]
+__all__ = ["GROUPS", "Attack", "build", "select"]
 
 GROUPS = {
     "a": "code planted in checkpoints",
@@ -283,9 +282,6 @@ def build(world: int) -> tuple[Attack, ...]:
         Attack("ledger-row-edited", "f", "an alert's row in the ledger rewritten", "offline"),
         Attack("ledger-truncated", "f", "the newest rows of the ledger deleted", "offline"),
     )
-
-
-ATTACKS: Callable[[int], tuple[Attack, ...]] = build
 
 
 def select(attacks: tuple[Attack, ...], wanted: list[str] | None) -> tuple[Attack, ...]:

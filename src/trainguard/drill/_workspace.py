@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from trainguard.provenance import PrivateKey
@@ -65,7 +64,3 @@ class Workspace:
         env.pop("PYTHONPATH", None)
         env.update(extra or {})
         return env
-
-    @property
-    def python(self) -> str:
-        return sys.executable
