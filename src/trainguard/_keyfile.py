@@ -13,6 +13,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+from trainguard._durable import sync_folder
 from trainguard.errors import KeyFileError
 
 __all__ = ["read_key_file", "write_new_key_file"]
@@ -41,7 +42,7 @@ def read_key_file(path: Path, *, private: bool, max_bytes: int) -> bytes:
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise KeyFileError(f"key file {path} is too large to be a key file")
-    if private and _is_public_pem(data):
+    if private and _is_public_key(data):
         # Said before the mode: a public key is 0644 on purpose, and chmod would not make it private.
         raise KeyFileError(
             f"{path} is a public key, but a private key is needed to sign",
@@ -57,7 +58,7 @@ def read_key_file(path: Path, *, private: bool, max_bytes: int) -> bytes:
     return data
 
 
-def _is_public_pem(data: bytes) -> bool:
+def _is_public_key(data: bytes) -> bool:
     """A PEM public key, or a signed-note verifier key (``name+keyid+base64``: a private note key
     starts with ``PRIVATE+KEY+``)."""
     text = data.strip()
@@ -104,7 +105,7 @@ def write_new_key_file(path: Path, data: bytes, mode: int) -> None:
     finally:
         with contextlib.suppress(OSError):
             Path(tmp).unlink()
-    _sync_folder(parent)
+    sync_folder(parent)
 
 
 def _exists(path: Path) -> KeyFileError:
@@ -131,17 +132,3 @@ def _create_in_place(path: Path, data: bytes, mode: int) -> None:
     except OSError as exc:
         raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
     _write_durably(fd, data, mode)
-
-
-def _sync_folder(folder: Path) -> None:
-    """The new name itself survives a crash."""
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)

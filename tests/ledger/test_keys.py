@@ -200,9 +200,9 @@ def test_wrong_kind_of_key_file(tmp_path: Path) -> None:
 
 def test_every_verifier_key_is_told_apart_from_a_private_one() -> None:
     # Base64 may hold "+": a verifier key is recognised by its form, whatever its random bytes.
-    from trainguard._keyfile import _is_public_pem
+    from trainguard._keyfile import _is_public_key
 
     for _ in range(200):
         key = SigningKey.generate("example.com/log")
-        assert _is_public_pem(key.verifier().text().encode() + b"\n")
-        assert not _is_public_pem(key.text().encode() + b"\n")
+        assert _is_public_key(key.verifier().text().encode() + b"\n")
+        assert not _is_public_key(key.text().encode() + b"\n")

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from trainguard._durable import sync_folder
 from trainguard.errors import UsageError
 from trainguard.provenance import DEFAULT_SHARD_SIZE, FileEntry, Manifest, PrivateKey, PublicKey, SignResult
 from trainguard.provenance._hashing import read_buffer
@@ -216,7 +217,7 @@ def save(
     os.close(fd)
     temporary.replace(target)
     if fsync:
-        _sync_directory(target.parent)
+        sync_folder(target.parent)
     entry = FileEntry(target.name, info.st_size, info.st_mode & 0o7777, digest, shards)
     manifest = Manifest(kind="file", name=target.name, shard_size=shard_size, files=(entry,))
     signed = sign_manifest(target, manifest, signing_key)
@@ -271,16 +272,3 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
     done = 0
     while done < len(data):
         done += os.write(fd, data[done:])
-
-
-def _sync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return  # some filesystems do not open directories; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

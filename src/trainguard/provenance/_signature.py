@@ -27,6 +27,7 @@ from typing import Any
 
 import rfc8785
 
+from trainguard._durable import sync_folder
 from trainguard._strictjson import loads_strict
 from trainguard.errors import PolicyError, UsageError, VerificationFailed
 from trainguard.provenance._keys import ALGORITHMS, PrivateKey, PublicKey
@@ -210,16 +211,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    sync_folder(directory)  # the rename itself survives a crash
 
 
 @dataclasses.dataclass(frozen=True)
