@@ -4,6 +4,8 @@ environment; and the length of the reports they will exchange.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -110,12 +112,36 @@ _MODULE_HOOKS = (
 
 
 def _code_of(hook: object) -> str:
-    function = getattr(hook, "__func__", hook)
+    """The hook's name, a hash of its code, and the real numbers it closes over or is given: the same
+    code scaling by 1.5 on one replica and by 1.0 on the others is not the same hook. Integers and
+    objects are left out on purpose: a legitimate hook may capture its rank, a counter or a module."""
+    bound: list[object] = []
+    function = hook
+    if isinstance(function, functools.partial):
+        bound.extend((*function.args, *function.keywords.values()))
+        function = function.func
+    function = getattr(function, "__func__", function)
     code = getattr(function, "__code__", None)
     name = getattr(function, "__qualname__", type(function).__qualname__)
     if code is None:
         return name
-    return f"{name}:{hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]}"
+    for cell in getattr(function, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            bound.append(cell.cell_contents)
+    bound.extend(getattr(function, "__defaults__", None) or ())
+    bound.extend((getattr(function, "__kwdefaults__", None) or {}).values())
+    numbers = [repr(value) for value in _reals(bound)]
+    code_hash = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]
+    return f"{name}:{code_hash}:{','.join(numbers)}"
+
+
+def _reals(values: Iterable[object], depth: int = 0) -> Iterator[float | complex]:
+    """The floats among `values`, and inside their tuples and lists (two levels deep)."""
+    for value in values:
+        if isinstance(value, float | complex):
+            yield value
+        elif isinstance(value, tuple | list) and depth < 2:
+            yield from _reals(value, depth + 1)
 
 
 def digest(value: object) -> int:
