@@ -58,7 +58,8 @@ def add_commands(
     run.add_argument(
         "--python",
         metavar="PATH",
-        help="the job's interpreter, whose environment is verified (default: this one)",
+        help="the job's interpreter, whose environment is verified (default: the one CMD runs on, by its "
+        "name or its #! line; else this one)",
     )
     trust_arguments(run, " (baselines and inputs)")
     run.add_argument(

@@ -6,6 +6,8 @@ Any finding refuses the launch (exit 1); nothing of the job runs before both hav
 from __future__ import annotations
 
 import dataclasses
+import re
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +20,7 @@ from trainguard.supervisor._say import say
 if TYPE_CHECKING:
     from trainguard.envcheck._findings import EnvFinding
 
-__all__ = ["Refused", "check_environment", "check_inputs"]
+__all__ = ["Refused", "check_environment", "check_inputs", "job_interpreter"]
 
 
 class Refused(VerificationFailed):
@@ -53,6 +55,66 @@ def _beside_the_job(finding: EnvFinding, command: Sequence[str]) -> bool:
     )
 
 
+_PYTHON_NAME = re.compile(r"python(\d+(\.\d+)?)?")
+_SHEBANG_CAP = 4096
+_TRAMPOLINE = "'''exec' "  # pip's launcher for interpreters whose path is too long for a #! line
+
+
+def job_interpreter(command: Sequence[str]) -> str | None:
+    """The Python interpreter the job's first program runs on: the program itself when it is named like
+    one, else the interpreter its `#!` line names (a console script such as torchrun, `#!/usr/bin/env
+    python3`, pip's `/bin/sh` trampoline); None for anything else (a shell script, a binary, a program
+    not found). The program is read, never run."""
+    found = shutil.which(command[0]) if command else None
+    if found is None:
+        return None
+    program = Path(found).absolute()  # not resolved: a venv's bin/python is a link out of the venv
+    if _PYTHON_NAME.fullmatch(program.name):
+        return str(program)
+    words = _shebang(program)
+    if words and Path(words[0]).name == "env":
+        words = [word for word in words[1:] if not word.startswith("-") and "=" not in word]
+        if words:
+            words[0] = shutil.which(words[0]) or words[0]
+    if words and _PYTHON_NAME.fullmatch(Path(words[0]).name) and Path(words[0]).is_file():
+        return words[0]
+    return None
+
+
+def _shebang(program: Path) -> list[str]:
+    """The words of a script's `#!` line (of the exec line, for pip's trampoline)."""
+    try:
+        with program.open("rb") as handle:
+            lines = handle.read(_SHEBANG_CAP).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    if not lines or not lines[0].startswith("#!"):
+        return []
+    if lines[0].split()[:1] == ["#!/bin/sh"] and len(lines) > 1 and lines[1].startswith(_TRAMPOLINE):
+        return lines[1][len(_TRAMPOLINE) :].split()[:1]
+    return lines[0][2:].split()
+
+
+def _job_python(command: Sequence[str]) -> str | None:
+    """The job's interpreter when it lives in another environment than this one, so that the check is of
+    the environment the job runs in; None when it is this one, or not Python, or cannot be told (then
+    this environment is checked, as before; a note says so in the last case)."""
+    from trainguard.envcheck._layout import resolve_layout
+
+    python = job_interpreter(command)
+    if python is None:
+        return None
+    try:
+        prefix = resolve_layout(python=python).prefix
+    except UsageError as exc:
+        say(
+            f"note: cannot tell the environment of the job's interpreter {python} ({exc.message}); "
+            f"checking this one, {sys.prefix} (--python chooses)"
+        )
+        return None
+    return python if Path(prefix).resolve() != Path(sys.prefix).resolve() else None
+
+
 def _progress() -> Callable[[str], None] | None:
     # On a terminal only: a job's log gets the verdict, not the hashing rate.
     return say if sys.stderr.isatty() else None
@@ -66,10 +128,13 @@ def check_environment(
     trusted: Sequence[PublicKey],
     command: Sequence[str] = (),
 ) -> EnvironmentResult:
-    """Verify the environment of the job's interpreter (default: this one) against a signed baseline, or
-    against its RECORDs; Refused listing the findings (those `_beside_the_job` are only shown)."""
+    """Verify the environment of the job's interpreter (default: the one `command` runs on when that is in
+    another environment, else this one) against a signed baseline, or against its RECORDs; Refused
+    listing the findings (those `_beside_the_job` are only shown)."""
     if skip:
         return EnvironmentResult({"checked": False, "digest": None}, None)
+    if python is None:
+        python = _job_python(command)
     from trainguard.envcheck._api import verify_environment
     from trainguard.envcheck._baseline import read_baseline
 
