@@ -293,3 +293,24 @@ def test_project_venv_findings_are_real() -> None:
     }
     found = {(f.distribution, f.message.split("'")[1]) for f in findings if f.kind == "autoload-entry-point"}
     assert found == expected
+
+
+def test_rogue_entry_point_in_torchrun_handlers(env: Path) -> None:
+    """The drill's `rogue-entry-point`, in the group torchrun loads by itself: every `torchrun.handlers`
+    plug-in is imported and called when torchrun starts, whatever rendezvous the job asks for. Installed
+    with a valid RECORD, only the injection check sees it (without a baseline)."""
+    write_dist(
+        sp(env),
+        "torch-rdzv-fastpath",
+        "0.3.1",
+        {"torch_rdzv_fastpath.py": "def handler():\n    pass\n"},
+        entry_points="[torchrun.handlers]\nfastpath = torch_rdzv_fastpath:handler\n",
+    )
+    [finding] = scan(env)
+    assert (finding.kind, finding.distribution, finding.severity) == (
+        "autoload-entry-point",
+        "torch-rdzv-fastpath",
+        Severity.HIGH,
+    )
+    assert "'torchrun.handlers'" in finding.message and "torchrun imports and calls it" in finding.message
+    assert finding.advice.endswith("otherwise uninstall it.")

@@ -42,7 +42,14 @@ _EDITABLE_FINDER = re.compile(r"import (__editable___[A-Za-z0-9_]+_finder); \1\.
 # Entry-point groups whose plug-ins are imported without the user asking for them, and by whom.
 AUTOLOAD_GROUPS: Mapping[str, str] = {
     "torch.backends": "`import torch` imports and calls it automatically (device backend autoload)",
+    "torchrun.handlers": "torchrun imports and calls it at every launch, in the agent that starts the "
+    "ranks (a rendezvous handler plug-in, registered whether or not the job uses it)",
     "pytest11": "pytest imports it at the start of every test run (a pytest plug-in)",
+}
+# How to keep each group's plug-ins from loading, where there is a way.
+_TURN_OFF: Mapping[str, str] = {
+    "torch.backends": " (TORCH_DEVICE_BACKEND_AUTOLOAD=0 turns the torch autoload off)",
+    "pytest11": " (pytest -p no:NAME turns a plug-in off)",
 }
 
 # Variables that change what code the interpreter (or the dynamic loader) runs or finds, with what
@@ -468,12 +475,7 @@ def _autoload(dists: Sequence[Distribution]) -> list[EnvFinding]:
                     message=f"{dist.name} {dist.version} declares entry point {point.name!r} in group "
                     f"{point.group!r}, loading {_shown(point.value)}: {loader}.",
                     advice="Check that you installed this distribution on purpose and trust the code it "
-                    "loads; otherwise uninstall it"
-                    + (
-                        " (TORCH_DEVICE_BACKEND_AUTOLOAD=0 turns the torch autoload off)."
-                        if point.group == "torch.backends"
-                        else " (pytest -p no:NAME turns a plug-in off)."
-                    ),
+                    f"loads; otherwise uninstall it{_TURN_OFF.get(point.group, '')}.",
                     distribution=dist.name,
                 )
             )
