@@ -204,3 +204,13 @@ def test_the_guards_hook_state_changed_in_place_is_named(tmp_path: Path, attack:
     output = _ddp_job(tmp_path, attack=attack)
     assert "block 0 clean" in output and "block 1 clean" not in output, output
     assert "caught:" in output and said in output, output
+
+
+def test_grad_flipped_before_allreduce_one_rank_through_the_hook_state_and_its_copy(tmp_path: Path) -> None:
+    # The drill's grad-flipped-before-allreduce-one-rank: the hook state's divisor negated together
+    # with any copy the guard kept of it, so that the two agree. The hook divides by the group's own
+    # size, so nothing is flipped, and the state is compared with that size: named at the next step.
+    attack = "_gradpath._REGISTERED[ddp].world = -1\nguard._gradpath._world = -1"
+    output = _ddp_job(tmp_path, attack=attack)
+    assert "block 0 clean" in output and "block 1 clean" not in output, output
+    assert "caught:" in output and "set to divide by -1" in output, output

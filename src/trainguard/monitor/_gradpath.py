@@ -65,7 +65,6 @@ class GradientPath:
         self._recording = True
         self._hooks_seen = 0
         self._state: _HookState | None = None
-        self._world = 0
         self.reductions = 0
         # While set, the elements it names of each gradient as this rank's backward pass left them
         # (before the all-reduce), for the derivative check: `local`, by parameter id.
@@ -189,7 +188,9 @@ class GradientPath:
             return "the guard's communication hook on DDP was replaced"
         if state.recorder is not self:
             return "the guard's communication hook no longer records for this guard"
-        if state.world != self._world or state.group is not ddp.process_group:
+        # Against the group's own size, not a copy the guard keeps: code in the process that sets both
+        # would otherwise flip this rank's share of the mean unseen (the hook divides by the group's size).
+        if state.group is not ddp.process_group or state.world != dist.get_world_size(state.group):
             return (
                 f"the guard's communication hook was set to divide by {state.world} or to reduce over "
                 "another group"
@@ -205,7 +206,6 @@ class GradientPath:
         state.recorder = self
         self._state = state
         assert self._ddp is not None
-        self._world = dist.get_world_size(self._ddp.process_group)
         self._hooks_seen = len(getattr(self._ddp, "_comm_hooks", []))
 
     def _record_local(self, bucket: Any) -> None:
@@ -241,7 +241,8 @@ def _reduce_and_record(state: _HookState, bucket: Any) -> torch.futures.Future[t
     recorder = state.recorder
     if recorder is not None and recorder._recording and recorder.keep_local is not None:
         recorder._record_local(bucket)
-    buffer.div_(state.world)
+    # The group's own size: `state.world` is only a record, so setting it to -N flips nothing.
+    buffer.div_(dist.get_world_size(state.group))
     if recorder is not None and bucket.is_last():
         recorder.last_bucket = own_time_ns()
     work = dist.all_reduce(buffer, group=state.group, async_op=True)
