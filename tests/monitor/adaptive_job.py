@@ -54,6 +54,7 @@ BETWEEN = (
     "busy_backward",
     "busy_once",
     "busy_every_third",
+    "busy_optimizer",
 )
 # Attacks on the gradient between backward and the optimizer step, from the attack step on.
 GRADIENT = ("grad_noise", "grad_flip")
@@ -214,6 +215,11 @@ def arm(
             negate = _negating_hook()
             model.register_comm_hook(None, negate)  # type: ignore[operator]
         return
+    if attack == "busy_optimizer":
+        if step == first:
+            # After the guard's own pre-hook, inside the step: spinning never leaves the CPU.
+            optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: _spin(0.15))
+        return
     model = getattr(model, "module", model)
     if attack in ("busy_forward", "sleep_backward", "busy_backward", "busy_once", "busy_every_third"):
         if step == first:
@@ -333,6 +339,13 @@ def stall(attack: str, model: nn.Module) -> None:
     else:
         wait = spin if attack == "busy_backward" else lambda: time.sleep(0.15)
         model.norm.register_full_backward_hook(lambda module, grad_in, grad_out: wait())  # type: ignore[union-attr]
+
+
+def _spin(seconds: float) -> None:
+    """`seconds` of this thread's own CPU time (a wall-clock spin under load is partly spent waiting)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
 
 
 def _negating_hook() -> Any:

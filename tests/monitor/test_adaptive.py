@@ -216,6 +216,15 @@ def test_stall_on_one_rank_is_caught_at_its_second_occurrence(tmp_path: Path, at
     assert re.search(r"rank 1 took \d+ ms from the first forward pass to a complete gradient", message)
 
 
+def test_busy_wait_one_rank_in_the_optimizer_step_is_caught_at_its_second_occurrence(tmp_path: Path) -> None:
+    # The drill's busy-wait-one-rank: a spin in the optimizer step never leaves the CPU, so the step's
+    # off-CPU window misses it; the optimizer's CPU time is part of the rank's compute.
+    result = job(tmp_path, 2, "--attack", "busy_optimizer", "--attack-ranks", "1", "--skip", "code")
+    message = caught(result, "step_time", [1], at=11, within=1)
+    assert re.search(r"rank 1 took \d+ ms from the first forward pass to a complete gradient", message)
+    assert "optimizer's CPU time" in message
+
+
 def test_one_slow_step_on_one_rank_does_not_stop_the_job(tmp_path: Path) -> None:
     # The same 150 ms spin, once: a garbage collection looks like this, and is no attack.
     result = job(tmp_path, 2, "--attack", "busy_once", "--attack-ranks", "1", "--skip", "code")

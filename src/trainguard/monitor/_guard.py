@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -122,6 +123,8 @@ class Guard:
             window: ChangePoint(floor=floor) for window in ("data", "forward", "optimizer", "compute")
         }
         self._compute_start: tuple[int, int, int] | None = None
+        # The thread's CPU time as the optimizer's own update began: a busy-wait there is compute too.
+        self._optimizer_cpu_start: int | None = None
         # Whether this rank's compute, and which ranks' against their peers, were slow at recent
         # steps: a timing verdict needs the slowness to come back within _SLOW_WINDOW steps.
         self._compute_slow: collections.deque[bool] = collections.deque(maxlen=_SLOW_WINDOW - 1)
@@ -383,6 +386,7 @@ class Guard:
         if any(self.config.enabled(c) for c in (Check.UPDATE, Check.OUTSIDE, Check.GRADIENT_PATH)):
             self._update.before()
         self._clock.mark()
+        self._optimizer_cpu_start = time.thread_time_ns()
 
     def _arm_probe(self) -> None:
         """Decide, secretly and alike on every rank, whether the next step's gradient is checked
@@ -402,12 +406,22 @@ class Guard:
             end = own_time_ns()
         return own_elapsed_us(start, end)
 
+    def _optimizer_cpu_us(self, compute_us: int) -> int:
+        """CPU microseconds the optimizer's own update took, for a step whose compute was timed: its
+        off-CPU time is judged on its own, but a busy-wait there never leaves the CPU (only CPU time:
+        an optimizer that waits for its peers, as ZeRO's does, would otherwise look slow)."""
+        start, self._optimizer_cpu_start = self._optimizer_cpu_start, None
+        if start is None or not compute_us:
+            return 0
+        return max(0, time.thread_time_ns() - start) // 1000
+
     def _step_post(self) -> None:
         if not self._active or not self._in_step:
             return
         self._in_step = False
         report = self._report
         report.optimizer_us = self._clock.mark() // 1000
+        report.compute_us += self._optimizer_cpu_us(report.compute_us)
         self.step += 1
         report.step = self.step
         self._host_checks(report)
@@ -498,8 +512,9 @@ class Guard:
                 report.fail(
                     Check.STEP_TIME,
                     f"rank {self.rank} took {report.compute_us / 1000:.0f} ms from the first forward pass "
-                    f"to a complete gradient, and far above its median at a step just before (its "
-                    f"median is {baseline:.0f} ms): a busy-wait or a sleep in the forward or backward pass",
+                    f"to a complete gradient (with its optimizer's CPU time), and far above its median at a "
+                    f"step just before (its median is {baseline:.0f} ms): a busy-wait or a sleep in the "
+                    "forward or backward pass, or a busy-wait in the optimizer step",
                 )
             self._compute_slow.append(slow)
         if (

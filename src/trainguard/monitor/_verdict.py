@@ -85,7 +85,8 @@ class RankReport:
     hyper_digest: int = 0
     sampler_digest: int = 0
     # Own time (wall less waiting for a CPU) from the step's first forward pass until its gradient
-    # was complete, before any wait for the other ranks: a straggler's is the longest.
+    # was complete, before any wait for the other ranks, and the CPU time of the optimizer's update:
+    # a straggler's is the longest.
     compute_us: int = 0
 
     def fail(self, check: Check, detail: str) -> None:
@@ -249,9 +250,9 @@ def _stragglers(
     peers = _median_without(sorted(times), own)
     message = (
         f"{_ranks_phrase(ranks)} computed step {step} far slower than its peers, and did at a step just "
-        f"before: {own / 1000:.0f} ms from the first forward pass to a complete gradient, against a "
-        f"median of {peers / 1000:.0f} ms on the other ranks (a busy-wait or a sleep in the forward or "
-        "backward pass)"
+        f"before: {own / 1000:.0f} ms from the first forward pass to a complete gradient (with the "
+        f"optimizer's CPU time), against a median of {peers / 1000:.0f} ms on the other ranks (a busy-wait "
+        "or a sleep in the forward or backward pass, or a busy-wait in the optimizer step)"
     )
     return [Failure(Check.STEP_TIME, ranks, step, message, action)]
 
