@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ def test_attacks_are_chosen_by_name_or_group() -> None:
         "flip-one-rank",
         "ledger-row-edited",
         "ledger-truncated",
+        "ledger-rolled-back",
     ]
     with pytest.raises(ValueError, match="no attack or group 'z'"):
         select(attacks, ["z"])
@@ -38,11 +40,24 @@ def _tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
+def _site_packages_state() -> dict[str, tuple[int, int, int]]:
+    """Size, mtime and inode of every file of the real environment's site-packages: a file edited
+    through a hard link, or replaced, shows here (hashing all of torch would take a minute)."""
+    state = {}
+    for root in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and not path.is_symlink() and "__pycache__" not in path.parts:
+                info = path.stat()
+                state[str(path)] = (info.st_size, info.st_mtime_ns, info.st_ino)
+    return state
+
+
 # A short drill for CI: one attack of each kind of play, and the clean run.
 SHORT = [
     "checkpoint-payload-signed",
     "flip-one-rank",
     "lr-negated-one-rank",
+    "torch-optimizer-edited",
     "sigterm-rank",
     "weight-altered",
     "checkpoint-swapped",
@@ -51,10 +66,17 @@ SHORT = [
 
 
 def test_a_short_drill_catches_every_attack_and_touches_nothing_of_the_user(tmp_path: Path) -> None:
+    # The user's own home (ledger, keys), a run folder with checkpoints where the drill is started,
+    # and the Python environment it runs in: none may change, byte for byte.
     home = tmp_path / "user-home"
-    home.mkdir()
+    (home / "keys").mkdir(parents=True)
     (home / "ledger.db").write_bytes(b"the user's own ledger")
-    before = _tree_digest(home)
+    (home / "keys" / "signing.pem").write_bytes(b"the user's own key")
+    work = tmp_path / "work"
+    (work / "ckpt").mkdir(parents=True)
+    (work / "ckpt" / "step-0005.pt").write_bytes(b"the user's own checkpoint")
+    before = _tree_digest(home), _tree_digest(work / "ckpt")
+    environment = _site_packages_state()
     out = tmp_path / "report"
     done = subprocess.run(
         [
@@ -72,6 +94,7 @@ def test_a_short_drill_catches_every_attack_and_touches_nothing_of_the_user(tmp_
         capture_output=True,
         text=True,
         env={**os.environ, "TRAINGUARD_HOME": str(home)},
+        cwd=work,
         timeout=1200,
         check=False,
     )
@@ -90,4 +113,9 @@ def test_a_short_drill_catches_every_attack_and_touches_nothing_of_the_user(tmp_
     assert "sender pid" in by_name["sigterm-rank"]["named"]
     assert "TRAINGUARD-DRILL-PAYLOAD-RAN" not in done.stdout + done.stderr
     assert f"{len(SHORT)} of {len(SHORT)} attacks caught, 0 false alarm(s)" in done.stdout
-    assert _tree_digest(home) == before
+    assert (_tree_digest(home), _tree_digest(work / "ckpt")) == before
+    after = _site_packages_state()
+    changed = sorted(
+        path for path in environment.keys() | after.keys() if environment.get(path) != after.get(path)
+    )
+    assert not changed, changed[:20]

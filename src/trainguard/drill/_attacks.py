@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["GROUPS", "Attack", "build", "select"]
+__all__ = ["ATTACK_STEP", "GROUPS", "MIN_STEPS", "SAVE_EVERY", "Attack", "build", "select"]
 
 GROUPS = {
     "a": "code planted in checkpoints",
@@ -24,13 +24,18 @@ GROUPS = {
 
 MARKER = "TRAINGUARD-DRILL-PAYLOAD-RAN"
 ATTACK_STEP = 6
+# The job saves a checkpoint every 5 steps; the checkpoint attacks need two of them, and the attacks
+# inside the job act at ATTACK_STEP and need steps after it to be seen.
+SAVE_EVERY = 5
+MIN_STEPS = 2 * SAVE_EVERY
 
 
 @dataclasses.dataclass(frozen=True)
 class Attack:
     """One attack: `name`, its incident `group` (a-f), what it does, and how the drill plays it:
     `kind` is "train" (a run of the job with the attack planted), "signal" (a run that another process
-    signals) or "offline" (an edit of what a finished run left, then the check that must see it)."""
+    signals), "environment" (a run of the job on a tampered copy of its Python environment) or
+    "offline" (an edit of what a finished run left, then the check that must see it)."""
 
     name: str
     group: str
@@ -171,6 +176,107 @@ _FLIP_STATE = """\
                         state["exp_avg"].neg_()  # the momentum reversed"""
 
 
+# Attacks that reach the training loop's locals (the model, the optimizer, the guard) from the job's
+# data module, through its caller's frame, and act once on one rank from a step on.
+_FROM_THE_LOOP = """
+
+_original_get = Batches.get
+_planted = []
+
+
+def _get(self, step):
+    import os
+    import sys
+
+    loop = sys._getframe(1).f_locals
+    if os.environ.get("RANK") in {ranks!r} and step >= {step} and not _planted and "guard" in loop:
+        _planted.append(step)
+{action}
+    return _original_get(self, step)
+
+
+Batches.get = _get
+"""
+
+# The guard reduces DDP's buckets in its own communication hook, dividing each rank's share by the
+# world size kept in the hook's state; its gradient-path check compares that state with a copy it keeps.
+# Both set to minus the world size, this rank's gradient enters the mean negated; nothing is patched.
+_NEGATE_IN_THE_HOOK = """\
+        path = loop["guard"]._gradpath
+        path._state.world = -path._state.world
+        path._world = path._state.world  # the guard's copy, as it kept one when this was written"""
+
+# Every finding of this rank's checks dropped where it is written down: the rank's report still goes
+# to its peers and to the supervisor at every step, clean, listing every check, with fingerprints
+# that agree with its peers'.
+# The guard silenced, then the sabotage it would have seen: the learning rate negated on this rank.
+_SILENCE_THE_GUARD = """\
+        from trainguard.monitor._verdict import RankReport
+
+        RankReport.fail = lambda report, check, detail: None
+        for group in loop["optimizer"].param_groups:
+            group["lr"] = -group["lr"]"""
+
+_BUSY_RATE = """
+
+# Planted: random busy-waits in the optimizer step on one rank, with no code of torch's patched: the
+# learning rate becomes an equal float that spins on the CPU when AdamW multiplies or divides by it.
+# Its value is unchanged, so the hyper-parameter check sees no change; spinning, it never leaves the CPU.
+import random as _random
+
+
+class _SpinningRate(float):
+    armed = [False]
+
+    def _spin(self):
+        if self.armed[0]:
+            self.armed[0] = False
+            import time
+
+            end = time.thread_time() + {seconds}
+            while time.thread_time() < end:
+                pass
+
+    def __mul__(self, other):
+        self._spin()
+        return float(self) * other
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        self._spin()
+        return float(self) / other
+
+
+_original_get = Batches.get
+_chance = _random.Random(1)
+
+
+def _get(self, step):
+    import os
+    import sys
+
+    optimizer = sys._getframe(1).f_locals.get("optimizer")
+    if os.environ.get("RANK") in {ranks!r} and step >= {step} and optimizer is not None:
+        for group in optimizer.param_groups:
+            if type(group["lr"]) is not _SpinningRate:
+                group["lr"] = _SpinningRate(group["lr"])
+        _SpinningRate.armed[0] = step == {step} or _chance.random() < 0.5
+    return _original_get(self, step)
+
+
+Batches.get = _get
+"""
+
+
+def _from_the_loop(action: str, ranks: tuple[str, ...]) -> str:
+    return _FROM_THE_LOOP.format(ranks=ranks, step=ATTACK_STEP, action=action)
+
+
+def _busy_rate(ranks: tuple[str, ...]) -> str:
+    return _BUSY_RATE.format(ranks=ranks, step=ATTACK_STEP, seconds=0.2)
+
+
 def _data_only(action: str, ranks: tuple[str, ...]) -> str:
     return _DATA_ONLY.format(ranks=ranks, step=ATTACK_STEP, action=action.format(step=ATTACK_STEP))
 
@@ -255,6 +361,58 @@ def build(world: int) -> tuple[Attack, ...]:
             expected_ranks=(last,),
         ),
         Attack(
+            "grad-flipped-before-allreduce-one-rank",
+            "b",
+            f"rank {last}'s gradient negated before the all-reduce, in the guard's own communication hook "
+            "(its divisor and the guard's copy of it set to minus the world size by the job's data module)",
+            "train",
+            job_patch=_from_the_loop(_NEGATE_IN_THE_HOOK, (str(last),)),
+            expected_ranks=(last,),
+        ),
+        Attack(
+            "busy-wait-one-rank",
+            "b",
+            f"random 200 ms busy-waits in the optimizer step on rank {last}, from a learning rate that spins "
+            "when AdamW multiplies by it (no code patched)",
+            "train",
+            job_patch=_busy_rate((str(last),)),
+            expected_ranks=(last,),
+        ),
+        Attack(
+            "guard-switched-off",
+            "b",
+            f"rank {last}'s guard silenced from inside (every finding of its checks dropped: RankReport.fail "
+            "made a no-op by the job's data module, its reports still flowing, clean), then its learning "
+            "rate negated; played with 3 processes at least, so that a majority of peers can name it",
+            "train",
+            job_patch=_from_the_loop(_SILENCE_THE_GUARD, (str(last),)),
+            expected_ranks=(last,),
+        ),
+        Attack(
+            "torch-optimizer-edited",
+            "c",
+            f"torch/optim/adam.py (which AdamW's step runs) edited in the job's environment to reverse the "
+            f"update on rank {last}, its RECORD row rewritten to the new hash and size",
+            "environment",
+            expected_ranks=(last,),
+        ),
+        Attack(
+            "pth-hook",
+            "c",
+            f"a .pth file in the job's site-packages whose import line patches AdamW on rank {last} at "
+            "start-up",
+            "environment",
+            expected_ranks=(last,),
+        ),
+        Attack(
+            "rogue-entry-point",
+            "c",
+            f"a distribution with a valid RECORD whose torch.backends entry point, which `import torch` "
+            f"loads, patches AdamW on rank {last}",
+            "environment",
+            expected_ranks=(last,),
+        ),
+        Attack(
             "sigterm-rank",
             "d",
             f"another process sends SIGTERM to rank {last}",
@@ -281,6 +439,12 @@ def build(world: int) -> tuple[Attack, ...]:
         ),
         Attack("ledger-row-edited", "f", "an alert's row in the ledger rewritten", "offline"),
         Attack("ledger-truncated", "f", "the newest rows of the ledger deleted", "offline"),
+        Attack(
+            "ledger-rolled-back",
+            "f",
+            "the ledger restored to an older copy of itself after a running witness cosigned a newer head",
+            "offline",
+        ),
     )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trainguard.drill._attacks import ATTACK_STEP, MARKER, Attack
-from trainguard.drill._runs import RunRecord, train
+from trainguard.drill._runs import RunRecord, ledger_events, ledger_size, train
 from trainguard.drill._workspace import Workspace
 
 __all__ = ["Outcome", "play"]
@@ -75,9 +75,29 @@ class Context:
     clean: RunRecord
 
 
+class SetupFailed(Exception):
+    """The drill could not set an attack up: the attack counts as not caught, with the reason."""
+
+
 def play(attack: Attack, ctx: Context) -> Outcome:
+    try:
+        return _play(attack, ctx)
+    except SetupFailed as exc:
+        return Outcome(attack, False, "", "", details=f"the drill could not set the attack up: {exc}")
+
+
+def _play(attack: Attack, ctx: Context) -> Outcome:
+    # Judged on evidence that has left the job (that module imports this one: loaded here).
+    from trainguard.drill._play_outside import OUTSIDE
+
+    if attack.name in OUTSIDE:
+        return OUTSIDE[attack.name](attack, ctx)
     if attack.kind == "signal":
         return _signal(attack, ctx)
+    if attack.kind == "environment":
+        from trainguard.drill._play_env import play_environment  # it imports this module
+
+        return play_environment(attack, ctx)
     if attack.kind == "offline":
         return _OFFLINE[attack.name](attack, ctx)
     if attack.resume:
@@ -180,7 +200,9 @@ def _resume(attack: Attack, ctx: Context) -> Outcome:
         attack,
         caught,
         "load gate" if refused else "",
-        refused[0].split("refused to load ", 1)[1][:200] if refused else "",
+        refused[0].split("refused to load ", 1)[1].replace(f"{run.folder}{os.sep}", "")[:200]
+        if refused
+        else "",
         evidence_index=exits[0][0] if exits and caught else None,
         details=("THE PAYLOAD RAN; " if ran else "")
         + (f"the job exited {run.exit_code}" if not refused else "the job stopped before training"),
@@ -276,44 +298,60 @@ def _trainguard(ctx: Context, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _sign_event(ctx: Context, path: Path) -> int | None:
-    for index, _, _, payload in ctx.clean.of_type("provenance.sign"):
-        if payload.get("path") == os.path.realpath(path):
-            return index
-    return None
+def _team_checkpoints(ctx: Context, attack: Attack) -> tuple[Path, dict[str, int]]:
+    """A copy of the clean run's checkpoints, each signed by the team (`trainguard sign`, recorded in the
+    ledger), for one attack to edit: every attack gets its own, so none depends on another's edits.
+    Returns the folder and each file's signing entry in the ledger."""
+    folder = ctx.workspace.root / "tampered" / attack.name / "ckpt"
+    folder.mkdir(parents=True)
+    first = ledger_size(ctx.workspace)
+    for source in sorted((ctx.clean.folder / "ckpt").glob("step-*.pt")):
+        shutil.copy2(source, folder / source.name)
+        signed = _trainguard(ctx, "sign", str(folder / source.name), "--require-ledger")
+        if signed.returncode != 0:
+            raise SetupFailed(f"the drill could not sign {folder / source.name}: {signed.stderr.strip()}")
+    indexes = {
+        Path(payload["path"]).name: index
+        for index, event_type, _, payload in ledger_events(ctx.workspace, first)
+        if event_type == "provenance.sign"
+    }
+    return folder, indexes
 
 
 def _deleted(attack: Attack, ctx: Context) -> Outcome:
-    victim = ctx.clean.folder / "ckpt" / "step-0015.pt"
+    ckpt, signings = _team_checkpoints(ctx, attack)
+    victim = sorted(ckpt.glob("step-*.pt"))[-1]
     victim.unlink()
     victim.with_name(victim.name + ".trainguard.sig").unlink()
-    audit = _trainguard(ctx, "ckpt", "audit", str(victim.parent), "--trust", str(_public(ctx)))
+    audit = _trainguard(ctx, "ckpt", "audit", str(ckpt), "--trust", str(_public(ctx)))
     missing = [
-        line for line in audit.stdout.splitlines() if "step-0015.pt" in line and "MISSING" in line.upper()
+        line for line in audit.stdout.splitlines() if victim.name in line and "MISSING" in line.upper()
     ]
     return Outcome(
         attack,
         audit.returncode == 1 and bool(missing),
         "ckpt audit" if missing else "",
-        missing[0].strip()[:200] if missing else "",
-        evidence_index=_sign_event(ctx, victim),
-        details=f"ckpt audit exit {audit.returncode}",
+        missing[0].strip().replace(f"{ckpt}{os.sep}", "")[:200] if missing else "",
+        evidence_index=signings.get(victim.name),
+        details=f"{victim.name} and its signature deleted; ckpt audit exit {audit.returncode}",
     )
 
 
 def _swapped(attack: Attack, ctx: Context) -> Outcome:
-    ckpt = ctx.clean.folder / "ckpt"
+    ckpt, signings = _team_checkpoints(ctx, attack)
+    oldest, *_, newest = sorted(ckpt.glob("step-*.pt"))
     for suffix in ("", ".trainguard.sig"):
-        shutil.copy2(ckpt / f"step-0005.pt{suffix}", ckpt / f"step-0010.pt{suffix}")
-    verify = _trainguard(ctx, "verify", str(ckpt / "step-0010.pt"), "--trust", str(_public(ctx)))
+        shutil.copy2(ckpt / f"{oldest.name}{suffix}", ckpt / f"{newest.name}{suffix}")
+    verify = _trainguard(ctx, "verify", str(newest), "--trust", str(_public(ctx)))
     named = [line.strip() for line in verify.stdout.splitlines() if "renamed" in line or "signed as" in line]
     return Outcome(
         attack,
         verify.returncode == 1,
         "verify" if verify.returncode == 1 else "",
         named[0][:200] if named else "",
-        evidence_index=_sign_event(ctx, ckpt / "step-0010.pt"),
-        details=f"verify exit {verify.returncode}",
+        evidence_index=signings.get(newest.name),
+        details=f"{newest.name} replaced by a copy of {oldest.name} with its signature; "
+        f"verify exit {verify.returncode}",
     )
 
 

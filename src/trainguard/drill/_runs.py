@@ -11,10 +11,11 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from trainguard.drill._attacks import SAVE_EVERY
 from trainguard.drill._workspace import Workspace
 
 __all__ = ["RunRecord", "ledger_events", "ledger_size", "train"]
@@ -69,24 +70,33 @@ def train(
     device: str,
     prepare: Callable[[Path], list[str]] | None = None,
     during: Callable[[Path, subprocess.Popen[str]], None] | None = None,
+    python: Path | None = None,
+    env_baseline: Path | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> RunRecord:
     """Run the job once: `prepare(folder)` may edit the copy of the job and returns extra job arguments;
-    `during(folder, supervisor)` acts while it runs (it returns once it has acted)."""
+    `during(folder, supervisor)` acts while it runs (it returns once it has acted). The job runs on
+    `python` (default: this interpreter; the supervisor always does), with `extra_env` added to its
+    environment; with `env_baseline`, `trainguard run` checks the job's environment against that signed
+    baseline before launch, else it skips the check."""
     folder = workspace.job_copy(name)
     extra = prepare(folder) if prepare is not None else []
     job = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-        "--max-restarts=0", str(folder / "job" / "train.py"), "--out", str(folder / "out"),
-        "--steps", str(steps), "--ckpt", str(folder / "ckpt"), "--save-every", "5", "--device", device,
+        str(python or sys.executable), "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={world}", "--max-restarts=0", str(folder / "job" / "train.py"),
+        "--out", str(folder / "out"),
+        "--steps", str(steps), "--ckpt", str(folder / "ckpt"), "--save-every", str(SAVE_EVERY),
+        "--device", device,
         *extra,
     ]  # fmt: skip
-    command = [sys.executable, "-m", "trainguard", "run", "--no-env-check", "--seed", "1", "--", *job]
+    check = ["--baseline", str(env_baseline)] if env_baseline is not None else ["--no-env-check"]
+    command = [sys.executable, "-m", "trainguard", "run", *check, "--seed", "1", "--", *job]
     first = ledger_size(workspace)
     began = time.monotonic()
     with subprocess.Popen(
         command,
         cwd=folder,
-        env=workspace.environ(),
+        env=workspace.environ(dict(extra_env or {})),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
