@@ -37,6 +37,8 @@ def add_commands(
     drill.add_argument("--world-size", type=positive_int, default=2, help="processes of the job (2)")
     drill.add_argument("--steps", type=positive_int, default=20, help="training steps per run (20)")
     drill.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (gloo) or cuda (NCCL)")
-    drill.add_argument("--out", type=Path, default=Path("drill-report"), help="folder for drill.json")
+    drill.add_argument(
+        "--out", type=Path, default=Path("drill-report"), help="folder for drill.json and report.html"
+    )
     drill.add_argument("--keep", action="store_true", help="keep the workspace (runs, ledger, keys)")
     drill.set_defaults(run=handler("trainguard.drill._commands", "cmd_drill"))

@@ -1,4 +1,4 @@
-"""`trainguard drill`: run it, print the scorecard, write the JSON."""
+"""`trainguard drill`: run it, print the scorecard, write the JSON and the HTML report."""
 
 from __future__ import annotations
 
@@ -14,12 +14,18 @@ __all__ = ["cmd_drill"]
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
-    from trainguard.drill._attacks import build, select
+    from trainguard.drill._attacks import MIN_STEPS, build, select
     from trainguard.drill._drill import run_drill, scorecard, write_json
+    from trainguard.drill._report import write_html
     from trainguard.drill._workspace import Workspace
 
     if args.world_size < 2:
         raise UsageError("--world-size must be at least 2: the attacks on one rank need peers to compare")
+    if args.steps < MIN_STEPS:
+        raise UsageError(
+            f"--steps must be at least {MIN_STEPS}: the attacks act at step 6 and the checkpoint attacks "
+            "need two saved checkpoints (one every 5 steps)"
+        )
     try:
         attacks = select(build(args.world_size), args.attacks)
     except ValueError as exc:
@@ -38,6 +44,8 @@ def cmd_drill(args: argparse.Namespace) -> int:
     sys.stdout.write(scorecard(result))
     write_json(result, out / "drill.json")
     print(f"drill: scorecard written to {out / 'drill.json'}", file=sys.stderr)
+    write_html(result, out / "report.html")
+    print(f"drill: report written to {out / 'report.html'} (one file, opens offline)", file=sys.stderr)
     if not result.ok:
         missed = ", ".join(result.to_json()["missed"]) or "none"
         print(f"drill: FAILED: missed {missed}; false alarms {len(result.false_alarms)}", file=sys.stderr)

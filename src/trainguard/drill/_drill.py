@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from trainguard.drill._attacks import Attack
+from trainguard.drill._live import LiveTable
 from trainguard.drill._play import Context, Outcome, play
 from trainguard.drill._runs import RunRecord, train
 from trainguard.drill._workspace import Workspace
@@ -51,15 +54,37 @@ class DrillResult:
                 "exit_code": self.clean.exit_code,
                 "false_alarms": self.false_alarms,
                 "seconds": round(self.clean.seconds, 2),
-                "losses": {str(rank): [e["loss"] for e in log] for rank, log in self.clean.steps.items()},
-                "step_seconds": {
-                    str(rank): [e["seconds"] for e in log] for rank, log in self.clean.steps.items()
-                },
+                **run_series(self.clean),
             },
-            "attacks": [outcome.to_json() for outcome in self.outcomes],
+            "attacks": [
+                {**outcome.to_json(), "run": _attack_run(outcome.run) if outcome.run is not None else None}
+                for outcome in self.outcomes
+            ],
             "caught": sum(o.caught for o in self.outcomes),
             "missed": [o.attack.name for o in self.outcomes if not o.caught],
         }
+
+
+def run_series(run: RunRecord) -> dict[str, dict[str, list[float | None]]]:
+    """Each rank's per-step series, from step 1 on: loss, wall seconds and the training thread's CPU
+    seconds (their difference is time off the CPU). A non-finite loss is null, as JSON has no NaN."""
+    return {
+        "losses": _per_rank(run, "loss"),
+        "step_seconds": _per_rank(run, "seconds"),
+        "cpu_seconds": _per_rank(run, "cpu_seconds"),
+    }
+
+
+def _per_rank(run: RunRecord, key: str) -> dict[str, list[float | None]]:
+    return {str(rank): [_finite(entry.get(key)) for entry in log] for rank, log in sorted(run.steps.items())}
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _attack_run(run: RunRecord) -> dict[str, Any]:
+    return {"exit_code": run.exit_code, "seconds": round(run.seconds, 2), **run_series(run)}
 
 
 def _false_alarms(clean: RunRecord) -> list[str]:
@@ -107,6 +132,7 @@ def run_drill(
     steps: int,
     device: str,
     progress: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
+    table: LiveTable | None = None,
 ) -> DrillResult:
     began = time.monotonic()
     workspace.prepare()
@@ -117,17 +143,17 @@ def run_drill(
     progress(f"drill: clean run {verdict} in {clean.seconds:.1f} s")
     ctx = Context(workspace, world, steps, device, clean)
     outcomes = []
+    table = table if table is not None else LiveTable(len(attacks))
+    table.header()
     for number, attack in enumerate(attacks, 1):
         start = time.monotonic()
+        table.running(number, attack)
         outcome = play(attack, ctx)
+        # Paths inside the throwaway workspace read shorter from its root (printed with --keep).
+        outcome.named = outcome.named.replace(f"{workspace.root}{os.sep}", "")
+        outcome.details = outcome.details.replace(f"{workspace.root}{os.sep}", "")
         outcomes.append(outcome)
-        verdict = "caught" if outcome.caught else "MISSED"
-        by = f" by {outcome.detected_by}" if outcome.detected_by else ""
-        named = f", named {outcome.named}" if outcome.named else ""
-        progress(
-            f"drill: [{number}/{len(attacks)}] ({attack.group}) {attack.name}: {verdict}{by}{named} "
-            f"({time.monotonic() - start:.1f} s)"
-        )
+        table.row(number, outcome, time.monotonic() - start)
     _prove(workspace, outcomes)
     return DrillResult(world, steps, device, clean, false_alarms, outcomes, time.monotonic() - began)
 

@@ -3,8 +3,8 @@
 `trainguard drill` copies this folder into its workspace and runs it under `trainguard run`, one process
 per rank (torchrun; gloo on CPUs, NCCL on GPUs). It is an ordinary training script that a team could have
 written: it resumes from a signed checkpoint through `trainguard.load`, saves signed checkpoints with
-`trainguard.save`, and calls `trainguard.watch` once DDP is set up. Each rank writes its per-step loss and
-step time to `OUT/rankN.steps.jsonl` and how it ended to `OUT/rankN.json`.
+`trainguard.save`, and calls `trainguard.watch` once DDP is set up. Each rank writes its per-step loss,
+step time and CPU time to `OUT/rankN.steps.jsonl` and how it ended to `OUT/rankN.json`.
 
     python train.py --out DIR --steps 30 [--ckpt DIR --save-every 10] [--resume FILE] [--device cuda]
 """
@@ -122,6 +122,9 @@ def main() -> int:
     try:
         for step in range(1, args.steps + 1):
             began = time.perf_counter()
+            # The training thread's own CPU time (torch runs on it alone): wall less this is time spent
+            # off the CPU, waiting for peers, I/O, a sleep or the scheduler.
+            cpu_began = time.thread_time()
             inputs, targets = (t.to(device) for t in batches.get(step))
             logits = model(inputs)
             loss = nn.functional.cross_entropy(logits.reshape(-1, data.VOCAB), targets.reshape(-1))
@@ -130,8 +133,10 @@ def main() -> int:
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             value = float(loss.detach())
+            seconds, cpu_seconds = time.perf_counter() - began, time.thread_time() - cpu_began
             log.write(
-                json.dumps({"step": step, "loss": value, "seconds": time.perf_counter() - began}) + "\n"
+                json.dumps({"step": step, "loss": value, "seconds": seconds, "cpu_seconds": cpu_seconds})
+                + "\n"
             )
             log.flush()
             result["steps"] = step
