@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SAMPLES ?= samples
+DRILL_FLAGS ?=
 # pip shows what it fetches and installs: a first setup takes minutes and must not look hung.
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar on
 # Each install step leaves a stamp: a second `make test` or `make demo` skips what is installed already,
@@ -37,12 +38,16 @@ $(DEV_STAMP): pyproject.toml $(TORCH_STAMP)
 
 dev: $(DEV_STAMP)
 
+# The main job: the drill replays the incident against a real training job and scores the defences
+# (DRILL_FLAGS narrows it, e.g. DRILL_FLAGS="--attacks a b"). The samples it scans first are what the
+# README's examples use.
 demo: $(DEMO_STAMP)
 	rm -rf $(SAMPLES)
 	$(BIN)/python examples/make_samples.py $(SAMPLES)
-	$(BIN)/trainguard scan $(SAMPLES) ; status=$$? ; \
+	$(BIN)/trainguard scan $(SAMPLES) > /dev/null ; status=$$? ; \
 	  if [ $$status -eq 1 ]; then echo "demo: the planted samples were caught (exit 1), the genuine ones passed"; \
-	  else echo "demo: unexpected exit $$status" ; exit 1 ; fi
+	  else echo "demo: scanning the samples gave an unexpected exit $$status" ; exit 1 ; fi
+	$(BIN)/trainguard drill $(DRILL_FLAGS)
 
 lint:
 	$(BIN)/ruff check .
@@ -52,7 +57,7 @@ typecheck:
 	$(BIN)/mypy
 
 unit:
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --durations=25
 
 test: dev lint typecheck unit
 

@@ -17,7 +17,9 @@ reason is printed), ``<!-- walkthrough: exit N -->`` (the block's expected exit 
 `make test` is the command that runs this walkthrough inside the test suite, so it is run as
 ``make -n test``: what it would do, without running it again. Commands run with the clone's
 ``.venv/bin`` first on PATH and HOME in a throwaway folder (so ``~/.local/share/trainguard`` is the
-walkthrough's own); pip's cache stays the user's. Exit 0 when the README held, 1 naming the first block
+walkthrough's own); pip's cache stays the user's. `make demo` runs a short drill (``DRILL_FLAGS``, one
+attack and the clean run): the full drill has its own tests, and the walkthrough checks that the command
+works from a fresh clone. Exit 0 when the README held, 1 naming the first block
 and command that did not, 2 for a usage error.
 """
 
@@ -41,6 +43,7 @@ _FENCE = re.compile(r"^```(\w*)\s*$")
 _DIRECTIVE = re.compile(r"^<!-- walkthrough: (skip|exit|file) ?(.*?) -->\s*$")
 _EXPECTED = re.compile(r"#.*\(exit (\d+)\)")
 TIMEOUT_S = 1200  # `make demo` on a fresh machine installs torch
+SHORT_DRILL = "--steps 10 --attacks ledger-row-edited"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +109,7 @@ class Walk:
             "HOME": str(home),
             "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR") or str(Path.home() / ".cache" / "pip"),
             "PYTHONDONTWRITEBYTECODE": "1",
+            "DRILL_FLAGS": os.environ.get("DRILL_FLAGS", SHORT_DRILL),
         }
         self.env.pop("VIRTUAL_ENV", None)
         self.python = venv_bin / "python"
