@@ -29,9 +29,9 @@ def _run(home: Path, venv: Path, *job: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _install_plugin(venv: Path, tmp_path: Path, group: str) -> None:
+def _install_plugin(venv: Path, tmp_path: Path, group: str, name: str = "tg") -> None:
     files = {"tgplugin/__init__.py": "def setup():\n    pass\n"}
-    wheel = build_wheel(tmp_path, "tgplugin", "1.0", files, entry_points=f"[{group}]\ntg = tgplugin\n")
+    wheel = build_wheel(tmp_path, "tgplugin", "1.0", files, entry_points=f"[{group}]\n{name} = tgplugin\n")
     pip_install(venv, wheel)
 
 
@@ -56,3 +56,18 @@ def test_a_first_run_without_a_baseline(
         assert done.returncode == 1, done.stderr
         assert "not launching" in done.stderr and f"group {group!r}" in done.stderr
     assert (tmp_path / "home").is_dir()
+
+
+def test_a_torch_autoload_named_like_a_pytest_plugin_still_refuses_the_launch(
+    venv: Path, tmp_path: Path
+) -> None:
+    # The finding's message quotes the entry point's name: a name spelling 'pytest11' must not make a
+    # torch.backends autoload pass for a pytest plug-in (the rule reads the group, not the message).
+    _install_plugin(venv, tmp_path, "torch.backends", name="'pytest11'")
+    marker = tmp_path / "launched"
+    script = tmp_path / "train.py"
+    script.write_text(f"open({str(marker)!r}, 'w')\n")
+    done = _run(tmp_path / "home", venv, str(venv_python(venv)), str(script))
+    assert not marker.exists(), done.stderr
+    assert done.returncode == 1, done.stderr
+    assert "not launching" in done.stderr and "group 'torch.backends'" in done.stderr

@@ -16,7 +16,7 @@ class EnvFinding:
 
     `kind` is a stable rule name ("modified", "pth-import", ...); `path` the file, directory or variable
     it is about; `message` what it means; `advice` what to do; `distribution` the installed distribution
-    the file belongs to, when known.
+    the file belongs to, when known; `group` an entry point's group.
     """
 
     kind: str
@@ -25,6 +25,9 @@ class EnvFinding:
     message: str
     advice: str
     distribution: str | None = None
+    # The entry-point group of an autoload-entry-point finding: rules match on it, never on the message,
+    # which quotes names and values the distribution chose.
+    group: str | None = None
 
     def sort_key(self) -> tuple[int, str, str]:
         return (-self.severity.rank, self.kind, self.path)

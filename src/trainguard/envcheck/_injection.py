@@ -477,6 +477,7 @@ def _autoload(dists: Sequence[Distribution]) -> list[EnvFinding]:
                     advice="Check that you installed this distribution on purpose and trust the code it "
                     f"loads; otherwise uninstall it{_TURN_OFF.get(point.group, '')}.",
                     distribution=dist.name,
+                    group=point.group,
                 )
             )
     return findings

@@ -50,7 +50,7 @@ def _beside_the_job(finding: EnvFinding, command: Sequence[str]) -> bool:
         return True
     return (
         finding.kind == "autoload-entry-point"
-        and "'pytest11'" in finding.message
+        and finding.group == "pytest11"
         and not any("pytest" in Path(arg).name for arg in command)
     )
 
