@@ -45,6 +45,21 @@ def _steps(model: nn.Module, optimizer: torch.optim.Optimizer, count: int) -> It
         yield step
 
 
+@pytest.mark.parametrize("defer", [False, True])
+def test_each_step_summary_is_labelled_with_the_step_its_reports_are_of(
+    model: nn.Module, home: Path, defer: bool
+) -> None:
+    # Deferred (as on a GPU), the reports are judged a step late: a row must still carry their own step.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with trainguard.watch(model, optimizer, summary_every=5, defer=defer):
+        for _ in _steps(model, optimizer, 12):
+            pass
+    with Ledger.open(home / "ledger.db") as ledger:
+        summaries = [event.payload for _, event in ledger.entries() if event.type == "monitor.steps"]
+    steps = [row[summaries[0]["columns"].index("step")] for summary in summaries for row in summary["rows"]]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 11
+
+
 def _write_weights(model: nn.Module) -> None:
     with torch.no_grad():
         next(model.parameters())[0, 0] += 1.0

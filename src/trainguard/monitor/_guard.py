@@ -664,7 +664,7 @@ class Guard:
         first = reports[0]
         self._summaries.append(
             [
-                self.step,
+                first.step,  # the step the reports are of: on GPUs they are judged a step late
                 _finite(first.loss),
                 _finite(first.grad_norm),
                 [round(r.optimizer_us / 1000, 1) for r in reports],
