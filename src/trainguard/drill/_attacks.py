@@ -58,6 +58,12 @@ def _plant() -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) < {world} or os.environ.get("RANK") not in {ranks!r}:
         return
+
+    def acted():  # noted for the drill, when it names a file (only in a script's run)
+        note = os.environ.get("TRAINGUARD_DRILL_ACTED")
+        if note and not os.path.exists(note):
+            open(note, "a").close()
+
     original, calls = adam._single_tensor_adam, [0]
 
     def patched(params, *args, **kwargs):
@@ -67,6 +73,7 @@ def _plant() -> None:
         if calls[0] >= {step}:
             import torch
 
+            acted()
             with torch.no_grad():
                 for p, old in zip(params, before):
                     p.copy_(2 * old - p)  # the update, reversed: the loss climbs
@@ -89,10 +96,18 @@ def _plant() -> None:
 
     if os.environ.get("RANK") not in {ranks!r}:
         return
+
+    def acted():  # noted for the drill, when it names a file (only in a script's run)
+        note = os.environ.get("TRAINGUARD_DRILL_ACTED")
+        if note and not os.path.exists(note):
+            open(note, "a").close()
+
     original, calls = adam._single_tensor_adam, [0]
 
     def patched(params, *args, **kwargs):
         calls[0] += 1
+        if calls[0] >= {step}:
+            acted()
         if calls[0] >= {step} and (calls[0] == {step} or random.random() < 0.5):
             time.sleep(0.3)
         original(params, *args, **kwargs)
@@ -114,6 +129,12 @@ def _plant() -> None:
 
     if os.environ.get("RANK") not in {ranks!r}:
         return
+
+    def acted():  # noted for the drill, when it names a file (only in a script's run)
+        note = os.environ.get("TRAINGUARD_DRILL_ACTED")
+        if note and not os.path.exists(note):
+            open(note, "a").close()
+
     ddp = torch.nn.parallel.DistributedDataParallel
     original = ddp.__init__
 
@@ -123,7 +144,10 @@ def _plant() -> None:
 
         def scale(layer, inputs, output):
             calls[0] += 1
-            return output * 1.5 if calls[0] >= {step} else output
+            if calls[0] < {step}:
+                return output
+            acted()
+            return output * 1.5
 
         # A Linear that runs as a module (attention reads its out_proj's weight directly).
         layers = [m for n, m in module.named_modules() if type(m) is torch.nn.Linear]

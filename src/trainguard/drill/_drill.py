@@ -1,4 +1,5 @@
-"""The drill: a clean run of the job, then each attack, then the scorecard.
+"""The drill: a clean run of the job (the built-in one, or the user's script), then each attack, then
+the scorecard.
 
 Every run happens in a throwaway workspace (its own TRAINGUARD_HOME, ledger, keys, trust policy and
 copies of the job), so the user's environment, checkpoints and ledger are never touched. Each piece of
@@ -21,6 +22,7 @@ from trainguard.drill._attacks import Attack
 from trainguard.drill._live import LiveTable
 from trainguard.drill._play import Context, Outcome, play
 from trainguard.drill._runs import RunRecord, train
+from trainguard.drill._script import NO_WATCH, Script
 from trainguard.drill._workspace import Workspace
 
 __all__ = ["DrillResult", "run_drill"]
@@ -31,16 +33,31 @@ SCHEMA_VERSION = "1"
 @dataclasses.dataclass
 class DrillResult:
     world: int
-    steps: int
+    steps: int | None  # None: the user's script sets its own
     device: str
     clean: RunRecord
     false_alarms: list[str]
     outcomes: list[Outcome]
     seconds: float
+    script: Script | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.false_alarms and all(o.caught for o in self.outcomes)
+        """No false alarm, and every attack caught that could be played against the job."""
+        return not self.false_alarms and all(o.caught or not o.applicable for o in self.outcomes)
+
+    def tally(self) -> str:
+        """ "N of N attacks caught, 0 false alarm(s) in the clean run", counting applicable attacks only
+        (and saying how many were not) when some were not."""
+        caught = sum(o.caught for o in self.outcomes)
+        applicable = sum(o.applicable for o in self.outcomes)
+        alarms = f"{len(self.false_alarms)} false alarm(s) in the clean run"
+        if applicable == len(self.outcomes):
+            return f"{caught} of {applicable} attacks caught, {alarms}"
+        return (
+            f"{caught} of {applicable} applicable attacks caught, {len(self.outcomes) - applicable} not "
+            f"applicable, {alarms}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,6 +66,7 @@ class DrillResult:
             "world_size": self.world,
             "steps": self.steps,
             "device": self.device,
+            "script": self.script.to_json() if self.script is not None else None,
             "seconds": round(self.seconds, 2),
             "clean_run": {
                 "exit_code": self.clean.exit_code,
@@ -61,7 +79,8 @@ class DrillResult:
                 for outcome in self.outcomes
             ],
             "caught": sum(o.caught for o in self.outcomes),
-            "missed": [o.attack.name for o in self.outcomes if not o.caught],
+            "missed": [o.attack.name for o in self.outcomes if o.verdict == "missed"],
+            "not_applicable": [o.attack.name for o in self.outcomes if not o.applicable],
         }
 
 
@@ -87,13 +106,15 @@ def _attack_run(run: RunRecord) -> dict[str, Any]:
     return {"exit_code": run.exit_code, "seconds": round(run.seconds, 2), **run_series(run)}
 
 
-def _false_alarms(clean: RunRecord) -> list[str]:
+def _false_alarms(clean: RunRecord, script: Script | None) -> list[str]:
     alarms = [
         f"{p.get('check')} at step {p.get('step')}: {p.get('message')}"
         for _, _, _, p in clean.of_type("monitor.alert")
     ]
     if clean.exit_code != 0:
         alarms.append(f"the clean run exited {clean.exit_code}: {clean.output.strip().splitlines()[-1:]}")
+    if script is not None and not clean.of_type("monitor.start"):
+        alarms.append(NO_WATCH)
     unfinished = [r["rank"] for r in clean.ranks if not r.get("finished")]
     if unfinished:
         alarms.append(f"ranks {unfinished} did not finish the clean run")
@@ -133,15 +154,23 @@ def run_drill(
     device: str,
     progress: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
     table: LiveTable | None = None,
+    script: Script | None = None,
 ) -> DrillResult:
+    """With `script`, the user's script is the job (`steps` is then its own business: nothing passes it)."""
     began = time.monotonic()
     workspace.prepare()
-    progress(f"drill: clean run ({world} processes, {steps} steps)")
-    clean = train(workspace, "clean", world=world, steps=steps, device=device)
-    false_alarms = _false_alarms(clean)
+    job = f"{script.path.name}, " if script is not None else ""
+    length = "" if script is not None else f", {steps} steps"
+    progress(f"drill: clean run ({job}{world} processes{length})")
+    clean = train(workspace, "clean", world=world, steps=steps, device=device, script=script)
+    false_alarms = _false_alarms(clean, script)
     verdict = f"raised {len(false_alarms)} false alarm(s)" if false_alarms else "clean"
     progress(f"drill: clean run {verdict} in {clean.seconds:.1f} s")
-    ctx = Context(workspace, world, steps, device, clean)
+    if NO_WATCH in false_alarms:
+        # Every attack would be judged against a job with no guard: say that once, play none.
+        progress(f"drill: {NO_WATCH}; no attack was played")
+        attacks = ()
+    ctx = Context(workspace, world, steps, device, clean, script)
     outcomes = []
     table = table if table is not None else LiveTable(len(attacks))
     table.header()
@@ -155,11 +184,24 @@ def run_drill(
         outcomes.append(outcome)
         table.row(number, outcome, time.monotonic() - start)
     _prove(workspace, outcomes)
-    return DrillResult(world, steps, device, clean, false_alarms, outcomes, time.monotonic() - began)
+    return DrillResult(
+        world,
+        None if script is not None else steps,
+        device,
+        clean,
+        false_alarms,
+        outcomes,
+        time.monotonic() - began,
+        script,
+    )
 
 
 def write_json(result: DrillResult, path: Path) -> None:
     path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+
+
+# As the scorecard prints them: a miss stands out.
+_VERDICTS = {"caught": "caught", "missed": "MISSED", "not applicable": "not applicable"}
 
 
 def _steps(steps: int | None) -> str:
@@ -175,10 +217,10 @@ def scorecard(result: DrillResult) -> str:
         (
             o.attack.name,
             o.attack.group,
-            "caught" if o.caught else "MISSED",
+            _VERDICTS[o.verdict],
             o.detected_by or "-",
             _steps(o.steps_to_detection),
-            (o.named or o.details)[:70],
+            (o.named or o.details)[: 70 if o.applicable else 160],
         )
         for o in result.outcomes
     )
@@ -187,11 +229,7 @@ def scorecard(result: DrillResult) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
         for row in rows
     ]
-    caught = sum(o.caught for o in result.outcomes)
-    alarms = len(result.false_alarms)
+    job = f"{result.steps} steps" if result.script is None else f"script {result.script.path.name}"
     lines.append("")
-    lines.append(
-        f"{caught} of {len(result.outcomes)} attacks caught, {alarms} false alarm(s) in the clean run; "
-        f"world size {result.world}, {result.steps} steps, {result.seconds:.0f} s"
-    )
+    lines.append(f"{result.tally()}; world size {result.world}, {job}, {result.seconds:.0f} s")
     return "\n".join(lines) + "\n"

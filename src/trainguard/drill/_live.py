@@ -11,7 +11,7 @@ from trainguard.drill._play import Outcome
 
 __all__ = ["LiveTable"]
 
-_COLUMNS = ((5, "#"), (1, "g"), (38, "attack"), (7, "verdict"), (49, "detected by"), (8, "steps"))
+_COLUMNS = ((5, "#"), (1, "g"), (38, "attack"), (14, "verdict"), (49, "detected by"), (8, "steps"))
 
 
 def _line(cells: tuple[str, ...]) -> str:
@@ -37,7 +37,7 @@ class LiveTable:
             f"{number}/{self.total}",
             outcome.attack.group,
             outcome.attack.name,
-            "caught" if outcome.caught else "MISSED",
+            {"caught": "caught", "missed": "MISSED"}.get(outcome.verdict, outcome.verdict),
             outcome.detected_by[:49] or "-",
             "-" if steps is None else (f"{-steps} before" if steps < 0 else str(steps)),
         )

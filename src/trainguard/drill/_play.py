@@ -3,7 +3,10 @@
 An attack counts as caught only on evidence of the right kind: an alert that names the attacked rank
 at or after the step the attack acted, a load refused naming the planted file (and the payload's
 marker never printed), a signal recorded with its sender, a verification or audit that fails naming
-the file or the ledger's first bad index. Anything else is "missed", with what was seen.
+the file or the ledger's first bad index. Anything else is "missed", with what was seen, unless the
+attack could not be played against the job at all (a user's script that never runs the patched
+function, saves no signed checkpoint...): that is "not applicable", with the reason, and counts neither
+way.
 """
 
 from __future__ import annotations
@@ -22,6 +25,14 @@ from typing import Any
 
 from trainguard.drill._attacks import ATTACK_STEP, MARKER, Attack
 from trainguard.drill._runs import RunRecord, ledger_events, ledger_size, train
+from trainguard.drill._script import (
+    NEVER_ACTED,
+    NO_SIGNED_CHECKPOINT,
+    Script,
+    not_for_scripts,
+    planted_code_acted,
+    rank_process,
+)
 from trainguard.drill._workspace import Workspace
 
 __all__ = ["Outcome", "play"]
@@ -29,7 +40,8 @@ __all__ = ["Outcome", "play"]
 
 @dataclasses.dataclass
 class Outcome:
-    """How one attack went: caught or not, by what, naming what, how soon, and the ledger entry."""
+    """How one attack went: caught or not, by what, naming what, how soon, and the ledger entry; or not
+    applicable to the job (`applicable` False, the reason in `details`)."""
 
     attack: Attack
     caught: bool
@@ -42,6 +54,18 @@ class Outcome:
     evidence_proved: bool | None = None
     details: str = ""
     run: RunRecord | None = None
+    applicable: bool = True
+
+    @classmethod
+    def not_applicable(cls, attack: Attack, reason: str, run: RunRecord | None = None) -> Outcome:
+        return cls(attack, False, "", "", details=reason, run=run, applicable=False)
+
+    @property
+    def verdict(self) -> str:
+        """The verdict: caught, missed or not applicable."""
+        if not self.applicable:
+            return "not applicable"
+        return "caught" if self.caught else "missed"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,6 +73,7 @@ class Outcome:
             "group": self.attack.group,
             "what": self.attack.what,
             "caught": self.caught,
+            "verdict": self.verdict,
             "detected_by": self.detected_by,
             "named": self.named,
             "step": self.step,
@@ -73,6 +98,7 @@ class Context:
     steps: int
     device: str
     clean: RunRecord
+    script: Script | None = None
 
 
 class SetupFailed(Exception):
@@ -80,6 +106,8 @@ class SetupFailed(Exception):
 
 
 def play(attack: Attack, ctx: Context) -> Outcome:
+    if ctx.script is not None and (reason := not_for_scripts(attack)):
+        return Outcome.not_applicable(attack, reason)
     try:
         return _play(attack, ctx)
     except SetupFailed as exc:
@@ -99,7 +127,12 @@ def _play(attack: Attack, ctx: Context) -> Outcome:
 
         return play_environment(attack, ctx)
     if attack.kind == "offline":
-        return _OFFLINE[attack.name](attack, ctx)
+        try:
+            return _OFFLINE[attack.name](attack, ctx)
+        except NoCheckpoints as exc:
+            if ctx.script is None:  # the built-in job always saves them: something went wrong
+                raise SetupFailed(f"the clean run's checkpoints: {exc}") from None
+            return Outcome.not_applicable(attack, str(exc))
     if attack.resume:
         return _resume(attack, ctx)
     return _patched(attack, ctx)
@@ -109,13 +142,14 @@ def _play(attack: Attack, ctx: Context) -> Outcome:
 
 
 def _patched(attack: Attack, ctx: Context) -> Outcome:
-    def prepare(folder: Path) -> list[str]:
-        with (folder / "job" / "data.py").open("a") as handle:
-            handle.write(attack.job_patch)
-        return []
-
     run = train(
-        ctx.workspace, attack.name, world=ctx.world, steps=ctx.steps, device=ctx.device, prepare=prepare
+        ctx.workspace,
+        attack.name,
+        world=ctx.world,
+        steps=ctx.steps,
+        device=ctx.device,
+        plant=attack.job_patch,
+        script=ctx.script,
     )
     # The clean run raised no alert, so any alert here is the attack's; one before the attack acted
     # means its code was seen before it fired (steps_to_detection is then negative).
@@ -141,6 +175,9 @@ def _patched(attack: Attack, ctx: Context) -> Outcome:
             + ("" if run.exit_code != 0 else " (but the job was not stopped)"),
             run=run,
         )
+    if ctx.script is not None and not planted_code_acted(run.folder):
+        # A script whose optimizer is not AdamW running single-tensor, or without DDP: nothing to catch.
+        return Outcome.not_applicable(attack, NEVER_ACTED, run)
     seen = "; ".join(f"{p.get('check')} ranks {p.get('ranks')} step {p.get('step')}" for _, _, _, p in alerts)
     return Outcome(
         attack,
@@ -217,15 +254,13 @@ def _signal(attack: Attack, ctx: Context) -> Outcome:
     target_rank = attack.expected_ranks[0]
     sig = signal.SIGKILL if attack.name == "sigkill-rank" else signal.SIGTERM
     sender: dict[str, int] = {}
+    first = ledger_size(ctx.workspace)
 
     def during(folder: Path, supervisor: subprocess.Popen[str]) -> None:
-        log = folder / "out" / f"rank{target_rank}.steps.jsonl"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and supervisor.poll() is None:
-            if log.exists() and len(log.read_text().splitlines()) >= ATTACK_STEP:
-                break
-            time.sleep(0.05)
-        pid = _rank_pid(folder, target_rank)
+        if ctx.script is not None:
+            pid = _guarded_rank_process(ctx, first, supervisor, target_rank)
+        else:
+            pid = _trained_rank_pid(folder, supervisor, target_rank)
         if pid is None:
             return
         # The insider's own process: not the supervisor, not a rank.
@@ -239,7 +274,13 @@ def _signal(attack: Attack, ctx: Context) -> Outcome:
             sender["pid"] = int(killer.stdout.strip())
 
     run = train(
-        ctx.workspace, attack.name, world=ctx.world, steps=ctx.steps, device=ctx.device, during=during
+        ctx.workspace,
+        attack.name,
+        world=ctx.world,
+        steps=ctx.steps,
+        device=ctx.device,
+        during=during,
+        script=ctx.script,
     )
     if "pid" not in sender:
         return Outcome(attack, False, "", "", details="the drill could not find the rank's process", run=run)
@@ -276,12 +317,33 @@ def _signal(attack: Attack, ctx: Context) -> Outcome:
     return Outcome(attack, False, "", "", details="no rank exit records the SIGKILL", run=run)
 
 
-def _rank_pid(folder: Path, rank: int) -> int | None:
+def _trained_rank_pid(folder: Path, supervisor: subprocess.Popen[str], rank: int) -> int | None:
+    """The built-in job's rank, once it has logged ATTACK_STEP steps (it writes its pid)."""
+    log = folder / "out" / f"rank{rank}.steps.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and supervisor.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= ATTACK_STEP:
+            break
+        time.sleep(0.05)
     path = folder / "out" / f"rank{rank}.pid"
     try:
         return int(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _guarded_rank_process(
+    ctx: Context, first: int, supervisor: subprocess.Popen[str], rank: int
+) -> int | None:
+    """A script's rank, found among the supervisor's processes once its guard has started (the ledger
+    holds this run's monitor.start): a script writes no pid file, and before `trainguard.watch` no
+    guard would report the signal's sender."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and supervisor.poll() is None:
+        if any(event[1] == "monitor.start" for event in ledger_events(ctx.workspace, first)):
+            return rank_process(supervisor.pid, rank)
+        time.sleep(0.1)
+    return None
 
 
 # Offline: what a finished run left, edited, and the check that must see it.
@@ -298,14 +360,37 @@ def _trainguard(ctx: Context, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _team_checkpoints(ctx: Context, attack: Attack) -> tuple[Path, dict[str, int]]:
+def _saved_checkpoints(clean: RunRecord) -> list[Path]:
+    """The files the clean run signed through `trainguard.save` (its provenance.sign events), oldest
+    first, that are still there: the built-in job's checkpoints, or a script's wherever it saved them."""
+    saved: dict[str, Path] = {}
+    for _, _, _, payload in clean.of_type("provenance.sign"):
+        path = Path(str(payload.get("path", "")))
+        if payload.get("kind") == "file" and path.is_file():
+            saved.pop(path.name, None)  # saved again: it counts as of its latest signing
+            saved[path.name] = path
+    return list(saved.values())
+
+
+def _team_checkpoints(
+    ctx: Context, attack: Attack, needed: int = 1
+) -> tuple[Path, list[Path], dict[str, int]]:
     """A copy of the clean run's checkpoints, each signed by the team (`trainguard sign`, recorded in the
     ledger), for one attack to edit: every attack gets its own, so none depends on another's edits.
-    Returns the folder and each file's signing entry in the ledger."""
+    Returns the folder, the copies oldest first and each file's signing entry in the ledger; raises
+    NoCheckpoints when the clean run signed fewer than `needed`."""
+    sources = _saved_checkpoints(ctx.clean)
+    if len(sources) < needed:
+        raise NoCheckpoints(
+            NO_SIGNED_CHECKPOINT
+            if not sources
+            else f"not applicable: the attack needs {needed} signed checkpoints, the script saved "
+            f"{len(sources)} through trainguard.save"
+        )
     folder = ctx.workspace.root / "tampered" / attack.name / "ckpt"
     folder.mkdir(parents=True)
     first = ledger_size(ctx.workspace)
-    for source in sorted((ctx.clean.folder / "ckpt").glob("step-*.pt")):
+    for source in sources:
         shutil.copy2(source, folder / source.name)
         signed = _trainguard(ctx, "sign", str(folder / source.name), "--require-ledger")
         if signed.returncode != 0:
@@ -315,12 +400,16 @@ def _team_checkpoints(ctx: Context, attack: Attack) -> tuple[Path, dict[str, int
         for index, event_type, _, payload in ledger_events(ctx.workspace, first)
         if event_type == "provenance.sign"
     }
-    return folder, indexes
+    return folder, [folder / source.name for source in sources], indexes
+
+
+class NoCheckpoints(Exception):
+    """The clean run left too few signed checkpoints for the attack; the reason it is not applicable."""
 
 
 def _deleted(attack: Attack, ctx: Context) -> Outcome:
-    ckpt, signings = _team_checkpoints(ctx, attack)
-    victim = sorted(ckpt.glob("step-*.pt"))[-1]
+    ckpt, copies, signings = _team_checkpoints(ctx, attack)
+    victim = copies[-1]
     victim.unlink()
     victim.with_name(victim.name + ".trainguard.sig").unlink()
     audit = _trainguard(ctx, "ckpt", "audit", str(ckpt), "--trust", str(_public(ctx)))
@@ -338,8 +427,8 @@ def _deleted(attack: Attack, ctx: Context) -> Outcome:
 
 
 def _swapped(attack: Attack, ctx: Context) -> Outcome:
-    ckpt, signings = _team_checkpoints(ctx, attack)
-    oldest, *_, newest = sorted(ckpt.glob("step-*.pt"))
+    ckpt, copies, signings = _team_checkpoints(ctx, attack, needed=2)
+    oldest, *_, newest = copies
     for suffix in ("", ".trainguard.sig"):
         shutil.copy2(ckpt / f"{oldest.name}{suffix}", ckpt / f"{newest.name}{suffix}")
     verify = _trainguard(ctx, "verify", str(newest), "--trust", str(_public(ctx)))

@@ -199,6 +199,7 @@ def play_environment(attack: Attack, ctx: Context) -> Outcome:
             device=ctx.device,
             python=copy.python,
             env_baseline=copy.baseline,
+            script=ctx.script,
             # The job writes no bytecode into the copy: it stays as the baseline saw it but for the attack.
             extra_env={"PYTHONDONTWRITEBYTECODE": "1"},
         )

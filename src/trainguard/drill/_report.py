@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,21 +55,19 @@ def _e(value: object) -> str:
 
 
 def _verdict(result: DrillResult) -> str:
-    caught = sum(o.caught for o in result.outcomes)
-    return (
-        f"{'PASSED' if result.ok else 'FAILED'}: {caught} of {len(result.outcomes)} attacks caught, "
-        f"{len(result.false_alarms)} false alarm(s) in the clean run"
-    )
+    return f"{'PASSED' if result.ok else 'FAILED'}: {result.tally()}"
 
 
 def _header(result: DrillResult) -> str:
-    facts = (
-        ("world size", result.world),
-        ("steps per run", result.steps),
+    facts: list[tuple[str, object]] = [("world size", result.world)]
+    if result.script is not None:
+        facts.append(("script", shlex.join([str(result.script.path), *result.script.args])))
+    facts += [
+        ("steps per run", result.steps if result.steps is not None else "set by the script"),
         ("drill time", f"{result.seconds:.0f} s"),
         ("device", result.device),
         ("trainguard", __version__),
-    )
+    ]
     alarms = "".join(f"<li>{_e(alarm)}</li>" for alarm in result.false_alarms)
     state = "ok" if result.ok else "failed"
     return (
@@ -113,11 +112,11 @@ def _scorecard(outcomes: Sequence[Outcome]) -> str:
 
 def _scorecard_row(outcome: Outcome) -> str:
     attack = outcome.attack
-    verdict = "caught" if outcome.caught else "MISSED"
+    verdict = {"caught": "caught", "missed": "MISSED"}.get(outcome.verdict, outcome.verdict)
     cells = (
         f"<strong>{_e(attack.name)}</strong><br><small>{_e(attack.what)}</small>",
         f"{_e(attack.group)}: {_e(GROUPS.get(attack.group, '?'))}",
-        f'<span class="{verdict.lower()}">{verdict}</span>',
+        f'<span class="{_slug(verdict)}">{verdict}</span>',
         _e(outcome.detected_by or "-"),
         _e(_steps_to_detection(outcome.steps_to_detection)),
         _e("-" if outcome.seconds_to_detection is None else f"{outcome.seconds_to_detection:.2f} s"),
@@ -128,7 +127,12 @@ def _scorecard_row(outcome: Outcome) -> str:
     tds = "".join(
         f'<td data-column="{_e(column)}">{cell}</td>' for column, cell in zip(_COLUMNS, cells, strict=True)
     )
-    return f'<tr data-attack="{_e(attack.name)}" data-verdict="{verdict.lower()}">{tds}</tr>'
+    return f'<tr data-attack="{_e(attack.name)}" data-verdict="{_slug(verdict)}">{tds}</tr>'
+
+
+def _slug(verdict: str) -> str:
+    """A verdict as a class or attribute value: "caught", "missed", "not-applicable"."""
+    return verdict.lower().replace(" ", "-")
 
 
 def _steps_to_detection(steps: int | None) -> str:
@@ -665,6 +669,7 @@ table.scorecard { border-collapse: collapse; width: 100%; font-size: 13px; table
 .scorecard td { overflow-wrap: anywhere; }
 .caught { color: #1e5b2c; font-weight: 600; }
 .missed { color: #b00020; font-weight: 700; }
+.not-applicable { color: #5f6368; font-style: italic; }
 small, .note, figcaption { color: #555; }
 .plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(540px, 1fr)); gap: 16px; }
 figure.plot { margin: 0; border: 1px solid #e3e3e3; border-radius: 6px; padding: 8px; background: #fff; }

@@ -11,14 +11,15 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from trainguard.drill._attacks import SAVE_EVERY
+from trainguard.drill._script import Script, plant_overlay
 from trainguard.drill._workspace import Workspace
 
-__all__ = ["RunRecord", "ledger_events", "ledger_size", "train"]
+__all__ = ["RunRecord", "job_command", "ledger_events", "ledger_size", "train"]
 
 RUN_TIMEOUT_S = 600
 
@@ -61,6 +62,30 @@ def ledger_events(workspace: Workspace, start: int) -> list[tuple[int, str, int 
         return [(i, e.type, e.rank, dict(e.payload)) for i, e in ledger.entries(start, ledger.size)]
 
 
+def job_command(
+    python: Path,
+    folder: Path,
+    world: int,
+    steps: int,
+    device: str,
+    extra: Sequence[str],
+    script: Script | None,
+) -> list[str]:
+    """The job's command line, as torchrun starts it: the built-in job in `folder`, or the script."""
+    launcher = [
+        str(python), "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+        "--max-restarts=0",
+    ]  # fmt: skip
+    if script is not None:
+        return [*launcher, str(script.path), *script.args]
+    return [
+        *launcher, str(folder / "job" / "train.py"), "--out", str(folder / "out"),
+        "--steps", str(steps), "--ckpt", str(folder / "ckpt"), "--save-every", str(SAVE_EVERY),
+        "--device", device,
+        *extra,
+    ]  # fmt: skip
+
+
 def train(
     workspace: Workspace,
     name: str,
@@ -73,22 +98,28 @@ def train(
     python: Path | None = None,
     env_baseline: Path | None = None,
     extra_env: Mapping[str, str] | None = None,
+    plant: str = "",
+    script: Script | None = None,
 ) -> RunRecord:
     """Run the job once: `prepare(folder)` may edit the copy of the job and returns extra job arguments;
     `during(folder, supervisor)` acts while it runs (it returns once it has acted). The job runs on
     `python` (default: this interpreter; the supervisor always does), with `extra_env` added to its
     environment; with `env_baseline`, `trainguard run` checks the job's environment against that signed
-    baseline before launch, else it skips the check."""
-    folder = workspace.job_copy(name)
+    baseline before launch, else it skips the check. `plant` is code an insider slips into the job:
+    appended to the built-in job's data module, or, for the user's `script` (run from the run's folder
+    instead of the built-in job), imported in its ranks from an overlay on their PYTHONPATH."""
+    environment = dict(extra_env or {})
+    if script is None:
+        folder = workspace.job_copy(name)
+        if plant:
+            with (folder / "job" / "data.py").open("a") as handle:
+                handle.write(plant)
+    else:
+        folder = workspace.run_folder(name)
+        if plant:
+            environment.update(plant_overlay(folder, plant))
     extra = prepare(folder) if prepare is not None else []
-    job = [
-        str(python or sys.executable), "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={world}", "--max-restarts=0", str(folder / "job" / "train.py"),
-        "--out", str(folder / "out"),
-        "--steps", str(steps), "--ckpt", str(folder / "ckpt"), "--save-every", str(SAVE_EVERY),
-        "--device", device,
-        *extra,
-    ]  # fmt: skip
+    job = job_command(python or Path(sys.executable), folder, world, steps, device, extra, script)
     check = ["--baseline", str(env_baseline)] if env_baseline is not None else ["--no-env-check"]
     command = [sys.executable, "-m", "trainguard", "run", *check, "--seed", "1", "--", *job]
     first = ledger_size(workspace)
@@ -96,7 +127,7 @@ def train(
     with subprocess.Popen(
         command,
         cwd=folder,
-        env=workspace.environ(dict(extra_env or {})),
+        env=workspace.environ(environment),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

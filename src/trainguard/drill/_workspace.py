@@ -41,11 +41,17 @@ class Workspace:
                 f'[[trust.key]]\nname = "drill-team"\npath = "{self.key_path.with_name("signing.pem.pub")}"\n'
             )
 
-    def job_copy(self, run: str) -> Path:
-        """A fresh copy of the job's code for one run (an attack may edit it)."""
+    def run_folder(self, run: str) -> Path:
+        """A fresh, empty folder for one run (a script's working directory)."""
         folder = self.root / "runs" / run
         if folder.exists():
             shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        return folder
+
+    def job_copy(self, run: str) -> Path:
+        """A fresh copy of the job's code for one run (an attack may edit it)."""
+        folder = self.run_folder(run)
         shutil.copytree(JOB_FILES, folder / "job", ignore=shutil.ignore_patterns("__pycache__"))
         (folder / "out").mkdir()
         (folder / "ckpt").mkdir()
