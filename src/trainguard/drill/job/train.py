@@ -58,6 +58,10 @@ class TinyGPT(nn.Module):
         self.positions = nn.Embedding(context, width)
         self.blocks = nn.ModuleList(Block(width, heads, context) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
+        # GPT-2's initialisation: with the head tied to the embedding, unit-variance embeddings would
+        # start the loss far above log(vocab).
+        for embedding in (self.tokens, self.positions):
+            nn.init.normal_(embedding.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(idx.shape[1], device=idx.device)
