@@ -190,6 +190,18 @@ def _add_ledger(
     export.add_argument("out", type=Path, metavar="FILE", help="JSON lines file to write ('-' for stdout)")
     export.set_defaults(run=_run("cmd_export"))
 
+    tiles = actions.add_parser(
+        "tiles",
+        parents=[common, store],
+        help="write the log as C2SP tlog-tiles static files that transparency-log clients audit",
+        description="Write the checkpoint, hash tiles and entry bundles of the latest signed checkpoint "
+        "into DIR (https://c2sp.org/tlog-tiles), the checkpoint last. Tiles already in DIR are checked "
+        "and kept; one that differs is refused as tampering (exit 1).",
+        epilog=_LEDGER_EPILOG,
+    )
+    tiles.add_argument("out", type=Path, metavar="DIR", help="folder to write (created if missing)")
+    tiles.set_defaults(run=_run("cmd_tiles"))
+
 
 def _add_witness(
     commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser

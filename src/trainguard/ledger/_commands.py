@@ -415,6 +415,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return int(ExitCode.CLEAN)
 
 
+# tiles
+
+
+def cmd_tiles(args: argparse.Namespace) -> int:
+    from trainguard.ledger._tiles import export_tiles
+
+    with _open(args) as ledger:
+        done = export_tiles(ledger, args.out)
+    print(
+        f"wrote {_count(done.tiles_written, 'tile')} and {_count(done.bundles_written, 'entry bundle')} "
+        f"to {args.out} ({done.kept} already there and unchanged); checkpoint size {done.size}"
+    )
+    return int(ExitCode.CLEAN)
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number} {thing}" + ("" if number == 1 else "s")
+
+
 # witness
 
 
@@ -449,6 +468,7 @@ __all__ = [
     "cmd_keygen",
     "cmd_prove",
     "cmd_show",
+    "cmd_tiles",
     "cmd_verify",
     "cmd_witness_serve",
 ]
