@@ -34,6 +34,19 @@ FORBIDDEN = {
     # The drill runs the job and the commands as processes; it reads the ledger and signs with keys.
     "drill": {"_pickle", "scan", "report", "cli", "monitor", "supervisor"},
     "_cli_drill": {"_pickle", "scan", "report", "ledger", "provenance", "envcheck", "drill"},
+    # The server's access control stands on errors and the ledger's store (its tokens live beside it).
+    "server": {
+        "findings",
+        "_pickle",
+        "scan",
+        "report",
+        "cli",
+        "provenance",
+        "gate",
+        "envcheck",
+        "supervisor",
+    },
+    "_cli_server": {"_pickle", "scan", "report", "ledger", "provenance", "envcheck", "server"},
 }
 # Nothing imports the monitor or the drill but the command line.
 for _room, _forbidden in FORBIDDEN.items():
@@ -41,6 +54,9 @@ for _room, _forbidden in FORBIDDEN.items():
         _forbidden.add("monitor")
     if _room != "drill":
         _forbidden.add("drill")
+    # Nothing imports the server but the command line, by name, when a `server` command runs.
+    if _room != "server":
+        _forbidden.add("server")
 FRAMEWORKS = {"torch", "numpy", "safetensors", "joblib", "transformers", "lightning", "pytorch_lightning"}
 
 
@@ -67,6 +83,14 @@ def _imports(path: Path, *, top_level_only: bool = False) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     return names
+
+
+def test_only_the_command_line_imports_the_server() -> None:
+    """Rooms without a FORBIDDEN entry too: the server room is reached only through `trainguard server`."""
+    for path in SRC.rglob("*.py"):
+        if _room(path) not in {"server", "cli", "_cli_server"}:
+            server = [name for name in _imports(path) if name.split(".")[:2] == ["trainguard", "server"]]
+            assert not server, f"{path.relative_to(SRC)} imports {server[0]}: only the CLI may"
 
 
 def _room(path: Path) -> str:
