@@ -55,12 +55,14 @@ def add_commands(
         "(or uses the callbacks) and runs data-parallel under torchrun. It runs as `torchrun "
         "--nproc-per-node=WORLD FILE ARGS` under `trainguard run`, from a throwaway folder (relative "
         "outputs land there) with the drill's own home, keys and ledger; the file is never edited nor "
-        "copied: code is planted through a sitecustomize.py put first on the job's PYTHONPATH. Give its "
+        "copied: code is planted through a sitecustomize.py put first on the job's PYTHONPATH (the attacks "
+        "on the training loop's optimizer and guard act from a thread of their own that finds them). Give "
+        "its "
         "arguments after -- (--steps is not passed on: make it train past step 6, ideally 12 steps or "
         "more, and save 2 signed checkpoints with trainguard.save for the checkpoint attacks). Attacks the "
-        "script gives no hold for (resuming from a checkpoint, the built-in loop's locals, an optimizer "
-        "patch when it does not run AdamW single-tensor, no signed checkpoint) are 'not applicable', with "
-        "the reason, and count neither way",
+        "script gives no hold for (resuming from a checkpoint, an optimizer patch when it does not run "
+        "AdamW single-tensor, no signed checkpoint) are 'not applicable', with the reason, and count "
+        "neither way",
     )
     drill.add_argument(
         "script_args",

@@ -120,6 +120,43 @@ def test_the_attacks_are_played_against_the_users_own_script(tmp_path: Path) -> 
     assert _listing(team) == before
 
 
+# The attacks the built-in job plants in its data module, reaching its loop's locals: in a script, a
+# thread started by the planted module finds the guard and its optimizer among the interpreter's objects.
+FROM_A_THREAD = [
+    "weights-nudged-one-rank",
+    "lr-negated-one-rank",
+    "optimizer-state-flipped-one-rank",
+    "grad-flipped-before-allreduce-one-rank",
+    "busy-wait-one-rank",
+    "guard-switched-off",
+]
+
+
+@pytest.mark.torch
+def test_the_attacks_on_the_loops_objects_are_planted_in_a_thread_of_the_script(tmp_path: Path) -> None:
+    team = tmp_path / "team"
+    team.mkdir()
+    script = team / "train.py"
+    script.write_text(USER_SCRIPT)
+    before = _listing(team)
+    out = tmp_path / "report"
+    done = _drill(script, out, tmp_path / "home", "--attacks", *FROM_A_THREAD, "--", "--steps", "12")
+    report = json.loads((out / "drill.json").read_text())
+    by_name = {a["name"]: a for a in report["attacks"]}
+    assert list(by_name) == FROM_A_THREAD
+    for name in FROM_A_THREAD:
+        assert by_name[name]["verdict"] == "caught", (by_name[name], done.stdout, done.stderr[-4000:])
+        # Named by the evidence, as in the built-in job; a window between steps the thread missed
+        # moves the alert a step on, never before the attack acted.
+        assert by_name[name]["named"] == "rank(s) 1", by_name[name]
+        assert 0 <= by_name[name]["steps_to_detection"] <= 2, by_name[name]
+    flipped = by_name["grad-flipped-before-allreduce-one-rank"]
+    assert flipped["detected_by"] == "monitor: gradient_path" and "set to divide by -2" in flipped["details"]
+    assert by_name["busy-wait-one-rank"]["detected_by"] == "monitor: step_time"
+    assert report["missed"] == [] and report["not_applicable"] == [] and done.returncode == 0
+    assert _listing(team) == before
+
+
 @pytest.mark.torch
 def test_a_script_without_the_guard_fails_the_drill(tmp_path: Path) -> None:
     script = tmp_path / "unguarded.py"

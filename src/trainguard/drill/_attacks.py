@@ -43,6 +43,9 @@ class Attack:
     kind: str
     # What the job's code gets appended to its data module (a patch armed from outside the guard).
     job_patch: str = ""
+    # What a user's script gets planted instead (imported in its ranks), where the job_patch needs the
+    # built-in job's own code; "" when the job_patch serves both.
+    script_patch: str = ""
     # The checkpoint the job resumes from: "payload", "payload-signed", "altered" or "".
     resume: str = ""
     expected_ranks: tuple[int, ...] = ()
@@ -293,12 +296,232 @@ Batches.get = _get
 """
 
 
+# The same six attacks planted in a user's script, which shares no data module nor loop locals with
+# the drill: `plant_overlay` imports this in the ranks at interpreter start-up, and a daemon thread in
+# the attacked rank finds, among the interpreter's objects, what the built-in variant reaches through
+# its caller's frame (the Guard that trainguard.watch returned, matched by its type's module and name so
+# that nothing is imported early, and the optimizer it holds), waits for the guard's step counter to
+# reach the step before the attack's and acts between steps, as the data module does before a batch.
+#
+# Races, and why the evidence stays fair. The thread polls (every millisecond), so it acts a little
+# after the counter moved, never before, and never in what is left of the last step while the guard
+# records its copies and checks (that would blur the step the alert names). The weights are nudged only
+# in the window between two steps, after the guard re-read their versions and before the next forward
+# pass, where the data module nudges them (polled every 0.2 ms while it waits: the window is short); the
+# other actions also go in the next step's forward or backward pass, before the optimizer's step, which
+# is all they touch (the rate, the momentum, the hook's divisor, the rate's type, the report's method).
+# A window missed is taken at the next step, and the alert's step, set against ATTACK_STEP, says so.
+# Between the check and the act the training thread runs on (torch's ops release the GIL): the nudge is
+# one foreach op, so that a weight autograd has saved is not written under it but for microseconds, and
+# a nudge landing in the forward pass is still seen by the guard's own check of writes there. The scans
+# for the guard run while trainguard.watch starts, before the guard judges any step's time, and stop once
+# it is found; each poll then takes the GIL for microseconds: no stall the step-time checks could take
+# for the attack (the busy-wait's own spin runs on the training thread, inside AdamW's step, as built in).
+_IN_A_THREAD = """
+
+def _plant():
+    import os
+    import threading
+
+    if os.environ.get("RANK") in {ranks!r}:
+        threading.Thread(target=_attack, name="trainguard-drill-plant", daemon=True).start()
+
+
+def _acted():  # noted for the drill: it tells "never acted" (not applicable) from "acted, missed"
+    import os
+
+    note = os.environ.get("TRAINGUARD_DRILL_ACTED")
+    if note and not os.path.exists(note):
+        open(note, "a").close()
+
+
+def _guard():
+    # The young generations at every poll (the guard is new when it is found), all of them now and then.
+    import gc
+    import sys
+    import time
+
+    polls = 0
+    while True:
+        if "trainguard.monitor._guard" in sys.modules:
+            for generation in (0, 1) if polls % 25 else (0, 1, 2):
+                for found in gc.get_objects(generation):
+                    kind = type(found)
+                    if (
+                        kind.__name__ == "Guard"
+                        and kind.__module__ == "trainguard.monitor._guard"
+                        and getattr(found, "_closed", True) is False
+                    ):
+                        return found
+            polls += 1
+        time.sleep({poll})
+
+
+def _attack():
+    import time
+
+    guard = _guard()
+    optimizer = guard._optimizer
+    acted = set()
+    while True:
+        step = guard.step
+        if step >= {step} - 1 and step not in acted:
+            done = _act(guard, optimizer, step + 1)
+            if done is not None:
+                acted.add(step)
+                _acted()
+                if done:
+                    return
+        # Closer, while an action waits for the window between two steps.
+        time.sleep({poll} / 5 if step >= {step} - 1 and _BETWEEN_STEPS_ONLY else {poll})
+
+
+def _ready(guard):
+    # Between steps, or in the next step's forward or backward pass (begun: its compute timed), before
+    # the optimizer's step: not in what is left of the last step, while the guard records its copies.
+    return guard._between_steps or (not guard._in_step and guard._compute_start is not None)
+
+{action}
+
+_plant()
+"""
+
+# Each `_act(guard, optimizer, step)` acts before `step` (the guard has counted step - 1) and returns
+# True when it is done for good, False to act again at the next step, None when it did not act.
+
+_IN_A_THREAD_NUDGE = """\
+_BETWEEN_STEPS_ONLY = True
+
+
+def _act(guard, optimizer, step):
+    import torch
+
+    if not guard._between_steps:
+        return None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    noise = [torch.randn_like(p) * 1e-3 for p in params]
+    if not guard._between_steps or guard.step != step - 1:
+        return None
+    with torch.no_grad():
+        torch._foreach_add_(params, noise)  # weights written between steps
+    return False"""
+
+_IN_A_THREAD_NEGATE_LR = """\
+_BETWEEN_STEPS_ONLY = False
+
+
+def _act(guard, optimizer, step):
+    if not _ready(guard):
+        return None
+    for group in optimizer.param_groups:
+        group["lr"] = -group["lr"]  # the same rule, walking up the loss
+    return True"""
+
+_IN_A_THREAD_FLIP_STATE = """\
+_BETWEEN_STEPS_ONLY = False
+
+
+def _act(guard, optimizer, step):
+    if not _ready(guard):
+        return None
+    for state in list(optimizer.state.values()):
+        if "exp_avg" in state:
+            state["exp_avg"].neg_()  # the momentum reversed
+    return True"""
+
+_IN_A_THREAD_NEGATE_IN_THE_HOOK = """\
+_BETWEEN_STEPS_ONLY = False
+
+
+def _act(guard, optimizer, step):
+    if not _ready(guard):
+        return None
+    path = guard._gradpath
+    path._state.world = -path._state.world
+    path._world = path._state.world  # the guard's copy, as it kept one when this was written
+    return True"""
+
+_IN_A_THREAD_SILENCE_THE_GUARD = """\
+_BETWEEN_STEPS_ONLY = False
+
+
+def _act(guard, optimizer, step):
+    if not _ready(guard):
+        return None
+    from trainguard.monitor._verdict import RankReport
+
+    RankReport.fail = lambda report, check, detail: None
+    for group in optimizer.param_groups:
+        group["lr"] = -group["lr"]
+    return True"""
+
+# The spinning rate arms itself on the training thread, at the first multiplication or division of
+# each step: the first step it sees (the attack's, as the data module arms it), then one step in two
+# by the same seeded chance, drawn in the same order; the thread only puts it in place, once.
+_IN_A_THREAD_BUSY_RATE = """\
+import random as _random
+
+
+class _SpinningRate(float):
+    guard = None
+    seen = [None]
+    armed = [False]
+    chance = _random.Random(1)
+
+    def _spin(self):
+        if not self.guard._in_step:  # only AdamW's step spins, as the data module's first use is there
+            return
+        step = self.guard.step + 1  # the step the optimizer is running
+        if step != self.seen[0]:
+            self.armed[0] = self.seen[0] is None or self.chance.random() < 0.5
+            self.seen[0] = step
+        if self.armed[0]:
+            self.armed[0] = False
+            import time
+
+            end = time.thread_time() + {seconds}
+            while time.thread_time() < end:
+                pass
+
+    def __mul__(self, other):
+        self._spin()
+        return float(self) * other
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        self._spin()
+        return float(self) / other
+
+
+_BETWEEN_STEPS_ONLY = False
+
+
+def _act(guard, optimizer, step):
+    if not _ready(guard):
+        return None
+    _SpinningRate.guard = guard
+    for group in optimizer.param_groups:
+        if type(group["lr"]) is not _SpinningRate:
+            group["lr"] = _SpinningRate(group["lr"])
+    return True"""
+
+# How long each busy-wait spins.
+_BUSY_S = 0.2
+# Polled every millisecond: the window between two steps of a small job lasts little more.
+_POLL_S = 0.001
+
+
+def _in_a_thread(action: str, ranks: tuple[str, ...]) -> str:
+    return _IN_A_THREAD.format(ranks=ranks, step=ATTACK_STEP, poll=_POLL_S, action=action)
+
+
 def _from_the_loop(action: str, ranks: tuple[str, ...]) -> str:
     return _FROM_THE_LOOP.format(ranks=ranks, step=ATTACK_STEP, action=action)
 
 
 def _busy_rate(ranks: tuple[str, ...]) -> str:
-    return _BUSY_RATE.format(ranks=ranks, step=ATTACK_STEP, seconds=0.2)
+    return _BUSY_RATE.format(ranks=ranks, step=ATTACK_STEP, seconds=_BUSY_S)
 
 
 def _data_only(action: str, ranks: tuple[str, ...]) -> str:
@@ -366,6 +589,7 @@ def build(world: int) -> tuple[Attack, ...]:
             f"rank {last}'s weights changed between steps by the job's data module (no code patched)",
             "train",
             job_patch=_data_only(_NUDGE_WEIGHTS, (str(last),)),
+            script_patch=_in_a_thread(_IN_A_THREAD_NUDGE, (str(last),)),
             expected_ranks=(last,),
         ),
         Attack(
@@ -374,6 +598,7 @@ def build(world: int) -> tuple[Attack, ...]:
             f"rank {last}'s learning rate negated by the job's data module (no code patched)",
             "train",
             job_patch=_data_only(_NEGATE_LR, (str(last),)),
+            script_patch=_in_a_thread(_IN_A_THREAD_NEGATE_LR, (str(last),)),
             expected_ranks=(last,),
         ),
         Attack(
@@ -382,6 +607,7 @@ def build(world: int) -> tuple[Attack, ...]:
             f"rank {last}'s AdamW momentum reversed by the job's data module (no code patched)",
             "train",
             job_patch=_data_only(_FLIP_STATE, (str(last),)),
+            script_patch=_in_a_thread(_IN_A_THREAD_FLIP_STATE, (str(last),)),
             expected_ranks=(last,),
         ),
         Attack(
@@ -391,6 +617,7 @@ def build(world: int) -> tuple[Attack, ...]:
             "(its divisor and the guard's copy of it set to minus the world size by the job's data module)",
             "train",
             job_patch=_from_the_loop(_NEGATE_IN_THE_HOOK, (str(last),)),
+            script_patch=_in_a_thread(_IN_A_THREAD_NEGATE_IN_THE_HOOK, (str(last),)),
             expected_ranks=(last,),
         ),
         Attack(
@@ -400,6 +627,7 @@ def build(world: int) -> tuple[Attack, ...]:
             "when AdamW multiplies by it (no code patched)",
             "train",
             job_patch=_busy_rate((str(last),)),
+            script_patch=_in_a_thread(_IN_A_THREAD_BUSY_RATE.format(seconds=_BUSY_S), (str(last),)),
             expected_ranks=(last,),
         ),
         Attack(
@@ -410,6 +638,7 @@ def build(world: int) -> tuple[Attack, ...]:
             "rate negated; played with 3 processes at least, so that a majority of peers can name it",
             "train",
             job_patch=_from_the_loop(_SILENCE_THE_GUARD, (str(last),)),
+            script_patch=_in_a_thread(_IN_A_THREAD_SILENCE_THE_GUARD, (str(last),)),
             expected_ranks=(last,),
         ),
         Attack(

@@ -27,6 +27,7 @@ from trainguard.drill._attacks import ATTACK_STEP, MARKER, Attack
 from trainguard.drill._runs import RunRecord, ledger_events, ledger_size, train
 from trainguard.drill._script import (
     NEVER_ACTED,
+    NEVER_REACHED,
     NO_SIGNED_CHECKPOINT,
     Script,
     not_for_scripts,
@@ -148,7 +149,7 @@ def _patched(attack: Attack, ctx: Context) -> Outcome:
         world=ctx.world,
         steps=ctx.steps,
         device=ctx.device,
-        plant=attack.job_patch,
+        plant=attack.job_patch if ctx.script is None else attack.script_patch or attack.job_patch,
         script=ctx.script,
     )
     # The clean run raised no alert, so any alert here is the attack's; one before the attack acted
@@ -176,8 +177,9 @@ def _patched(attack: Attack, ctx: Context) -> Outcome:
             run=run,
         )
     if ctx.script is not None and not planted_code_acted(run.folder):
-        # A script whose optimizer is not AdamW running single-tensor, or without DDP: nothing to catch.
-        return Outcome.not_applicable(attack, NEVER_ACTED, run)
+        # A script whose optimizer is not AdamW running single-tensor, or without DDP, or whose guard
+        # never reached the attack's step: nothing to catch.
+        return Outcome.not_applicable(attack, NEVER_REACHED if attack.script_patch else NEVER_ACTED, run)
     seen = "; ".join(f"{p.get('check')} ranks {p.get('ranks')} step {p.get('step')}" for _, _, _, p in alerts)
     return Outcome(
         attack,

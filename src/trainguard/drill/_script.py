@@ -6,8 +6,9 @@ paths lands there. It is never edited nor copied: code is planted from outside, 
 plant it in a colleague's job, through an overlay folder put first on the job's PYTHONPATH whose
 `sitecustomize.py` imports the attack's module in every rank at interpreter start-up.
 
-Some attacks need what only the built-in job has (its training loop's locals, its resume flag); for a
-script they are "not applicable", each with its reason.
+The attacks that reach the built-in job's training-loop locals from its data module reach the same
+objects in a script from a thread the planted module starts (`_attacks._IN_A_THREAD`). Those that need
+what only the built-in job has (its resume flag) are "not applicable" for a script, with the reason.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from trainguard.errors import UsageError
 __all__ = [
     "ACTED_VARIABLE",
     "NEVER_ACTED",
+    "NEVER_REACHED",
     "NO_SIGNED_CHECKPOINT",
     "NO_WATCH",
     "Script",
@@ -48,13 +50,13 @@ if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
 '''
 
 NEVER_ACTED = "not applicable: the script never ran the patched function"
+NEVER_REACHED = (
+    "not applicable: the planted thread never acted (it found no guard, or the script's guard never "
+    "reached the attack's step)"
+)
 NO_SIGNED_CHECKPOINT = "not applicable: the script saved no signed checkpoint through trainguard.save"
 NO_WATCH = "the script never started trainguard.watch: the drill needs a guarded job"
 
-_FROM_THE_LOOP = (
-    "not applicable: the attack reaches the optimizer or the guard through the built-in job's "
-    "training-loop locals, which a script's loop does not share"
-)
 _RESUMES = (
     "not applicable: the attack is a checkpoint the job resumes from, and the drill cannot know how "
     "the script resumes"
@@ -63,12 +65,6 @@ _NOT_FOR_SCRIPTS = {
     "checkpoint-payload": _RESUMES,
     "checkpoint-payload-signed": _RESUMES,
     "weight-altered": _RESUMES,
-    "weights-nudged-one-rank": _FROM_THE_LOOP,
-    "lr-negated-one-rank": _FROM_THE_LOOP,
-    "optimizer-state-flipped-one-rank": _FROM_THE_LOOP,
-    "grad-flipped-before-allreduce-one-rank": _FROM_THE_LOOP,
-    "busy-wait-one-rank": _FROM_THE_LOOP,
-    "guard-switched-off": _FROM_THE_LOOP,
 }
 
 
