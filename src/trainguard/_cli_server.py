@@ -1,4 +1,4 @@
-"""Arguments of `trainguard server token create|list|revoke`.
+"""Arguments of `trainguard server token create|list|revoke` and of `trainguard serve`.
 
 Only argparse here: the handlers import the server room when they run, so `--help` stays instant.
 """
@@ -8,14 +8,19 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from pathlib import Path
 
-from trainguard._argtypes import handler
+from trainguard._argtypes import handler, non_negative_int, positive_int
 
 _EPILOG = "exit codes: 0 done, 2 usage error (bad flags, unknown token id), 3 the store could not be used"
+_SERVE_EPILOG = (
+    "exit codes: 0 stopped cleanly, 2 usage error (bad flags, no signing key, the server extra missing), "
+    "3 the store could not be used"
+)
 
 
-def _run(name: str) -> Callable[[argparse.Namespace], int]:
-    return handler("trainguard.server._commands", name)
+def _run(name: str, module: str = "trainguard.server._commands") -> Callable[[argparse.Namespace], int]:
+    return handler(module, name)
 
 
 def add_commands(
@@ -50,6 +55,34 @@ def add_commands(
     _add_create(actions, [common, store])
     _add_list(actions, [common, store])
     _add_revoke(actions, [common, store])
+    _add_serve(commands, [common, store])
+
+
+def _add_serve(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], parents: list[argparse.ArgumentParser]
+) -> None:
+    serve = commands.add_parser(
+        "serve",
+        parents=parents,
+        help="run the HTTP server jobs report to and viewers read the ledger from",
+        description="Serve the ledger over HTTP (needs the server extra: pip install 'trainguard[server]'): "
+        "jobs POST events with a job token, viewers read the log as C2SP tlog-tiles; every endpoint but "
+        "/healthz needs a token from 'trainguard server token create'. Workers and hosts may share one "
+        "PostgreSQL ledger: they keep no state of their own. Put TLS in front (a reverse proxy).",
+        epilog=_SERVE_EPILOG,
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=non_negative_int, default=8750, help="port to listen on (default 8750)")
+    serve.add_argument("--workers", type=positive_int, default=1, metavar="N", help="worker processes (1)")
+    serve.add_argument(
+        "--key",
+        type=Path,
+        default=os.environ.get("TRAINGUARD_LEDGER_KEY") or None,
+        help="the ledger's signing key file (default $TRAINGUARD_HOME/keys/ledger.key; "
+        "env: TRAINGUARD_LEDGER_KEY)",
+    )
+    serve.add_argument("--no-access-log", action="store_true", help="do not log each request line")
+    serve.set_defaults(run=_run("cmd_serve", "trainguard.server._serve"))
 
 
 def _add_create(
