@@ -119,3 +119,26 @@ def test_a_short_drill_catches_every_attack_and_touches_nothing_of_the_user(tmp_
         path for path in environment.keys() | after.keys() if environment.get(path) != after.get(path)
     )
     assert not changed, changed[:20]
+
+
+def test_an_alert_only_check_in_the_clean_run_is_shown_but_is_no_false_alarm(tmp_path: Path) -> None:
+    # data_wait and spike alert without stopping (legitimate causes exist): on a loaded machine the clean
+    # run may raise one. It is listed; a stopping alert is a false alarm and fails the drill.
+    from trainguard.drill._drill import DrillResult, _clean_alerts, _false_alarms
+    from trainguard.drill._runs import RunRecord
+
+    def alert(check: str, action: str) -> tuple[int, str, int | None, dict[str, object]]:
+        return (7, "monitor.alert", 0, {"check": check, "step": 6, "message": "slow", "action": action})
+
+    ranks = [{"rank": 0, "finished": True}, {"rank": 1, "finished": True}]
+    noisy = RunRecord("clean", tmp_path, 0, "", ranks, {}, [alert("data_wait", "alert")], 1.0)
+    assert _false_alarms(noisy, None) == []
+    assert _clean_alerts(noisy, stopping=False) == ["data_wait at step 6: slow"]
+    result = DrillResult(2, 10, "cpu", noisy, [], [], 1.0, None, _clean_alerts(noisy, stopping=False))
+    assert result.ok
+    assert result.tally() == (
+        "0 of 0 attacks caught, 0 false alarm(s) in the clean run (1 alert(s) of alert-only checks)"
+    )
+    assert result.to_json()["clean_run"]["alerts_of_alert_only_checks"] == ["data_wait at step 6: slow"]
+    stopped = RunRecord("clean", tmp_path, 1, "stopped", ranks, {}, [alert("fingerprint", "stop")], 1.0)
+    assert _false_alarms(stopped, None)[0] == "fingerprint at step 6: slow"

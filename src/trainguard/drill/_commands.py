@@ -61,6 +61,11 @@ def cmd_drill(args: argparse.Namespace) -> int:
     print(f"drill: scorecard written to {out / 'drill.json'}", file=sys.stderr)
     write_html(result, out / "report.html")
     print(f"drill: report written to {out / 'report.html'} (one file, opens offline)", file=sys.stderr)
+    for notice in result.clean_notices:
+        print(
+            f"drill: alert of an alert-only check in the clean run (not a false alarm): {notice}",
+            file=sys.stderr,
+        )
     if not result.ok:
         missed = ", ".join(result.to_json()["missed"]) or "none"
         print(f"drill: FAILED: missed {missed}; false alarms {len(result.false_alarms)}", file=sys.stderr)

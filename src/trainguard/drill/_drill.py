@@ -40,6 +40,9 @@ class DrillResult:
     outcomes: list[Outcome]
     seconds: float
     script: Script | None = None
+    # Alerts of alert-only checks in the clean run (data_wait, spike: noisy on a loaded machine, they
+    # never stop a job): shown, counted, but not false alarms.
+    clean_notices: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -52,6 +55,8 @@ class DrillResult:
         caught = sum(o.caught for o in self.outcomes)
         applicable = sum(o.applicable for o in self.outcomes)
         alarms = f"{len(self.false_alarms)} false alarm(s) in the clean run"
+        if self.clean_notices:
+            alarms += f" ({len(self.clean_notices)} alert(s) of alert-only checks)"
         if applicable == len(self.outcomes):
             return f"{caught} of {applicable} attacks caught, {alarms}"
         return (
@@ -71,6 +76,7 @@ class DrillResult:
             "clean_run": {
                 "exit_code": self.clean.exit_code,
                 "false_alarms": self.false_alarms,
+                "alerts_of_alert_only_checks": self.clean_notices,
                 "seconds": round(self.clean.seconds, 2),
                 **run_series(self.clean),
             },
@@ -106,11 +112,17 @@ def _attack_run(run: RunRecord) -> dict[str, Any]:
     return {"exit_code": run.exit_code, "seconds": round(run.seconds, 2), **run_series(run)}
 
 
-def _false_alarms(clean: RunRecord, script: Script | None) -> list[str]:
-    alarms = [
+def _clean_alerts(clean: RunRecord, *, stopping: bool) -> list[str]:
+    """The clean run's monitor alerts whose action stops the job (or, with `stopping` False, the others)."""
+    return [
         f"{p.get('check')} at step {p.get('step')}: {p.get('message')}"
         for _, _, _, p in clean.of_type("monitor.alert")
+        if (p.get("action") != "alert") == stopping
     ]
+
+
+def _false_alarms(clean: RunRecord, script: Script | None) -> list[str]:
+    alarms = _clean_alerts(clean, stopping=True)
     if clean.exit_code != 0:
         alarms.append(f"the clean run exited {clean.exit_code}: {clean.output.strip().splitlines()[-1:]}")
     if script is not None and not clean.of_type("monitor.start"):
@@ -193,6 +205,7 @@ def run_drill(
         outcomes,
         time.monotonic() - began,
         script,
+        _clean_alerts(clean, stopping=False),
     )
 
 

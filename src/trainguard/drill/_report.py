@@ -69,6 +69,7 @@ def _header(result: DrillResult) -> str:
         ("trainguard", __version__),
     ]
     alarms = "".join(f"<li>{_e(alarm)}</li>" for alarm in result.false_alarms)
+    notices = "".join(f"<li>{_e(notice)}</li>" for notice in result.clean_notices)
     state = "ok" if result.ok else "failed"
     return (
         "<header>\n<h1>trainguard drill</h1>\n"
@@ -78,6 +79,11 @@ def _header(result: DrillResult) -> str:
         + "".join(f"<div><dt>{_e(name)}</dt><dd>{_e(value)}</dd></div>" for name, value in facts)
         + "</dl>\n"
         + (f'<h2>False alarms in the clean run</h2>\n<ul class="alarms">{alarms}</ul>\n' if alarms else "")
+        + (
+            f'<h2>Alerts of alert-only checks in the clean run</h2>\n<ul class="notices">{notices}</ul>\n'
+            if notices
+            else ""
+        )
         + "</header>"
     )
 
