@@ -51,6 +51,15 @@ class Attack:
     expected_ranks: tuple[int, ...] = ()
 
 
+# Planted in each patch below: notes, for the drill, that the patch acted (only in a script's run, where
+# the drill names the file in TRAINGUARD_DRILL_ACTED).
+_ACTED = """\
+    def acted():
+        note = os.environ.get("TRAINGUARD_DRILL_ACTED")
+        if note and not os.path.exists(note):
+            open(note, "a").close()
+"""
+
 _FLIP = """
 
 # Planted: patches AdamW's update on one rank, only in a job of the drill's size or more.
@@ -62,11 +71,7 @@ def _plant() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) < {world} or os.environ.get("RANK") not in {ranks!r}:
         return
 
-    def acted():  # noted for the drill, when it names a file (only in a script's run)
-        note = os.environ.get("TRAINGUARD_DRILL_ACTED")
-        if note and not os.path.exists(note):
-            open(note, "a").close()
-
+{acted}
     original, calls = adam._single_tensor_adam, [0]
 
     def patched(params, *args, **kwargs):
@@ -100,11 +105,7 @@ def _plant() -> None:
     if os.environ.get("RANK") not in {ranks!r}:
         return
 
-    def acted():  # noted for the drill, when it names a file (only in a script's run)
-        note = os.environ.get("TRAINGUARD_DRILL_ACTED")
-        if note and not os.path.exists(note):
-            open(note, "a").close()
-
+{acted}
     original, calls = adam._single_tensor_adam, [0]
 
     def patched(params, *args, **kwargs):
@@ -133,11 +134,7 @@ def _plant() -> None:
     if os.environ.get("RANK") not in {ranks!r}:
         return
 
-    def acted():  # noted for the drill, when it names a file (only in a script's run)
-        note = os.environ.get("TRAINGUARD_DRILL_ACTED")
-        if note and not os.path.exists(note):
-            open(note, "a").close()
-
+{acted}
     ddp = torch.nn.parallel.DistributedDataParallel
     original = ddp.__init__
 
@@ -529,7 +526,7 @@ def _data_only(action: str, ranks: tuple[str, ...]) -> str:
 
 
 def _flip(world: int, ranks: tuple[str, ...]) -> str:
-    return _FLIP.format(world=world, ranks=ranks, step=ATTACK_STEP)
+    return _FLIP.format(world=world, ranks=ranks, step=ATTACK_STEP, acted=_ACTED)
 
 
 def build(world: int) -> tuple[Attack, ...]:
@@ -572,7 +569,7 @@ def build(world: int) -> tuple[Attack, ...]:
             "b",
             f"random sleeps in the optimizer step on rank {last}",
             "train",
-            job_patch=_SLEEP.format(ranks=(str(last),), step=ATTACK_STEP),
+            job_patch=_SLEEP.format(ranks=(str(last),), step=ATTACK_STEP, acted=_ACTED),
             expected_ranks=(last,),
         ),
         Attack(
@@ -580,13 +577,13 @@ def build(world: int) -> tuple[Attack, ...]:
             "b",
             f"a forward hook injected on rank {last} that scales a layer's output",
             "train",
-            job_patch=_HOOK.format(ranks=(str(last),), step=ATTACK_STEP),
+            job_patch=_HOOK.format(ranks=(str(last),), step=ATTACK_STEP, acted=_ACTED),
             expected_ranks=(last,),
         ),
         Attack(
             "weights-nudged-one-rank",
             "b",
-            f"rank {last}'s weights changed between steps by the job's data module (no code patched)",
+            f"rank {last}'s weights changed between steps from outside the guarded code (no code patched)",
             "train",
             job_patch=_data_only(_NUDGE_WEIGHTS, (str(last),)),
             script_patch=_in_a_thread(_IN_A_THREAD_NUDGE, (str(last),)),
@@ -595,7 +592,7 @@ def build(world: int) -> tuple[Attack, ...]:
         Attack(
             "lr-negated-one-rank",
             "b",
-            f"rank {last}'s learning rate negated by the job's data module (no code patched)",
+            f"rank {last}'s learning rate negated from outside the guarded code (no code patched)",
             "train",
             job_patch=_data_only(_NEGATE_LR, (str(last),)),
             script_patch=_in_a_thread(_IN_A_THREAD_NEGATE_LR, (str(last),)),
@@ -604,7 +601,7 @@ def build(world: int) -> tuple[Attack, ...]:
         Attack(
             "optimizer-state-flipped-one-rank",
             "b",
-            f"rank {last}'s AdamW momentum reversed by the job's data module (no code patched)",
+            f"rank {last}'s AdamW momentum reversed from outside the guarded code (no code patched)",
             "train",
             job_patch=_data_only(_FLIP_STATE, (str(last),)),
             script_patch=_in_a_thread(_IN_A_THREAD_FLIP_STATE, (str(last),)),
@@ -614,7 +611,8 @@ def build(world: int) -> tuple[Attack, ...]:
             "grad-flipped-before-allreduce-one-rank",
             "b",
             f"rank {last}'s gradient negated before the all-reduce, in the guard's own communication hook "
-            "(its divisor and the guard's copy of it set to minus the world size by the job's data module)",
+            "(its divisor and the guard's copy of it set to minus the world size, from outside the guarded "
+            "code)",
             "train",
             job_patch=_from_the_loop(_NEGATE_IN_THE_HOOK, (str(last),)),
             script_patch=_in_a_thread(_IN_A_THREAD_NEGATE_IN_THE_HOOK, (str(last),)),
@@ -634,8 +632,9 @@ def build(world: int) -> tuple[Attack, ...]:
             "guard-switched-off",
             "b",
             f"rank {last}'s guard silenced from inside (every finding of its checks dropped: RankReport.fail "
-            "made a no-op by the job's data module, its reports still flowing, clean), then its learning "
-            "rate negated; played with 3 processes at least, so that a majority of peers can name it",
+            "made a no-op from outside the guarded code, its reports still flowing, clean), then its "
+            "learning rate negated; played with 3 processes at least, so that a majority of peers can name "
+            "it",
             "train",
             job_patch=_from_the_loop(_SILENCE_THE_GUARD, (str(last),)),
             script_patch=_in_a_thread(_IN_A_THREAD_SILENCE_THE_GUARD, (str(last),)),
