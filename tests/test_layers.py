@@ -34,6 +34,18 @@ FORBIDDEN = {
     # The drill runs the job and the commands as processes; it reads the ledger and signs with keys.
     "drill": {"_pickle", "scan", "report", "cli", "monitor", "supervisor"},
     "_cli_drill": {"_pickle", "scan", "report", "ledger", "provenance", "envcheck", "drill"},
+    # The job side of the server: a spool and its delivery, on the ledger's events and nothing later.
+    "relay": {
+        "findings",
+        "_pickle",
+        "scan",
+        "report",
+        "cli",
+        "provenance",
+        "gate",
+        "envcheck",
+        "supervisor",
+    },
     # The server's access control stands on errors and the ledger's store (its tokens live beside it).
     "server": {
         "findings",

@@ -26,9 +26,9 @@ import pytest
 
 from tests.ledger.conftest import PG_URL, pg_schema, with_query
 from trainguard.ledger import Ledger, SigningKey, new_event
+from trainguard.relay._delivery import Delivery, DeliveryLimits
+from trainguard.relay._spool import Spool
 from trainguard.server import Scope, TokenStore
-from trainguard.server._delivery import Delivery, DeliveryLimits
-from trainguard.server._spool import Spool
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

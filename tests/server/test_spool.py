@@ -22,8 +22,8 @@ import pytest
 
 from trainguard.errors import StoreError, UsageError
 from trainguard.ledger import Event, new_event
-from trainguard.server._delivery import Delivery, DeliveryLimits
-from trainguard.server._spool import GAP_EVENT, Spool, SpoolFull, SpoolLimits, default_path
+from trainguard.relay._delivery import Delivery, DeliveryLimits
+from trainguard.relay._spool import GAP_EVENT, Spool, SpoolFull, SpoolLimits, default_path
 
 SERVER = Path(__file__).with_name("spool_server.py")
 TOKEN = "tgs_tg_0123abcd_" + "A" * 43
@@ -183,8 +183,8 @@ def test_job_killed_after_puts_leaves_the_rest_for_the_next_delivery(tmp_path: P
         f"""
         import sys
         from trainguard.ledger import new_event
-        from trainguard.server._delivery import Delivery, DeliveryLimits
-        from trainguard.server._spool import Spool
+        from trainguard.relay._delivery import Delivery, DeliveryLimits
+        from trainguard.relay._spool import Spool
         spool = Spool.open({RUN!r}, path={str(path)!r})
         Delivery(spool, {server.url!r}, {TOKEN!r}, limits=DeliveryLimits(batch_events=7, poll_s=0.01))
         for i in range(400):

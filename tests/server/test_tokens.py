@@ -17,6 +17,7 @@ from trainguard.errors import StoreError, TrainguardError, UsageError
 from trainguard.ledger._keys import SigningKey
 from trainguard.ledger._ledger import Ledger
 from trainguard.ledger._store import is_postgres_location
+from trainguard.relay._tokenformat import TOKEN_LENGTH
 from trainguard.server import (
     Action,
     AuthenticationFailed,
@@ -29,7 +30,6 @@ from trainguard.server import (
     authorize,
 )
 from trainguard.server._commands import parse_expires
-from trainguard.server._tokens import TOKEN_LENGTH
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 WEEK = timedelta(days=7)

@@ -22,8 +22,8 @@ import re
 import threading
 import urllib.parse
 import zlib
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -38,6 +38,8 @@ from trainguard.ledger._store import (
     META_VERIFIER,
     STORE_FORMAT,
     Signer,
+    Transaction,
+    Within,
     check_meta,
     completed_ranges,
     missing_nodes_error,
@@ -45,6 +47,8 @@ from trainguard.ledger._store import (
 )
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresStore", "redact", "split_schema"]
+
+_T = TypeVar("_T")
 
 DEFAULT_SCHEMA = "trainguard"
 # Lowercase only: PostgreSQL folds unquoted names, so "Ledger" in psql and in the URL would differ.
@@ -310,7 +314,9 @@ class PostgresStore(SqlReads):
                     [(META_FORMAT, STORE_FORMAT), (META_ORIGIN, origin), (META_VERIFIER, verifier.text())],
                 )
 
-    def append_batch(self, entries: Sequence[bytes], sign: Signer) -> tuple[int, str]:
+    def append_batch(
+        self, entries: Sequence[bytes], sign: Signer, within: Within | None = None
+    ) -> tuple[int, str]:
         if not entries:
             raise ValueError("an append needs at least one entry")
         conn = self._conn
@@ -328,6 +334,8 @@ class PostgresStore(SqlReads):
                 copy.set_types(["int2", "int8", "bytea"])
                 for row in batch.nodes:
                     copy.write_row(row)
+            if within is not None:
+                within(_PostgresTransaction(cur), size)
             note = sign(batch.checkpoint(origin))
             cur.execute("INSERT INTO checkpoints (size, note) VALUES (%s, %s)", (batch.size, note))
         return size, note
@@ -392,6 +400,15 @@ class PostgresStore(SqlReads):
         with self._lock, self._errors("read"):
             return self._conn.execute(sql.replace("?", "%s"), params).fetchall()
 
+    def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        return self._rows(sql, params)
+
+    def transaction(self, work: Callable[[Transaction], _T]) -> _T:
+        conn = self._conn
+        with self._lock, self._errors("write to"), conn.transaction(), conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, self._lock_key))
+            return work(_PostgresTransaction(cur))
+
     def add_cosignature(self, size: int, witness: str, line: str) -> None:
         with self._lock, self._errors("write to"):
             self._conn.execute(
@@ -406,3 +423,24 @@ class PostgresStore(SqlReads):
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.location!r})"
+
+
+class _PostgresTransaction:
+    """`Transaction` on a cursor of an open PostgreSQL transaction: ``?`` placeholders become ``%s``."""
+
+    dialect = "postgresql"
+
+    def __init__(self, cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
+        self._cur = cur
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        return int(self._cur.execute(sql.replace("?", "%s"), params).rowcount)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> int:
+        if not rows:
+            return 0
+        self._cur.executemany(sql.replace("?", "%s"), rows)
+        return int(self._cur.rowcount)
+
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        return self._cur.execute(sql.replace("?", "%s"), params).fetchall()

@@ -6,9 +6,9 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from trainguard.errors import StoreError
 from trainguard.ledger._keys import VerifierKey
@@ -20,6 +20,8 @@ from trainguard.ledger._store import (
     META_VERIFIER,
     STORE_FORMAT,
     Signer,
+    Transaction,
+    Within,
     check_meta,
     completed_ranges,
     missing_nodes_error,
@@ -27,6 +29,8 @@ from trainguard.ledger._store import (
 )
 
 __all__ = ["SqliteStore"]
+
+_T = TypeVar("_T")
 
 _TABLES = ("entries", "nodes", "checkpoints", "cosignatures", "meta")
 _SCHEMA = (
@@ -139,7 +143,9 @@ class SqliteStore(SqlReads):
                     [(META_FORMAT, STORE_FORMAT), (META_ORIGIN, origin), (META_VERIFIER, verifier.text())],
                 )
 
-    def append_batch(self, entries: Sequence[bytes], sign: Signer) -> tuple[int, str]:
+    def append_batch(
+        self, entries: Sequence[bytes], sign: Signer, within: Within | None = None
+    ) -> tuple[int, str]:
         if not entries:
             raise ValueError("an append needs at least one entry")
         with self._lock, self._errors("append to"), self._write() as cur:
@@ -151,6 +157,8 @@ class SqliteStore(SqlReads):
                 [(size + i, data) for i, data in enumerate(entries)],
             )
             cur.executemany("INSERT INTO nodes (level, idx, hash) VALUES (?, ?, ?)", batch.nodes)
+            if within is not None:
+                within(_SqliteTransaction(cur), size)
             note = sign(batch.checkpoint(origin))
             cur.execute("INSERT INTO checkpoints (size, note) VALUES (?, ?)", (batch.size, note))
         return size, note
@@ -216,6 +224,13 @@ class SqliteStore(SqlReads):
         with self._lock, self._errors("read"):
             return self._conn.execute(sql, params).fetchall()
 
+    def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        return self._rows(sql, params)
+
+    def transaction(self, work: Callable[[Transaction], _T]) -> _T:
+        with self._lock, self._errors("write to"), self._write() as cur:
+            return work(_SqliteTransaction(cur))
+
     def add_cosignature(self, size: int, witness: str, line: str) -> None:
         with self._lock, self._errors("write to"), self._write() as cur:
             cur.execute(
@@ -230,3 +245,21 @@ class SqliteStore(SqlReads):
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.location!r})"
+
+
+class _SqliteTransaction:
+    """`Transaction` on a cursor of an open SQLite write transaction."""
+
+    dialect = "sqlite"
+
+    def __init__(self, cur: sqlite3.Cursor) -> None:
+        self._cur = cur
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        return int(self._cur.execute(sql, params).rowcount)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> int:
+        return int(self._cur.executemany(sql, rows).rowcount) if rows else 0
+
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        return self._cur.execute(sql, params).fetchall()

@@ -8,6 +8,10 @@ A store holds five tables:
     cosignatures(size, witness, line)   witness cosignature lines for a checkpoint
     meta(key, value)                    the log's origin and the verifier key its checkpoints are signed with
 
+Tables of other rooms may live beside these (the server's event keys, its tokens): `Store.transaction`
+and the `within` callback of `Store.append_batch` write them in the ledger's own transactions, through a
+`Transaction`, so such a row and the entries it speaks of commit together or not at all.
+
 Appends take a writer lock that spans processes and hosts (SQLite ``BEGIN IMMEDIATE``, a PostgreSQL
 transaction-level advisory lock), read the tree's right edge, and write the entries, the nodes they complete
 and the new signed checkpoint in one transaction: a crash leaves either all of a batch or none of it.
@@ -18,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from trainguard.errors import KeyFileError, MissingExtraError, StoreError
 from trainguard.ledger._keys import VerifierKey
@@ -33,6 +37,8 @@ __all__ = [
     "Batch",
     "Signer",
     "Store",
+    "Transaction",
+    "Within",
     "check_meta",
     "completed_ranges",
     "describe_key",
@@ -50,6 +56,33 @@ STORE_FORMAT = "trainguard-ledger/1"
 
 
 Signer = Callable[[Checkpoint], str]
+_T = TypeVar("_T")
+
+
+class Transaction(Protocol):
+    """Statements inside one of the store's write transactions, for tables beside the ledger's own.
+
+    SQL is written with ``?`` placeholders on either database; `dialect` ("sqlite" or "postgresql") says
+    which SQL to write where they differ. A statement that fails rolls the whole transaction back.
+    """
+
+    @property
+    def dialect(self) -> str: ...
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        """Run one statement; the number of rows it changed."""
+        ...
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> int:
+        """Run one statement per row; the number of rows changed in all."""
+        ...
+
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Every row of one query, read inside the transaction."""
+        ...
+
+
+Within = Callable[[Transaction, int], None]
 
 
 class Store(Protocol):
@@ -64,8 +97,24 @@ class Store(Protocol):
         """Record the log's origin and verifier key; idempotent, refuses a different origin or key."""
         ...
 
-    def append_batch(self, entries: Sequence[bytes], sign: Signer) -> tuple[int, str]:
-        """Append `entries` and one signed checkpoint in one transaction; returns (first index, note)."""
+    def append_batch(
+        self, entries: Sequence[bytes], sign: Signer, within: Within | None = None
+    ) -> tuple[int, str]:
+        """Append `entries` and one signed checkpoint in one transaction; returns (first index, note).
+
+        `within(transaction, first_index)` runs after the entries are written and before the checkpoint is
+        signed, in the same transaction: whatever it writes commits with them, and what it raises rolls
+        the batch back and leaves `append_batch` unchanged.
+        """
+        ...
+
+    def transaction(self, work: Callable[[Transaction], _T]) -> _T:
+        """Run `work` in one write transaction that holds the ledger's writer lock (so it is serialised
+        with every append, in every process and host); commits when it returns, rolls back if it raises."""
+        ...
+
+    def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Every row of one query (``?`` placeholders), outside any write transaction."""
         ...
 
     def size(self) -> int:

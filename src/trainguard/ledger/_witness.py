@@ -18,6 +18,7 @@ import dataclasses
 import http.server
 import logging
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -44,6 +45,9 @@ __all__ = [
 logger = logging.getLogger("trainguard.witness")
 
 MAX_REQUEST_BYTES = MAX_NOTE_BYTES + 4096  # a note plus the old-size and proof lines
+# After refusing a body, how long and how much of it is read and dropped so the refusal reaches the client.
+_LINGER_S = 2.0
+_LINGER_BYTES = 16 * MAX_REQUEST_BYTES
 MAX_PROOF_LINES = 63  # tlog-witness: clients must not send more
 SIZE_CONTENT_TYPE = "text/x.tlog.size"
 _READ_TIMEOUT_S = 10  # a client that stalls mid-request holds one thread for at most this long
@@ -289,6 +293,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = int(length_text)
         if length > MAX_REQUEST_BYTES:
             self.close_connection = True  # the unread body must not be parsed as a next request
+            self._unread_body = True
             raise _Reject(413, f"request of {length} bytes is above the limit of {MAX_REQUEST_BYTES}")
         body = self.rfile.read(length)
         if len(body) != length:
@@ -305,6 +310,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+        if getattr(self, "_unread_body", False):
+            self._lingering_close()
+
+    def _lingering_close(self) -> None:
+        """Read and drop what the client still sends, for a bounded time and size, before closing: a
+        socket closed with unread data answers with a reset, which can destroy the answer in flight."""
+        self.wfile.flush()
+        sock = self.connection
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(_LINGER_S)
+            deadline = time.monotonic() + _LINGER_S
+            drained = 0
+            while drained < _LINGER_BYTES and time.monotonic() < deadline:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass  # the client went away: nothing left to protect
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s %s", self.client_address[0], format % args)

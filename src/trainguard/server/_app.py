@@ -37,8 +37,7 @@ import contextlib
 import dataclasses
 import logging
 import re
-import zlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -59,9 +58,6 @@ from trainguard.ledger._canonical import canonical_json
 from trainguard.ledger._events import EntryError, Event
 from trainguard.ledger._keys import ALG_ED25519, SigningKey
 from trainguard.ledger._ledger import Ledger, default_key_path
-from trainguard.ledger._note import Checkpoint, sign_checkpoint
-from trainguard.ledger._sqlite import SqliteStore
-from trainguard.ledger._store import Store
 from trainguard.ledger._tiles import (
     MAX_BUNDLED_ENTRY_BYTES,
     TILE_WIDTH,
@@ -77,23 +73,13 @@ from trainguard.server._access import (
     NotAuthorized,
     authorize,
 )
+from trainguard.server._eventkeys import EventKeys
 from trainguard.server._tokens import TokenStore
 
-__all__ = ["KEYS_TABLE", "ServeLimits", "create_app", "open_server"]
+__all__ = ["ServeLimits", "create_app", "open_server"]
 
 _LOG = logging.getLogger("trainguard.server")
 
-KEYS_TABLE = "server_event_keys"
-_SQLITE_KEYS = (
-    f"CREATE TABLE IF NOT EXISTS {KEYS_TABLE} (run TEXT NOT NULL, key TEXT NOT NULL,"
-    " ledger_index INTEGER NOT NULL, PRIMARY KEY (run, key)) WITHOUT ROWID"
-)
-_POSTGRES_KEYS = (
-    f"CREATE TABLE IF NOT EXISTS {KEYS_TABLE} (run text NOT NULL, key text NOT NULL,"
-    " ledger_index bigint NOT NULL, PRIMARY KEY (run, key))"
-)
-# Advisory lock ("TGSK", crc32 of the schema) so two workers creating the key table at once do not collide.
-_LOCK_CLASS = 0x5447534B
 # A delivery key reads <32 hex digits>/<sequence>; other clients may use any short printable ASCII name.
 _KEY = re.compile(r"[A-Za-z0-9._:/-]{1,200}")
 _MAX_RUN = 256
@@ -154,99 +140,10 @@ class _Problem(Exception):
         self.headers = headers
 
 
-class _KeyClaimed(Exception):
-    """Another writer stored one of the batch's keys after we looked: roll back and look again."""
-
-
-class _EventKeys:
-    """The ``server_event_keys`` table, written inside the ledger store's own append transaction.
-
-    The store offers no hook to add rows to its transaction, so this reaches for its connection: the
-    signing callback of `Store.append_batch` runs inside the transaction, after the entries are written and
-    before the checkpoint is, on the thread that holds the store's lock.
-    """
-
-    def __init__(self, store: Store, key: SigningKey) -> None:
-        self._store = store
-        self._key = key
-        self._create_table()
-
-    def _create_table(self) -> None:
-        store = self._store
-        if isinstance(store, SqliteStore):
-            with store._lock, store._errors("create the event key table in"):
-                store._conn.execute(_SQLITE_KEYS)
-            return
-        from trainguard.ledger._postgres import PostgresStore
-
-        if not isinstance(store, PostgresStore):
-            raise StoreError(f"trainguard serve does not know the store {store.location}")
-        conn = store._conn
-        lock = zlib.crc32(store.schema.encode()) - (1 << 31)
-        with store._lock, store._errors("create the event key table in"), conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, lock))
-            conn.execute(_POSTGRES_KEYS)
-
-    def known(self, run: str, keys: Sequence[str]) -> set[str]:
-        """Which of `keys` the run already holds."""
-        found: set[str] = set()
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            rows = self._store._rows(  # type: ignore[attr-defined]
-                f"SELECT key FROM {KEYS_TABLE} WHERE run = ? AND key IN ({','.join('?' * len(chunk))})",
-                [run, *chunk],
-            )
-            found.update(str(row[0]) for row in rows)
-        return found
-
-    def append(self, run: str, items: Sequence[tuple[str, bytes]]) -> tuple[list[str], list[str]]:
-        """Append the events whose keys the run does not hold yet; (accepted keys, duplicate keys)."""
-        keys = [key for key, _ in items]
-        # Each retry follows another writer's commit that took at least one of these keys: bounded.
-        for _ in range(len(items) + 1):
-            known = self.known(run, keys)
-            fresh = [(key, data) for key, data in items if key not in known]
-            if not fresh:
-                return [], keys
-            try:
-                self._store.append_batch([data for _, data in fresh], self._signer(run, fresh))
-            except _KeyClaimed:
-                continue
-            return [key for key, _ in fresh], [key for key in keys if key in known]
-        raise StoreError(f"ledger {self._store.location}: the event keys kept changing under this append")
-
-    def _signer(self, run: str, fresh: Sequence[tuple[str, bytes]]) -> Callable[[Checkpoint], str]:
-        def claim_and_sign(checkpoint: Checkpoint) -> str:
-            first = checkpoint.size - len(fresh)
-            claimed = self._claim(run, [key for key, _ in fresh], first)
-            if claimed != len(fresh):
-                raise _KeyClaimed
-            return sign_checkpoint(checkpoint, self._key)
-
-        return claim_and_sign
-
-    def _claim(self, run: str, keys: list[str], first: int) -> int:
-        """Insert the key rows in the open append transaction; how many went in."""
-        store = self._store
-        if isinstance(store, SqliteStore):
-            cur = store._conn.executemany(
-                f"INSERT INTO {KEYS_TABLE} (run, key, ledger_index) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                [(run, key, first + i) for i, key in enumerate(keys)],
-            )
-            return int(cur.rowcount)
-        conn = store._conn  # type: ignore[attr-defined]
-        cur = conn.execute(
-            f"INSERT INTO {KEYS_TABLE} (run, key, ledger_index)"
-            " SELECT %s::text, k, i FROM unnest(%s::text[], %s::int8[]) AS t(k, i) ON CONFLICT DO NOTHING",
-            (run, keys, [first + i for i in range(len(keys))]),
-        )
-        return int(cur.rowcount)
-
-
 class _Server:
     """What one worker process holds: connections to the ledger and its tokens, and the limits."""
 
-    def __init__(self, ledger: Ledger, tokens: TokenStore, keys: _EventKeys, limits: ServeLimits) -> None:
+    def __init__(self, ledger: Ledger, tokens: TokenStore, keys: EventKeys, limits: ServeLimits) -> None:
         self.ledger = ledger
         self.tokens = tokens
         self.keys = keys
@@ -278,7 +175,7 @@ def open_server(
                 f"trainguard serve appends to {ledger.location}, so it needs the ledger's signing key",
                 hint="give it with --key FILE (env TRAINGUARD_LEDGER_KEY)",
             )
-        keys = _EventKeys(ledger.store, key)
+        keys = EventKeys(ledger.store, key)
         tokens = TokenStore.open(location)
     except BaseException:
         ledger.close()

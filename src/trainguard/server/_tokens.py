@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,6 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from trainguard.errors import StoreError, UsageError
+from trainguard.relay._tokenformat import TOKEN, TOKEN_ID, TOKEN_LENGTH, TOKEN_PREFIX
 from trainguard.server._access import AuthenticationFailed, AuthFailure, Identity, Scope
 from trainguard.server._db import TABLE, TokenDb, connect
 
@@ -44,13 +44,7 @@ DEFAULT_LIFETIME = {
     Scope.VIEWER: timedelta(days=90),
     Scope.ADMIN: timedelta(days=365),
 }
-_TOKEN_PREFIX = "tgs_"
 _SECRET_BYTES = 32
-_TOKEN_ID = re.compile(r"tg_[0-9a-f]{8}")
-# 43 base64url characters hold 258 bits; the last one's two spare bits must be zero (one of the 16 below),
-# so every secret has exactly one spelling and decoding can never fail.
-_TOKEN = re.compile(r"tgs_(tg_[0-9a-f]{8})_([A-Za-z0-9_-]{42}[AEIMQUYcgkosw048])")
-TOKEN_LENGTH = len(_TOKEN_PREFIX) + 11 + 1 + 43
 _HASH_CONTEXT = b"trainguard server token v1\0"
 # Compared against when the id is unknown, so that path does the same work as a wrong secret.
 _NO_TOKEN_HASH = bytes(32)
@@ -104,7 +98,7 @@ class IssuedToken:
 
 
 def is_token_id(text: str) -> bool:
-    return _TOKEN_ID.fullmatch(text) is not None
+    return TOKEN_ID.fullmatch(text) is not None
 
 
 class TokenStore:
@@ -260,7 +254,7 @@ def _secret_hash(token_id: str, secret: bytes) -> bytes:
 
 
 def _format_token(token_id: str, secret: bytes) -> str:
-    return f"{_TOKEN_PREFIX}{token_id}_{base64.urlsafe_b64encode(secret).rstrip(b'=').decode('ascii')}"
+    return f"{TOKEN_PREFIX}{token_id}_{base64.urlsafe_b64encode(secret).rstrip(b'=').decode('ascii')}"
 
 
 def _parse_token(token: object) -> tuple[str, bytes]:
@@ -270,7 +264,7 @@ def _parse_token(token: object) -> tuple[str, bytes]:
     """
     if not isinstance(token, str) or len(token) != TOKEN_LENGTH:
         raise AuthenticationFailed(AuthFailure.MALFORMED)
-    match = _TOKEN.fullmatch(token)
+    match = TOKEN.fullmatch(token)
     if match is None:
         raise AuthenticationFailed(AuthFailure.MALFORMED)
     return match[1], base64.urlsafe_b64decode(match[2] + "=")
@@ -321,7 +315,7 @@ def _check_text(what: str, value: str, limit: int, *, empty: bool) -> None:
 def _check_token_id(token_id: str) -> None:
     if is_token_id(token_id):
         return
-    match = _TOKEN.fullmatch(token_id) if len(token_id) == TOKEN_LENGTH else None
+    match = TOKEN.fullmatch(token_id) if len(token_id) == TOKEN_LENGTH else None
     if match is not None:
         # Someone pasted the whole token: name its id, and never repeat the secret.
         raise UsageError("give the token's id, not the token itself", hint=f"its id is {match[1]}")

@@ -1,6 +1,6 @@
 """Delivers a job's spooled events to `trainguard serve` from a background thread.
 
-from trainguard.server._delivery import Delivery
+from trainguard.relay._delivery import Delivery
 
 delivery = Delivery(spool, "https://tg.example", token)   # starts its thread; raises only for bad settings
 ...                                                        # spool.put(event) from any thread, never waits
@@ -40,9 +40,8 @@ import urllib.parse
 
 from trainguard._strictjson import loads_strict
 from trainguard.errors import TrainguardError, UsageError
-from trainguard.server._access import AccessDenied
-from trainguard.server._spool import Spool, SpooledEvent
-from trainguard.server._tokens import _parse_token
+from trainguard.relay._spool import Spool, SpooledEvent
+from trainguard.relay._tokenformat import is_token
 
 __all__ = ["Delivery", "DeliveryLimits", "DeliveryReport"]
 
@@ -108,9 +107,7 @@ class Delivery:
         self.spool = spool
         self.limits = limits or DeliveryLimits()
         self._target = _target(url, spool.run_id)
-        try:
-            _parse_token(token)
-        except AccessDenied:
+        if not is_token(token):
             # Not echoed: a mistyped token may still hold most of a secret.
             raise UsageError(
                 "that is not a trainguard server token", hint="tokens read tgs_tg_<8 hex digits>_<secret>"

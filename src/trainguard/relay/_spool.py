@@ -1,6 +1,6 @@
 """A job's durable, bounded queue of ledger events waiting to reach `trainguard serve`.
 
-from trainguard.server._spool import Spool, SpoolFull
+from trainguard.relay._spool import Spool, SpoolFull
 
 with Spool.open("r42") as spool:              # $TRAINGUARD_HOME/spool/r42-<hash>.db
     key = spool.put(new_event("monitor.signal", {...}, run_id="r42"))   # durable when it returns
