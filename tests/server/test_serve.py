@@ -269,6 +269,41 @@ def test_a_retried_batch_is_answered_as_duplicates(cluster: Cluster) -> None:
     assert _run_entries(cluster.store, run) == [data for _, data in items]
 
 
+def test_a_key_sent_again_with_other_content_is_a_conflict_and_nothing_of_the_batch_is_appended(
+    cluster: Cluster,
+) -> None:
+    run = "conflict"
+    items = _items(run, "spool-c", 3)
+    assert cluster.server.post(run, items[:2], cluster.admin).status == 200
+    # The spool was edited after the first send: key 1 now carries other content, key 2 is new.
+    edited = [items[0], _items(run, "spool-c", 2, edited=True)[1], items[2]]
+    answer = cluster.server.post(run, edited, cluster.admin)
+    assert answer.status == 409 and answer.json()["error"] == "conflict", answer.body
+    assert "spool-c/1" in answer.json()["message"] and "spool-c/0" not in answer.json()["message"]
+    assert _run_entries(cluster.store, run) == [data for _, data in items[:2]]  # key 2 not appended either
+
+
+def test_each_entry_records_the_token_that_sent_it(cluster: Cluster) -> None:
+    run = RUN
+    by_job = _items(run, "who-job", 2)
+    by_admin = _items(run, "who-admin", 1)
+    assert cluster.server.post(run, by_job, cluster.job).status == 200
+    assert cluster.server.post(run, by_admin, cluster.admin).status == 200
+    with Ledger.open(cluster.store, create=False) as ledger:
+        rows = ledger.store.read(
+            "SELECT key, token_id FROM server_event_keys WHERE run = ? AND key LIKE 'who-%' ORDER BY key",
+            [run],
+        )
+    token_id = {
+        c: t[len("tgs_") : len("tgs_") + 11] for c, t in (("job", cluster.job), ("admin", cluster.admin))
+    }
+    assert rows == [
+        ("who-admin/0", token_id["admin"]),
+        ("who-job/0", token_id["job"]),
+        ("who-job/1", token_id["job"]),
+    ]
+
+
 def test_keys_are_per_run_so_one_job_cannot_shadow_another(cluster: Cluster) -> None:
     own = _items(OTHER, "shared-key", 1)
     theirs = _items(RUN, "shared-key", 1)
@@ -528,18 +563,19 @@ def test_a_key_stored_between_the_read_and_the_lock_rolls_the_append_back(
     a, b = open_server(location, key), open_server(location, key)
     try:
         items = _items("r", "k", 3)
-        assert a.keys.append("r", items[:2]) == (["k/0", "k/1"], [])
+        assert a.keys.append("r", items[:2], "tg_0000000a") == (["k/0", "k/1"], [])
         real = b.keys.known
         reads: list[set[str]] = []
 
-        def stale_once(run: str, keys: list[str]) -> set[str]:
-            reads.append(set() if not reads else real(run, keys))
-            return reads[-1]
+        def stale_once(run: str, keys: list[str]) -> dict[str, bytes]:
+            found = {} if not reads else real(run, keys)
+            reads.append(set(found))
+            return found
 
         monkeypatch.setattr(b.keys, "known", stale_once)
         # B believes none is stored, appends all three, finds k/0 and k/1 taken inside its transaction,
         # rolls back, looks again and appends k/2 alone.
-        assert b.keys.append("r", items) == (["k/2"], ["k/0", "k/1"])
+        assert b.keys.append("r", items, "tg_0000000b") == (["k/2"], ["k/0", "k/1"])
         assert reads == [set(), {"k/0", "k/1"}]  # the rolled-back try, then the one that went in
         assert _run_entries(location, "r") == [data for _, data in items]
         assert b.ledger.verify().ok

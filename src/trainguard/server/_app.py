@@ -73,7 +73,7 @@ from trainguard.server._access import (
     NotAuthorized,
     authorize,
 )
-from trainguard.server._eventkeys import EventKeys
+from trainguard.server._eventkeys import EventKeys, KeyConflict
 from trainguard.server._tokens import TokenStore
 
 __all__ = ["ServeLimits", "create_app", "open_server"]
@@ -222,7 +222,7 @@ def create_app(
         methods=["POST"],
         summary="Append a batch of events to a run, idempotently by key",
         openapi_extra={"requestBody": _REQUEST_BODY},
-        responses=_responses(200, 400, 401, 403, 408, 413, 503),
+        responses=_responses(200, 400, 401, 403, 408, 409, 413, 503),
     )
     app.add_api_route(
         events,
@@ -287,6 +287,7 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         403: "the token's scope does not cover this",
         404: "no such resource",
         408: "the body came too slowly",
+        409: "a key the run already holds came with other content; nothing was appended",
         413: "the body, an event or the batch is too large",
         503: "the ledger store is unavailable; retry",
     }
@@ -393,7 +394,14 @@ async def _get_tile(request: Request, path: str, who: _Reader) -> Response:
 
 def _ingest(server: _Server, who: Identity, run: str, body: bytes) -> tuple[list[str], list[str]]:
     items = _parse_batch(body, run, who, server.limits)
-    return server.keys.append(run, items)
+    try:
+        return server.keys.append(run, items, who.token_id)
+    except KeyConflict as exc:
+        # The keys are the client's own; naming them helps it find the edited or reused entries.
+        shown = ", ".join(exc.keys[:5]) + (" ..." if len(exc.keys) > 5 else "")
+        raise _Problem(
+            409, "conflict", f"{len(exc.keys)} key(s) already stored with other content: {shown}"
+        ) from None
 
 
 def _parse_batch(body: bytes, run: str, who: Identity, limits: ServeLimits) -> list[tuple[str, bytes]]:
