@@ -111,6 +111,10 @@ class StoreError(TrainguardError):
     exit_code = ExitCode.UNDECIDED
 
 
+class NoLedgerError(StoreError):
+    """Nothing is there yet: the ledger's file, schema or tables do not exist (and were not to be made)."""
+
+
 class UndecidableError(TrainguardError):
     """The input could not be analysed completely; the verdict fails closed."""
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from trainguard.errors import KeyFileError, StoreError, UsageError
+from trainguard.errors import KeyFileError, NoLedgerError, StoreError, UsageError
 from trainguard.ledger._events import Event
 from trainguard.ledger._keys import SigningKey, VerifierKey, is_valid_key_name
 from trainguard.ledger._merkle import consistency_proof, inclusion_proof, root_hash
@@ -124,7 +124,7 @@ class Ledger:
         try:
             meta = store.meta()
             if not meta and not create:
-                raise StoreError(
+                raise NoLedgerError(
                     f"no ledger at {store.location} yet: nothing to read",
                     hint="the first append creates it (trainguard ledger append, sign, run, watch)",
                 )

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from trainguard.errors import StoreError, TrainguardError, UsageError
+from trainguard.errors import NoLedgerError, StoreError, TrainguardError, UsageError
 from trainguard.ledger._keys import VerifierKey
 from trainguard.ledger._merkle import NodeKey
 from trainguard.ledger._sqlreads import SqlReads
@@ -219,7 +219,7 @@ class PostgresStore(SqlReads):
         schema = sql.Identifier(self.schema)
         if not self._schema_exists():
             if not create:
-                raise StoreError(
+                raise NoLedgerError(
                     f"no ledger at {self._display}: schema {self.schema!r} does not exist",
                     hint="check the URL's database and schema, or append an event with the ledger's key "
                     "to create one",
@@ -292,7 +292,7 @@ class PostgresStore(SqlReads):
         if len(present) == len(_TABLES):
             return
         if not present and not create:
-            raise StoreError(
+            raise NoLedgerError(
                 f"no ledger at {self._display}: schema {self.schema!r} holds none",
                 hint="check the URL's database and schema, or append an event with the ledger's key "
                 "to create one",

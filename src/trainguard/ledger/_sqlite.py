@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from trainguard.errors import StoreError
+from trainguard.errors import NoLedgerError, StoreError
 from trainguard.ledger._keys import VerifierKey
 from trainguard.ledger._merkle import NodeKey
 from trainguard.ledger._sqlreads import SqlReads
@@ -55,7 +55,9 @@ class SqliteStore(SqlReads):
         self._lock = threading.RLock()
         self._origin: str | None = None
         if not create and not path.exists():
-            raise StoreError(f"no ledger at {path}", hint="check the path, or append an event to create one")
+            raise NoLedgerError(
+                f"no ledger at {path}", hint="check the path, or append an event to create one"
+            )
         with self._errors("open"):
             if create:
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainguard.errors import StoreError, TrainguardError
+from trainguard.errors import NoLedgerError, StoreError, TrainguardError
 from trainguard.ledger._store import is_postgres_location, open_store
 
 __all__ = ["TABLE", "TokenDb", "connect"]
@@ -106,8 +106,8 @@ def _sqlite(path: Path, *, create: bool) -> TokenDb:
 def _postgres(url: str, *, create: bool) -> TokenDb:
     try:
         ledger = open_store(url, create=create)  # MissingExtraError when psycopg is not installed
-    except StoreError as exc:
-        if create or not exc.message.startswith("no ledger"):
+    except NoLedgerError as exc:
+        if create:
             raise
         # No ledger means no tokens either; say how to make tokens, not how to make a ledger.
         raise StoreError(f"no server tokens: {exc.message}", hint=_MISSING_HINT) from None
