@@ -68,7 +68,8 @@ def _add_serve(
         description="Serve the ledger over HTTP (needs the server extra: pip install 'trainguard[server]'): "
         "jobs POST events with a job token, viewers read the log as C2SP tlog-tiles; every endpoint but "
         "/healthz needs a token from 'trainguard server token create'. Workers and hosts may share one "
-        "PostgreSQL ledger: they keep no state of their own. Put TLS in front (a reverse proxy).",
+        "PostgreSQL ledger: they keep no state of their own. Serve TLS itself (--tls-cert, --tls-key) or "
+        "behind a reverse proxy that does (--forwarded-allow-ips names the proxy).",
         epilog=_SERVE_EPILOG,
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -80,6 +81,17 @@ def _add_serve(
         default=os.environ.get("TRAINGUARD_LEDGER_KEY") or None,
         help="the ledger's signing key file (default $TRAINGUARD_HOME/keys/ledger.key; "
         "env: TRAINGUARD_LEDGER_KEY)",
+    )
+    serve.add_argument(
+        "--tls-cert", type=Path, metavar="PEM", help="serve HTTPS with this certificate chain (and --tls-key)"
+    )
+    serve.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+    serve.add_argument(
+        "--forwarded-allow-ips",
+        default="127.0.0.1",
+        metavar="ADDRS",
+        help="comma-separated addresses of the reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed (default 127.0.0.1; '*' believes anyone: never on an open port)",
     )
     serve.add_argument("--no-access-log", action="store_true", help="do not log each request line")
     serve.set_defaults(run=_run("cmd_serve", "trainguard.server._serve"))

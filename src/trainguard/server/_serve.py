@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from trainguard.errors import ExitCode, MissingExtraError
+from trainguard.errors import ExitCode, MissingExtraError, UsageError
 from trainguard.server._asgi import ENV_KEY, ENV_STORE
 
 __all__ = ["cmd_serve"]
@@ -25,6 +26,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from trainguard.server._app import open_server
 
+    tls = _tls_files(args)
+
     # Fail here, with the command line's message and exit code, rather than in every worker: this also
     # makes the default key of a new default ledger, and the event key table, once.
     server = open_server(args.store, args.key)
@@ -35,8 +38,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ[ENV_STORE] = str(args.store)
     if args.key is not None:
         os.environ[ENV_KEY] = str(args.key.resolve())
+    scheme = "https" if tls else "http"
     sys.stderr.write(
-        f"trainguard: serving {location} on http://{args.host}:{args.port} with {args.workers} "
+        f"trainguard: serving {location} on {scheme}://{args.host}:{args.port} with {args.workers} "
         f"worker{'s' if args.workers != 1 else ''}\n"
     )
     sys.stderr.flush()
@@ -50,8 +54,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=not args.no_access_log,
         server_header=False,  # do not advertise the server's software
         timeout_graceful_shutdown=10,
+        proxy_headers=True,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+        ssl_certfile=str(tls[0]) if tls else None,
+        ssl_keyfile=str(tls[1]) if tls else None,
     )
     return int(ExitCode.CLEAN)
+
+
+def _tls_files(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    """The certificate and key files, both readable; None for plain HTTP. UsageError when only one is
+    given or one cannot be read, before any worker starts."""
+    cert, key = args.tls_cert, args.tls_key
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise UsageError("--tls-cert and --tls-key go together", hint="give both, or neither behind a proxy")
+    _check_readable("--tls-cert", cert)
+    _check_readable("--tls-key", key)
+    return cert, key
+
+
+def _check_readable(flag: str, path: Path) -> None:
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
 def _log_config() -> dict[str, object]:

@@ -1,0 +1,144 @@
+"""`trainguard serve --tls-cert --tls-key`: HTTPS served by the server itself, and the flags' usage errors."""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import os
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.ledger.conftest import ORIGIN
+from trainguard.ledger import SigningKey
+from trainguard.server import TokenStore
+
+pytest.importorskip("fastapi")
+
+DEADLINE_S = 60.0
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def _serve(home: Path, *extra: str) -> subprocess.Popen[bytes]:
+    key = home / "ledger.key"
+    if not key.exists():
+        SigningKey.generate(ORIGIN).save(key)
+        TokenStore.open(str(home / "ledger.db"), create=True).close()
+    env = {**os.environ, "TRAINGUARD_HOME": str(home)}
+    env.pop("TRAINGUARD_LEDGER", None)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trainguard",
+            "serve",
+            "--store",
+            str(home / "ledger.db"),
+            "--key",
+            str(key),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_the_server_speaks_https_with_its_own_certificate(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    port = _free_port()
+    proc = _serve(tmp_path, "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key))
+    context = ssl.create_default_context(cafile=str(cert))
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+                conn.request("GET", "/healthz")
+                answer = conn.getresponse()
+                assert (answer.status, answer.read()) == (200, b'{"status":"ok"}')
+                conn.close()
+                break
+            except (ConnectionRefusedError, ConnectionResetError):
+                assert time.monotonic() < deadline, "trainguard serve did not answer"
+                time.sleep(0.1)
+        # Plain HTTP on the TLS port gets no answer of the API.
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            plain.request("GET", "/healthz")
+            status: int | None = plain.getresponse().status
+        except (http.client.RemoteDisconnected, ConnectionResetError, http.client.BadStatusLine):
+            status = None
+        finally:
+            plain.close()
+        assert status != 200
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0].decode(errors="replace")
+    assert f"on https://127.0.0.1:{port}" in output, output
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tls-cert", "cert.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-key", "key.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-cert", "missing.pem", "--tls-key", "key.pem"], "--tls-cert"),
+    ],
+)
+def test_tls_flags_that_cannot_work_are_a_usage_error_before_any_worker_starts(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    _self_signed(tmp_path)
+    proc = _serve(
+        tmp_path,
+        "--port",
+        str(_free_port()),
+        *[str(tmp_path / f) if f.endswith(".pem") else f for f in flags],
+    )
+    output = proc.communicate(timeout=DEADLINE_S)[0].decode(errors="replace")
+    assert proc.returncode == 2, output
+    assert message in output and "Traceback" not in output, output
