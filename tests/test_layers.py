@@ -17,7 +17,7 @@ FORBIDDEN = {
     "scan": {"report", "cli", "ledger", "provenance", "gate"},
     "report": {"cli"},
     # The ledger stands on errors alone: every later room writes to it, it reads none of them.
-    "ledger": {"findings", "_pickle", "scan", "report", "cli", "_cli_ledger", "provenance", "gate"},
+    "ledger": {"findings", "_pickle", "scan", "report", "cli", "_cli_ledger", "provenance", "gate", "relay"},
     "_cli_ledger": {"_pickle", "scan", "report", "provenance"},
     # Signing and verifying stand on errors alone; the gate puts them together with scan and ledger.
     "provenance": {"_pickle", "scan", "report", "cli", "ledger", "gate"},
@@ -59,6 +59,7 @@ FORBIDDEN = {
         "supervisor",
     },
     "_cli_server": {"_pickle", "scan", "report", "ledger", "provenance", "envcheck", "server"},
+    "_cli_relay": {"_pickle", "scan", "report", "ledger", "provenance", "envcheck", "relay"},
 }
 # Nothing imports the monitor or the drill but the command line.
 for _room, _forbidden in FORBIDDEN.items():

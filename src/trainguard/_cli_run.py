@@ -14,7 +14,8 @@ from trainguard._cli_provenance import trust_arguments
 
 _EPILOG = (
     "exit codes: the job's own (0, its status, or 128+N when it died of signal N); before launch: "
-    "1 a pre-flight check failed (environment or inputs), 2 usage error, 3 the ledger cannot be written"
+    "1 a pre-flight check failed (environment or inputs), 2 usage error, 3 the ledger cannot be written, "
+    "4 the server refuses the token (--server)"
 )
 
 
@@ -26,6 +27,41 @@ def _seconds(text: str) -> float:
     if not 0 < value < 1e6:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
     return value
+
+
+def _server_arguments(run: argparse.ArgumentParser) -> None:
+    server = run.add_argument_group(
+        "reporting to a server",
+        "Record the run in `trainguard serve` instead of the local ledger. The token is checked before the "
+        "launch; the job never sees it: its processes' events (the guard's, `trainguard sign` in it) go "
+        "through this supervisor, which spools every event and delivers it, idempotently, while the server "
+        "answers. Plain http only to a loopback host, unless TRAINGUARD_SERVER_ALLOW_HTTP=1.",
+    )
+    server.add_argument(
+        "--server",
+        metavar="URL",
+        help="the server's base URL, e.g. https://tg.example (env: TRAINGUARD_SERVER)",
+    )
+    server.add_argument(
+        "--server-token-file",
+        type=Path,
+        metavar="FILE",
+        help="a file (mode 600) holding the run's job token (env: TRAINGUARD_SERVER_TOKEN_FILE)",
+    )
+    server.add_argument(
+        "--run-id",
+        metavar="RUN",
+        help="the run's id (default: the job token's run, or a new one without a server); needed when "
+        "the server does not answer at launch",
+    )
+    server.add_argument(
+        "--flush-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="after the job, deliver for at most this long; the rest stays spooled for "
+        "`trainguard spool push` (default 30)",
+    )
 
 
 def add_commands(
@@ -92,5 +128,6 @@ def add_commands(
         metavar="SECONDS",
         help="after a signal to the supervisor, SIGKILL what is left of the job after this long (default 10)",
     )
+    _server_arguments(run)
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD", help="the job, after --")
     run.set_defaults(run=handler("trainguard.supervisor._run", "cmd_run"))

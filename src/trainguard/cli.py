@@ -16,6 +16,7 @@ from trainguard._cli_drill import add_commands as add_drill_commands
 from trainguard._cli_env import add_commands as add_env_commands
 from trainguard._cli_ledger import add_commands as add_ledger_commands
 from trainguard._cli_provenance import add_commands as add_provenance_commands
+from trainguard._cli_relay import add_commands as add_relay_commands
 from trainguard._cli_run import add_commands as add_run_commands
 from trainguard._cli_server import add_commands as add_server_commands
 from trainguard.errors import ExitCode, TrainguardError, UsageError
@@ -98,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     add_run_commands(commands, common)
     add_drill_commands(commands, common)
     add_server_commands(commands, common)
+    add_relay_commands(commands, common)
     return parser
 
 

@@ -86,7 +86,8 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-ALLOWED = {"errors", "ledger", "envcheck", "provenance", "_cli_common", "supervisor"}
+# relay: the spool and delivery of `run --server`, standard library only.
+ALLOWED = {"errors", "ledger", "envcheck", "provenance", "_cli_common", "supervisor", "relay"}
 ALLOWED_MONITOR = {"trainguard.monitor._heartbeat", "trainguard.monitor._signals"}
 
 

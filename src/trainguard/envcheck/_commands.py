@@ -19,7 +19,7 @@ from trainguard.envcheck._baseline import read_baseline, write_baseline
 from trainguard.envcheck._findings import EnvFinding
 from trainguard.envcheck._verify import EnvReport, Progress
 from trainguard.errors import ExitCode, UsageError, VerificationFailed
-from trainguard.ledger._record import record
+from trainguard.relay._record import record
 
 __all__ = ["EVENT_SNAPSHOT", "EVENT_VERIFY", "cmd_env_snapshot", "cmd_env_verify"]
 

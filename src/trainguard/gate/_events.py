@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trainguard.ledger._record import record
+from trainguard.relay._record import record
 
 __all__ = ["EVENT_SIGN", "EVENT_VERIFY", "provenance_payload", "record"]
 

@@ -54,7 +54,7 @@ from trainguard.monitor._offcpu import ChangePoint, OffCpuClock, own_elapsed_us,
 from trainguard.monitor._recompute import UpdateCheck, coverage
 from trainguard.monitor._sampler import SamplerWatch
 from trainguard.monitor._signals import SignalEvent, watch_signals
-from trainguard.monitor._sink import LedgerSink
+from trainguard.monitor._sink import open_sink
 from trainguard.monitor._tensors import tensors_in
 from trainguard.monitor._verdict import Failure, RankReport, decide, report_length, slow_ranks
 
@@ -148,7 +148,7 @@ class Guard:
         self._judge_data = True
         self._in_step = False
         self._summaries: list[list[Any]] = []
-        self._sink = LedgerSink(self.run_id) if config.ledger and self.rank == 0 else None
+        self._sink = open_sink(self.run_id) if config.ledger and self.rank == 0 else None
         self._closed = False
         self._active = True
         self._rollbacks = 0

@@ -11,16 +11,43 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from trainguard.errors import TrainguardError
 
-__all__ = ["LedgerSink"]
+if TYPE_CHECKING:
+    from trainguard.relay._sink import RelaySink
+
+__all__ = ["LedgerSink", "open_sink"]
 
 _LOG = logging.getLogger("trainguard.monitor")
 _STOP = object()
+
+
+def open_sink(run_id: str) -> LedgerSink | RelaySink:
+    """Where rank 0's events go: to the supervisor under `trainguard run --server` (the job holds no
+    token), to the server with $TRAINGUARD_SERVER and its token file, else to the ledger. Settings that
+    name half a server are a warning, and the events go nowhere rather than to the wrong place."""
+    from trainguard.relay._destination import server_settings
+    from trainguard.relay._jobsocket import ENV_EVENTS
+    from trainguard.relay._sink import RelaySink
+
+    if path := os.environ.get(ENV_EVENTS):
+        return RelaySink.to_supervisor(run_id, path)
+    try:
+        settings = server_settings()
+    except TrainguardError as exc:
+        return RelaySink(run_id, _raiser(exc))
+    return LedgerSink(run_id) if settings is None else RelaySink.to_server(run_id, settings)
+
+
+def _raiser(exc: TrainguardError) -> Callable[[], NoReturn]:
+    def fail() -> NoReturn:
+        raise exc
+
+    return fail
 
 
 class LedgerSink:

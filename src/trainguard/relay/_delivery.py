@@ -201,7 +201,7 @@ class Delivery:
                     return
             self._failed(answer.error or "unknown error")
             attempt += 1
-            self._sleep(self._backoff(attempt, answer.retry_after))
+            self._back_off(self._backoff(attempt, answer.retry_after))
 
     def _acknowledge(self, batch: list[SpooledEvent], answer: _Answer) -> None:
         seqs = [item.seq for item in batch if item.key in answer.acknowledged]
@@ -237,6 +237,13 @@ class Delivery:
     def _sleep(self, seconds: float) -> None:
         self._wake.wait(max(0.0, min(seconds, self._deadline - time.monotonic())))
         self._wake.clear()
+
+    def _back_off(self, seconds: float) -> None:
+        """Sleep through a backoff: a wake (the job put more events) does not cut it short, or a server
+        that answered 429 with Retry-After would be asked again at every training step."""
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0 and not self._past_deadline():
+            self._sleep(left)
 
     def _past_deadline(self) -> bool:
         return self._closing and time.monotonic() >= self._deadline

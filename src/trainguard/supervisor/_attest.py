@@ -26,6 +26,7 @@ __all__ = [
     "code_state",
     "config_state",
     "sign_attestation",
+    "unsigned",
     "verify_attestation",
     "world_size",
 ]
@@ -165,6 +166,12 @@ def sign_attestation(attestation: Mapping[str, Any], key: SigningKey) -> dict[st
         "key": key.verifier().text(),
         "key_id": key.ident,
     }
+
+
+def unsigned(attestation: Mapping[str, Any]) -> dict[str, Any]:
+    """The `run.attest` payload of a host without the ledger's key (reporting to a server): the same
+    fields, with no signature, so that no reader can take it for a signed one."""
+    return {"attestation": dict(attestation), "signature": None, "key": None, "key_id": None}
 
 
 def verify_attestation(payload: Mapping[str, Any], trusted: VerifierKey) -> bool:

@@ -5,6 +5,10 @@ the block, and so does the job (a block survives fork and exec): a signal to the
 its sigwaitinfo thread, which records the sender and stops the job; a signal to a job process is taken
 by that process's own `watch_signals` thread, or, if it has none, found pending by the watcher.
 Ledger events, all with the run id: run.attest, run.start, run.signal, run.rank_lost, run.exit, run.end.
+
+With --server, every event goes through the run's spool to `trainguard serve` instead (`_reporting`), and
+the job's own events (the guard's, its commands') come to the supervisor over a second socket: the job is
+never given the token.
 """
 
 from __future__ import annotations
@@ -27,16 +31,28 @@ from typing import Any
 from trainguard.errors import UsageError
 from trainguard.monitor._heartbeat import ENV_RUN_ID, ENV_SOCKET
 from trainguard.monitor._signals import CATCHABLE, signal_event
-from trainguard.supervisor._attest import build_attestation, code_state, config_state, sign_attestation
+from trainguard.relay._destination import SERVER_VARIABLES
+from trainguard.relay._jobsocket import ENV_EVENTS
+from trainguard.supervisor._attest import (
+    build_attestation,
+    code_state,
+    config_state,
+    sign_attestation,
+    unsigned,
+)
+from trainguard.supervisor._jobevents import JobEvents, event_socket
 from trainguard.supervisor._journal import Journal
 from trainguard.supervisor._preflight import Refused, check_environment, check_inputs
 from trainguard.supervisor._procs import JobProcesses, describe_wait_status, signal_name
+from trainguard.supervisor._reporting import ServerRefusedLaunch, open_journal
 from trainguard.supervisor._say import say
 from trainguard.supervisor._watch import Watcher
 
-__all__ = ["ENV_ENV_DIGEST", "ENV_SEED", "cmd_run"]
+__all__ = ["ENV_ENV_DIGEST", "ENV_SEED", "EXIT_SERVER_REFUSED", "cmd_run"]
 
 ENV_ENV_DIGEST = "TRAINGUARD_ENV_DIGEST"
+EXIT_SERVER_REFUSED = 4
+"""`trainguard run --server` did not launch: the server refuses the token."""
 ENV_SEED = "TRAINGUARD_SEED"
 _TERMINATING = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT})
 _TICK_S = 0.1
@@ -150,13 +166,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.baseline = None  # one from $TRAINGUARD_ENV_BASELINE: the check it is for is skipped
     config = config_state(Path(args.config) if args.config is not None else None)
     trusted = _trusted(args)
-    run_id = new_run_id()
-    journal = Journal(run_id)
+    try:
+        journal = open_journal(args, new_run_id)
+    except ServerRefusedLaunch as exc:
+        _say(exc.diagnostics())
+        return EXIT_SERVER_REFUSED
+    run_id = journal.run_id
     try:
         desk = _SignalDesk(journal, args.grace)
         return _run(args, command, run_id, journal, desk, config, trusted)
     finally:
-        journal.close()
+        journal.close(args.flush_timeout)
+        _report_delivery(journal)
+
+
+def _report_delivery(journal: Journal) -> None:
+    from trainguard.relay._outbox import leftover_message
+
+    if journal.delivery is not None and journal.outbox is not None:
+        message = leftover_message(journal.delivery, journal.outbox.spool_path, journal.run_id)
+        _say(message or f"every event of run {journal.run_id} reached the server")
 
 
 def _run(
@@ -191,7 +220,10 @@ def _run(
         environ=os.environ,
         run_id=run_id,
     )
-    journal.write_now("run.attest", sign_attestation(attestation, journal.signing_key()))
+    key = journal.signing_key()
+    if key is None:
+        _say("no ledger key on this host: the run attestation goes to the server unsigned")
+    journal.write_now("run.attest", sign_attestation(attestation, key) if key else unsigned(attestation))
     if desk.received:
         _say("a signal came before the launch: not launching")
         return 128 + desk.received[0]
@@ -217,8 +249,13 @@ def _launch(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the kernel names each datagram's sender
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
     sock.setblocking(False)
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if name not in SERVER_VARIABLES}
     env[ENV_RUN_ID] = run_id
+    events_sock = None
+    if journal.outbox is not None:
+        # The job's events come here: the token stays in this process.
+        events_sock = event_socket(str(Path(directory) / "events.sock"))
+        env[ENV_EVENTS] = events_sock.getsockname()
     env[ENV_SOCKET] = path
     env.pop(ENV_ENV_DIGEST, None)  # a digest from an outer run must not pass for this one's
     if digest is not None:
@@ -231,9 +268,14 @@ def _launch(
     except OSError as exc:
         journal.write("run.exit", {"pid": None, "cause": f"could not start: {exc.strerror or exc}"})
         sock.close()
+        if events_sock is not None:
+            events_sock.close()
         raise UsageError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
     job = JobProcesses(child.pid)
     journal.write("run.start", {"pid": child.pid, "command": command, "heartbeat": path})
+    events = JobEvents(events_sock, journal, job) if events_sock is not None else None
+    if events is not None:
+        events.start()
     watcher = Watcher(
         sock,
         journal,
@@ -263,6 +305,11 @@ def _launch(
         watcher.stop()
         child.wait()
         sock.close()
+        if events is not None:
+            events.stop()
+            journal.drain()  # the count of refused job events is final only once the queue is written
+        if events_sock is not None:
+            events_sock.close()
     journal.write(
         "run.end",
         {
@@ -272,6 +319,14 @@ def _launch(
             "datagrams": watcher.received,
             "datagrams_rejected": watcher.rejected,
             "signals_received": desk.received,
+            **(
+                {
+                    "job_events": events.received,
+                    "job_events_refused": events.refused + journal.job_events_refused,
+                }
+                if events is not None
+                else {}
+            ),
         },
     )
     return status
