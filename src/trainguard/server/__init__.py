@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         Scope,
         authorize,
     )
+    from trainguard.server._signature import SignatureInvalid, verify_webhook
     from trainguard.server._tokens import DEFAULT_LIFETIME, IssuedToken, TokenInfo, TokenStore
 
 __all__ = [
@@ -39,9 +40,11 @@ __all__ = [
     "IssuedToken",
     "NotAuthorized",
     "Scope",
+    "SignatureInvalid",
     "TokenInfo",
     "TokenStore",
     "authorize",
+    "verify_webhook",
 ]
 
 _HOMES = {
@@ -59,6 +62,7 @@ _HOMES = {
         "_access",
     ),
     **dict.fromkeys(("DEFAULT_LIFETIME", "IssuedToken", "TokenInfo", "TokenStore"), "_tokens"),
+    **dict.fromkeys(("SignatureInvalid", "verify_webhook"), "_signature"),
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _HOMES, globals())

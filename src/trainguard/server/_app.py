@@ -4,11 +4,14 @@ app = create_app("postgresql://db/ledger")   # or a SQLite path; None is the def
 
 POST /api/v1/runs/{run}/events    job token of that run, or admin: append a batch, idempotent by key
 GET  /api/v1/runs/{run}/events    viewer, admin: the run's events, one bounded window of the log at a time
+GET  /api/v1/whoami               any valid token: its id, scope, run and expiry (never its secret)
 GET  /checkpoint                  viewer, admin: the latest signed checkpoint note (https://c2sp.org/tlog-tiles)
 GET  /tile/<L>/<N>[.p/<W>]        viewer, admin: hash tiles, byte for byte what `ledger tiles DIR` writes
 GET  /tile/entries/<N>[.p/<W>]    viewer, admin: entry bundles
+GET  /metrics                     viewer, admin: Prometheus metrics (trainguard.server._metrics)
 GET  /openapi.json                viewer, admin: this API's description
 GET  /healthz                     anyone: ``{"status": "ok"}`` and nothing else
+GET  /ui/...                      viewer, admin (a cookie set by /ui/login): the dashboard (_dashboard.py)
 
 Every request reads the database afresh (tokens, keys, the tree): a process holds connections and nothing
 else, so any number of workers and hosts may share one PostgreSQL ledger.
@@ -24,11 +27,11 @@ without them. The primary key decides, never a check in the process.
 The key is unique per run, not globally: a job token can never make another run's event read as a
 duplicate by sending its key first.
 
-Why the OpenAPI description needs a viewer or admin token: the issue asks for every endpoint behind a token,
-the description tells an anonymous scanner which server this is, and whoever may use the API holds one (the
-same description ships in the package, for offline tools). /healthz alone is open, for load balancers, and
-says nothing but ok. FastAPI's HTML docs pages are off: they load scripts from a CDN, and this server sends
-no HTML at all.
+Why the OpenAPI description needs a viewer or admin token: every endpoint sits behind a token, the description
+tells an anonymous scanner which server this is, and whoever may use the API holds one (the same description
+is published as docs/openapi.json, for offline tools). /healthz alone is open, for load balancers, and says
+nothing but ok. FastAPI's HTML docs pages are off: they load scripts from a CDN; the only HTML this server
+sends is the dashboard's, under its own page policy.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from trainguard.errors import KeyFileError, StoreError, TrainguardError, UsageEr
 from trainguard.ledger._canonical import canonical_json
 from trainguard.ledger._events import EntryError, Event
 from trainguard.ledger._keys import ALG_ED25519, SigningKey
-from trainguard.ledger._ledger import Ledger, default_key_path
+from trainguard.ledger._ledger import Ledger, default_key_path, default_location
 from trainguard.ledger._tiles import (
     MAX_BUNDLED_ENTRY_BYTES,
     TILE_WIDTH,
@@ -68,13 +71,21 @@ from trainguard.ledger._tiles import (
 from trainguard.server._access import (
     Action,
     AuthenticationFailed,
-    AuthFailure,
     Identity,
     NotAuthorized,
     authorize,
 )
+from trainguard.server._appended import on_append
+from trainguard.server._dashboard import add_dashboard
 from trainguard.server._eventkeys import EventKeys, KeyConflict
+from trainguard.server._eventtypes import create_type_table, index_types
+from trainguard.server._metrics import CONTENT_TYPE as METRICS_TYPE
+from trainguard.server._metrics import CountRequests
+from trainguard.server._operations import Operations
+from trainguard.server._ratelimit import RateLimited, RateLimits
+from trainguard.server._sidetables import create_tables
 from trainguard.server._tokens import TokenStore
+from trainguard.server._webhook_sender import WebhookLimits
 
 __all__ = ["ServeLimits", "create_app", "open_server"]
 
@@ -143,21 +154,36 @@ class _Problem(Exception):
 class _Server:
     """What one worker process holds: connections to the ledger and its tokens, and the limits."""
 
-    def __init__(self, ledger: Ledger, tokens: TokenStore, keys: EventKeys, limits: ServeLimits) -> None:
+    def __init__(
+        self, ledger: Ledger, tokens: TokenStore, keys: EventKeys, limits: ServeLimits, ops: Operations
+    ) -> None:
         self.ledger = ledger
         self.tokens = tokens
         self.keys = keys
         self.limits = limits
+        self.ops = ops
+
+    def authenticate(self, token: str | None, address: str | None) -> Identity:
+        """The token's identity, within the rate limits (RateLimited: 429; AuthenticationFailed: 401)."""
+        return self.ops.authenticate(self.tokens, token, address)
 
     def close(self) -> None:
         try:
-            self.tokens.close()
+            self.ops.close()
         finally:
-            self.ledger.close()
+            try:
+                self.tokens.close()
+            finally:
+                self.ledger.close()
 
 
 def open_server(
-    location: str | Path | None, key_path: Path | None = None, limits: ServeLimits | None = None
+    location: str | Path | None,
+    key_path: Path | None = None,
+    limits: ServeLimits | None = None,
+    *,
+    rate_limits: RateLimits | None = None,
+    webhook_limits: WebhookLimits | None = None,
 ) -> _Server:
     """Open the ledger with its signing key, its tokens and the event key table (made when missing).
 
@@ -175,22 +201,42 @@ def open_server(
                 f"trainguard serve appends to {ledger.location}, so it needs the ledger's signing key",
                 hint="give it with --key FILE (env TRAINGUARD_LEDGER_KEY)",
             )
-        keys = EventKeys(ledger.store, key)
+        create_tables(ledger.store)  # webhooks, their outbox, counts, rate limits: beside the ledger
+        create_type_table(ledger.store)  # the dashboard's index of each run's events by type
+        # The hook writes each event's count and webhook outbox rows in the append's own transaction.
+        keys = EventKeys(ledger.store, key, hooks=[on_append, index_types])
         tokens = TokenStore.open(location)
+        try:
+            ops = Operations.open(
+                location if location is not None else default_location(),
+                rate_limits or RateLimits(),
+                webhook_limits or WebhookLimits(),
+            )
+        except BaseException:
+            tokens.close()
+            raise
     except BaseException:
         ledger.close()
         raise
-    return _Server(ledger, tokens, keys, limits or ServeLimits())
+    return _Server(ledger, tokens, keys, limits or ServeLimits(), ops)
 
 
 def create_app(
-    store_location: str | Path | None, *, key_path: Path | None = None, limits: ServeLimits | None = None
+    store_location: str | Path | None,
+    *,
+    key_path: Path | None = None,
+    limits: ServeLimits | None = None,
+    rate_limits: RateLimits | None = None,
+    webhook_limits: WebhookLimits | None = None,
 ) -> FastAPI:
     """The ASGI app serving the ledger at `store_location` (None: the default ledger)."""
-    server = open_server(store_location, key_path, limits)
+    server = open_server(
+        store_location, key_path, limits, rate_limits=rate_limits, webhook_limits=webhook_limits
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        server.ops.start()  # this worker's webhook delivery loop
         try:
             yield
         finally:
@@ -208,9 +254,11 @@ def create_app(
     )
     app.state.server = server
     app.add_middleware(_SecurityHeaders)
+    app.add_middleware(CountRequests, metrics=server.ops.metrics)  # outermost: sees every answer's status
     app.add_exception_handler(_Problem, _problem_answer)  # type: ignore[arg-type]
     app.add_exception_handler(AuthenticationFailed, _unauthenticated)  # type: ignore[arg-type]
     app.add_exception_handler(NotAuthorized, _forbidden)  # type: ignore[arg-type]
+    app.add_exception_handler(RateLimited, _rate_limited)  # type: ignore[arg-type]
     app.add_exception_handler(StoreError, _store_failed)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _bad_request)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
@@ -222,34 +270,93 @@ def create_app(
         methods=["POST"],
         summary="Append a batch of events to a run, idempotently by key",
         openapi_extra={"requestBody": _REQUEST_BODY},
-        responses=_responses(200, 400, 401, 403, 408, 409, 413, 503),
+        # 404: a run id with a line break matches no route (the path converter stops at one).
+        responses=_responses(200, 400, 401, 403, 404, 408, 409, 413, 503),
     )
     app.add_api_route(
         events,
         _get_events,
         methods=["GET"],
         summary="The run's events in one window of the log",
-        responses=_responses(200, 400, 401, 403, 503),
+        responses=_responses(200, 400, 401, 403, 404, 503),
     )
     app.add_api_route(
         "/checkpoint",
         _get_checkpoint,
         methods=["GET"],
         summary="The latest signed checkpoint (C2SP tlog-checkpoint note)",
-        responses=_responses(200, 401, 403, 404, 503),
+        response_class=Response,
+        responses={
+            **_responses(401, 403, 404, 503),
+            200: {"description": "the signed note", "content": {"text/plain": {}}},
+        },
     )
     app.add_api_route(
         "/tile/{path:path}",
         _get_tile,
         methods=["GET"],
         summary="A hash tile or entry bundle (C2SP tlog-tiles)",
-        responses=_responses(200, 401, 403, 404, 503),
+        response_class=Response,
+        responses={
+            **_responses(401, 403, 404, 503),
+            200: {"description": "the tile's bytes", "content": {"application/octet-stream": {}}},
+        },
+    )
+    app.add_api_route(
+        "/api/v1/whoami",
+        _get_whoami,
+        methods=["GET"],
+        summary="The token's id, scope, run and expiry: a job checks it before it starts",
+        responses=_responses(200, 401, 503),
+    )
+    app.add_api_route(
+        "/metrics",
+        _get_metrics,
+        methods=["GET"],
+        summary="Prometheus metrics (text format 0.0.4): ledger, events, webhooks, requests, rate limits",
+        response_class=Response,
+        responses={
+            **_responses(401, 403, 503),
+            200: {"description": "the metrics", "content": {METRICS_TYPE.split(";")[0]: {}}},
+        },
     )
     app.add_api_route("/openapi.json", _get_openapi, methods=["GET"], include_in_schema=False)
     app.add_api_route("/healthz", _healthz, methods=["GET"], summary="Liveness: says ok")
+    add_dashboard(app)
     return app
 
 
+_SAFE_INT = {"type": "integer", "minimum": -(2**53 - 1), "maximum": 2**53 - 1}
+# What Event.from_canonical accepts, so clients (and fuzzers) can tell a valid event from the description.
+_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "a ledger event, at most 65535 bytes as RFC 8785 JSON; run_id is the run the URL names",
+    "required": ["type", "time", "actor", "run_id", "rank", "payload"],
+    "additionalProperties": False,
+    "properties": {
+        "type": {"type": "string", "minLength": 1},
+        "time": {
+            "type": "string",
+            "description": "RFC 3339 UTC with microseconds: 2026-11-27T23:35:08.123456Z",
+            "pattern": r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+            r"T([01][0-9]|2[0-3])(:[0-5][0-9]){2}\.[0-9]{6}Z$",
+        },
+        "actor": {
+            "type": "object",
+            "required": ["user", "uid", "host", "pid"],
+            "additionalProperties": False,
+            "properties": {
+                "user": {"type": "string"},
+                "uid": _SAFE_INT,
+                "host": {"type": "string"},
+                "pid": _SAFE_INT,
+            },
+        },
+        "run_id": {"type": "string", "minLength": 1},
+        "rank": {"type": ["integer", "null"], "minimum": 0, "maximum": 2**53 - 1},
+        "payload": {"type": "object"},
+    },
+}
 _REQUEST_BODY: dict[str, Any] = {
     "required": True,
     "content": {
@@ -267,8 +374,9 @@ _REQUEST_BODY: dict[str, Any] = {
                             "required": ["key", "event"],
                             "additionalProperties": False,
                             "properties": {
-                                "key": {"type": "string", "pattern": _KEY.pattern},
-                                "event": {"type": "object", "description": "a ledger event (RFC 8785 JSON)"},
+                                # Anchored: a JSON Schema pattern matches anywhere in the string.
+                                "key": {"type": "string", "pattern": f"^{_KEY.pattern}$"},
+                                "event": _EVENT_SCHEMA,
                             },
                         },
                     }
@@ -289,9 +397,12 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         408: "the body came too slowly",
         409: "a key the run already holds came with other content; nothing was appended",
         413: "the body, an event or the batch is too large",
+        429: "too many requests from this token or client address; retry after Retry-After seconds",
         503: "the ledger store is unavailable; retry",
     }
-    return {code: {"description": text[code]} for code in codes}
+    # Whatever needs a token is rate limited too (per token, and failures per client address).
+    answers = (*codes, 429) if 401 in codes and 429 not in codes else codes
+    return {code: {"description": text[code]} for code in answers}
 
 
 # Dependencies
@@ -307,10 +418,10 @@ def _server(request: Request) -> _Server:
 
 
 def _identity(request: Request, credentials: _Credentials) -> Identity:
-    """The token's identity (a sync dependency, so FastAPI runs the database read in a thread)."""
-    if credentials is None:  # no Authorization header, or not a Bearer one
-        raise AuthenticationFailed(AuthFailure.MALFORMED)
-    return _server(request).tokens.authenticate(credentials.credentials)
+    """The token's identity (a sync dependency, so FastAPI runs the database reads in a thread), within the
+    rate limits. No Authorization header, or not a Bearer one, is a failed authentication."""
+    token = None if credentials is None else credentials.credentials
+    return _server(request).authenticate(token, request.client.host if request.client else None)
 
 
 _Who = Annotated[Identity, Depends(_identity)]
@@ -329,6 +440,20 @@ _Reader = Annotated[Identity, Depends(_reader)]
 
 async def _healthz() -> Response:
     return JSONResponse({"status": "ok"})
+
+
+def _get_whoami(request: Request, who: _Who) -> Response:
+    # Sync: FastAPI runs it in a thread, as the database read needs.
+    info = _server(request).tokens.get(who.token_id)
+    expires = info.expires_at.isoformat().replace("+00:00", "Z") if info and info.expires_at else None
+    return JSONResponse(
+        {"token_id": who.token_id, "scope": who.scope.value, "run": who.run, "expires_at": expires}
+    )
+
+
+async def _get_metrics(request: Request, who: _Reader) -> Response:
+    text = await run_in_threadpool(_server(request).ops.metrics_text)
+    return Response(text.encode("utf-8"), media_type=METRICS_TYPE)
 
 
 async def _get_openapi(request: Request, who: _Reader) -> Response:
@@ -515,9 +640,15 @@ _MAX_SAFE_INT = 2**53 - 1
 
 
 def _json_int(text: str) -> int | float:
-    # As the ledger reads entries: RFC 8785 writes large doubles such as 1e16 in integer form.
+    # As the ledger reads entries: RFC 8785 writes large doubles such as 1e16 in integer form. An integer
+    # that no double holds exactly (2**64 + 1) is refused: the ledger would keep another number than sent.
     value = int(text)
-    return value if abs(value) <= _MAX_SAFE_INT else float(text)
+    if abs(value) <= _MAX_SAFE_INT:
+        return value
+    number = float(text)
+    if number != value:  # exact: Python compares an int and a float by value
+        raise ValueError("an integer beyond 2**53 that no double holds exactly")
+    return number
 
 
 # Answers
@@ -536,6 +667,16 @@ async def _unauthenticated(request: Request, exc: AuthenticationFailed) -> Respo
     # (and the token's id, named only once its secret matched) goes to the log, the token never does.
     _LOG.warning("refused %s %s: %s", request.method, request.url.path, exc.message)
     return _json(401, _UNAUTHENTICATED, _AUTH_CHALLENGE)
+
+
+async def _rate_limited(request: Request, exc: RateLimited) -> Response:
+    # Generic on purpose: neither the limit nor the count, nor whose; the reason goes to the log.
+    _LOG.warning("rate limited %s %s: %s", request.method, request.url.path, exc)
+    return _json(
+        429,
+        {"error": "rate_limited", "message": "too many requests; retry later"},
+        {"Retry-After": str(exc.retry_after)},
+    )
 
 
 async def _forbidden(request: Request, exc: NotAuthorized) -> Response:
@@ -580,7 +721,7 @@ class _SecurityHeaders:
                 started = True
                 headers = MutableHeaders(scope=message)
                 for name, value in _SECURITY_HEADERS:
-                    headers[name] = value
+                    headers.setdefault(name, value)  # a page sets its own Content-Security-Policy
                 if "cache-control" not in headers:
                     headers["Cache-Control"] = "no-store"
             await send(message)

@@ -14,14 +14,26 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["ENV_KEY", "ENV_STORE", "app"]
+__all__ = ["ENV_KEY", "ENV_RATE_LIMITS", "ENV_STORE", "ENV_WEBHOOKS", "app"]
 
 ENV_STORE = "TRAINGUARD_LEDGER"
 ENV_KEY = "TRAINGUARD_LEDGER_KEY"
+# JSON of RateLimits and WebhookLimits, set by `trainguard serve` from its flags.
+ENV_RATE_LIMITS = "TRAINGUARD_SERVE_RATE_LIMITS"
+ENV_WEBHOOKS = "TRAINGUARD_SERVE_WEBHOOKS"
 
 
 def app() -> FastAPI:
     from trainguard.server._app import create_app
+    from trainguard.server._ratelimit import RateLimits
+    from trainguard.server._webhook_sender import WebhookLimits
 
     key = os.environ.get(ENV_KEY) or None
-    return create_app(os.environ.get(ENV_STORE) or None, key_path=None if key is None else Path(key))
+    rates = os.environ.get(ENV_RATE_LIMITS)
+    hooks = os.environ.get(ENV_WEBHOOKS)
+    return create_app(
+        os.environ.get(ENV_STORE) or None,
+        key_path=None if key is None else Path(key),
+        rate_limits=None if rates is None else RateLimits.from_env(rates),
+        webhook_limits=None if hooks is None else WebhookLimits.from_env(hooks),
+    )

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
+import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainguard.errors import ExitCode, MissingExtraError, UsageError
-from trainguard.server._asgi import ENV_KEY, ENV_STORE
+from trainguard.server._asgi import ENV_KEY, ENV_RATE_LIMITS, ENV_STORE, ENV_WEBHOOKS
+
+if TYPE_CHECKING:
+    from trainguard.server._ratelimit import RateLimits
+    from trainguard.server._webhook_sender import WebhookLimits
 
 __all__ = ["cmd_serve"]
 
@@ -27,6 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from trainguard.server._app import open_server
 
     tls = _tls_files(args)
+    rate_limits, webhook_limits = _limits(args)
 
     # Fail here, with the command line's message and exit code, rather than in every worker: this also
     # makes the default key of a new default ledger, and the event key table, once.
@@ -38,6 +47,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ[ENV_STORE] = str(args.store)
     if args.key is not None:
         os.environ[ENV_KEY] = str(args.key.resolve())
+    os.environ[ENV_RATE_LIMITS] = rate_limits.to_env()
+    os.environ[ENV_WEBHOOKS] = webhook_limits.to_env()
+    if tls is None and not _is_loopback(args.host):
+        sys.stderr.write(_PLAIN_HTTP_WARNING.format(host=args.host))
     scheme = "https" if tls else "http"
     sys.stderr.write(
         f"trainguard: serving {location} on {scheme}://{args.host}:{args.port} with {args.workers} "
@@ -62,6 +75,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return int(ExitCode.CLEAN)
 
 
+_PLAIN_HTTP_WARNING = (
+    "trainguard: WARNING: serving plain HTTP on {host}, which is not a loopback address: bearer tokens and "
+    "every event cross the network unencrypted, for anyone on the path to read and replay. Give --tls-cert "
+    "and --tls-key, or listen on 127.0.0.1 behind a reverse proxy that terminates TLS.\n"
+)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` listens only on this machine; a name other than localhost may resolve anywhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _limits(args: argparse.Namespace) -> tuple[RateLimits, WebhookLimits]:
+    """The rate limits and webhook settings of the flags; UsageError before any worker starts."""
+    from trainguard.server._ratelimit import RateLimits
+    from trainguard.server._webhook_sender import WebhookLimits
+
+    rates = RateLimits(
+        job=args.rate_job, reader=args.rate_reader, failures=args.rate_failures, window_s=args.rate_window
+    )
+    hooks = WebhookLimits(
+        attempts=args.webhook_attempts,
+        backoff_s=args.webhook_backoff,
+        backoff_cap_s=max(600.0, args.webhook_backoff),
+        answer_timeout_s=args.webhook_timeout,
+    )
+    return rates, hooks
+
+
 def _tls_files(args: argparse.Namespace) -> tuple[Path, Path] | None:
     """The certificate and key files, both readable; None for plain HTTP. UsageError when only one is
     given or one cannot be read, before any worker starts."""
@@ -83,18 +130,40 @@ def _check_readable(flag: str, path: Path) -> None:
         raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
+# Anything shaped like a token, whole or cut short: the public id stays, for whoever reads the log.
+_TOKEN_TEXT = re.compile(r"tgs_(tg_[0-9a-f]{8})?[A-Za-z0-9_-]*")
+
+
+def _redact(text: str) -> str:
+    return _TOKEN_TEXT.sub(lambda m: f"tgs_{m[1]}_[redacted]" if m[1] else "tgs_[redacted]", text)
+
+
+class _RedactTokens(logging.Filter):
+    """Replaces token secrets in a record's message and arguments (uvicorn's access log formats its
+    arguments itself, so they are redacted one by one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = _redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
 def _log_config() -> dict[str, object]:
     stream = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
     return {
         "version": 1,
         "disable_existing_loggers": False,
+        # A client that puts its token in a URL (a query, a run id) would otherwise have it logged.
+        "filters": {"no_tokens": {"()": _RedactTokens}},
         "formatters": {
             "default": {"format": "%(asctime)s %(name)s %(levelname)s %(message)s"},
             "access": {"()": "uvicorn.logging.AccessFormatter", "fmt": _ACCESS_FORMAT, "use_colors": False},
         },
         "handlers": {
-            "default": {**stream, "formatter": "default"},
-            "access": {**stream, "formatter": "access"},
+            "default": {**stream, "formatter": "default", "filters": ["no_tokens"]},
+            "access": {**stream, "formatter": "access", "filters": ["no_tokens"]},
         },
         "loggers": {
             "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
