@@ -12,7 +12,7 @@ TORCH_STAMP := $(VENV)/.installed-torch
 DEMO_STAMP := $(VENV)/.installed-demo
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: dev demo test lint typecheck unit reformat clean differential
+.PHONY: dev demo test lint typecheck unit reformat clean differential bench-server
 
 $(BIN)/python:
 	@echo "make: creating the virtual environment $(VENV)"
@@ -72,3 +72,8 @@ clean:
 differential: dev
 	TRAINGUARD_FUZZ_SAMPLES=$${TRAINGUARD_FUZZ_SAMPLES:-20000} $(BIN)/python -m pytest -q -s -p no:cacheprovider \
 	  tests/attacks/test_differential.py -k fuzzed
+
+# `trainguard serve` under 64 reporting jobs for 60 s, and killed and restarted mid-run (bench/README.md);
+# needs PostgreSQL on 127.0.0.1:5432. BENCH_FLAGS=--quick for a smoke run.
+bench-server: dev
+	$(BIN)/python bench/server/run.py --markdown-out bench/out/server-results.md $(BENCH_FLAGS)
