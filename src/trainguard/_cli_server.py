@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trainguard._argtypes import handler, non_negative_int, positive_int
+from trainguard._cli_webhook import add_serve_flags, add_webhook_commands
 
 _EPILOG = "exit codes: 0 done, 2 usage error (bad flags, unknown token id), 3 the store could not be used"
 _SERVE_EPILOG = (
@@ -29,7 +30,7 @@ def add_commands(
     server = commands.add_parser(
         "server",
         parents=[common],
-        help="administer the trainguard server: access tokens",
+        help="administer the trainguard server: access tokens, webhooks",
         description="Administer what `trainguard serve` trusts. Its tokens live beside the ledger, in the "
         "same SQLite file or PostgreSQL schema, so every worker and host that shares the ledger shares them.",
         epilog=_EPILOG,
@@ -55,6 +56,7 @@ def add_commands(
     _add_create(actions, [common, store])
     _add_list(actions, [common, store])
     _add_revoke(actions, [common, store])
+    add_webhook_commands(areas, [common, store])
     _add_serve(commands, [common, store])
 
 
@@ -94,6 +96,7 @@ def _add_serve(
         "X-Forwarded-Proto are believed (default 127.0.0.1; '*' believes anyone: never on an open port)",
     )
     serve.add_argument("--no-access-log", action="store_true", help="do not log each request line")
+    add_serve_flags(serve)
     serve.set_defaults(run=_run("cmd_serve", "trainguard.server._serve"))
 
 
