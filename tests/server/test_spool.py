@@ -381,3 +381,19 @@ def test_default_path_is_per_run_under_home(tmp_path: Path, monkeypatch: pytest.
     with Spool.open("a/b") as spool:
         assert spool.path == one
     assert one.exists()
+
+
+def test_closing_cuts_a_long_backoff_short_once_so_a_server_back_by_then_gets_everything(
+    spool: Spool, server: Server
+) -> None:
+    port = _free_port()
+    # After one failure the backoff is drawn between 20 and 80 s: far longer than the close below.
+    slow = DeliveryLimits(timeout_s=2.0, backoff_base_s=40.0, backoff_cap_s=120.0, poll_s=0.05)
+    delivery = Delivery(spool, f"http://127.0.0.1:{port}", TOKEN, limits=slow)
+    for i in range(10):
+        spool.put(_event(i))
+    _wait(lambda: delivery.report().failed_tries >= 1, "a failed try against a closed port")
+    server.start(port=port)
+    report = delivery.close(timeout=8.0)
+    assert (report.delivered, report.remaining) == (10, 0), report
+    assert server.steps() == list(range(10))

@@ -53,13 +53,15 @@ _READ_CHUNK = 64 << 10
 @dataclasses.dataclass(frozen=True)
 class DeliveryLimits:
     """Sizes and times of delivery. Defaults: 10 s per network operation (and per answer), batches of at
-    most 500 events or 4 MiB, backoff from 0.5 s doubling to a 60 s cap, answers of at most 1 MiB."""
+    most 500 events or 4 MiB, backoff from 0.5 s doubling to a 15 s cap, answers of at most 1 MiB."""
 
     timeout_s: float = 10.0
     batch_events: int = 500
     batch_bytes: int = 4 << 20
     backoff_base_s: float = 0.5
-    backoff_cap_s: float = 60.0
+    # A restarted server is found within 15 s; with thousands of jobs and full jitter that is still only
+    # a few hundred tries a second against a server that is down.
+    backoff_cap_s: float = 15.0
     max_response_bytes: int = 1 << 20
     poll_s: float = 1.0
     rejections_before_stop: int = 3
@@ -115,6 +117,7 @@ class Delivery:
         self._auth = f"Bearer {token}"
         self._wake = threading.Event()
         self._closing = False
+        self._cut_at_close = False
         self._deadline = float("inf")
         self._delivered = 0
         self._duplicates = 0
@@ -155,7 +158,7 @@ class Delivery:
         in the spool (it stays there, for the next Delivery on the same file)."""
         self._deadline = time.monotonic() + max(0.0, timeout)
         self._closing = True
-        self._wake.set()
+        self._wake.set()  # a backoff that no Retry-After asked for is cut short once: one more try now
         # A request in flight may outlive the deadline by one network timeout; the thread is a daemon.
         self._thread.join(max(0.0, timeout) + self.limits.timeout_s)
         report = self.report()
@@ -201,7 +204,7 @@ class Delivery:
                     return
             self._failed(answer.error or "unknown error")
             attempt += 1
-            self._back_off(self._backoff(attempt, answer.retry_after))
+            self._back_off(self._backoff(attempt, answer.retry_after), asked=answer.retry_after is not None)
 
     def _acknowledge(self, batch: list[SpooledEvent], answer: _Answer) -> None:
         seqs = [item.seq for item in batch if item.key in answer.acknowledged]
@@ -238,12 +241,16 @@ class Delivery:
         self._wake.wait(max(0.0, min(seconds, self._deadline - time.monotonic())))
         self._wake.clear()
 
-    def _back_off(self, seconds: float) -> None:
+    def _back_off(self, seconds: float, *, asked: bool) -> None:
         """Sleep through a backoff: a wake (the job put more events) does not cut it short, or a server
-        that answered 429 with Retry-After would be asked again at every training step."""
+        that answered 429 with Retry-After would be asked again at every training step. Closing does, once,
+        unless the server `asked` for the wait: the job is ending, and the server may be back by now."""
         until = time.monotonic() + seconds
         while (left := until - time.monotonic()) > 0 and not self._past_deadline():
             self._sleep(left)
+            if self._closing and not asked and not self._cut_at_close:
+                self._cut_at_close = True
+                return
 
     def _past_deadline(self) -> bool:
         return self._closing and time.monotonic() >= self._deadline
