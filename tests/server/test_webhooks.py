@@ -502,3 +502,47 @@ def test_deliveries_of_a_removed_webhook_are_marked_failed_not_dropped(tmp_path:
         assert [(r.state, r.last_error) for r in rows] == [("failed", "the webhook was removed")]
     finally:
         db.close()
+
+
+def test_a_run_flooding_alerts_pages_at_most_the_limit_and_one_notice_until_its_backlog_drains(
+    tmp_path: Path, location: str
+) -> None:
+    from trainguard.server._appended import MAX_PENDING_PER_RUN, SUPPRESSED
+
+    ledger, key = _ledger(tmp_path, location)
+    try:
+        add_webhook(
+            ledger.store,
+            "https://alerts.example/hook",
+            SECRET,
+            EventFilter("alerts"),
+            label="",
+            created_by="t",
+        )
+        keys = EventKeys(ledger.store, key, hooks=[on_append])
+
+        def alerts(run: str, first: int, n: int) -> list[tuple[str, bytes]]:
+            return [(f"k/{i}", event(run, "monitor.alert", i=i)) for i in range(first, first + n)]
+
+        def outbox(run: str) -> list[tuple[str, str]]:
+            rows = ledger.store.read(
+                f"SELECT state, event FROM {OUTBOX} WHERE run = ? ORDER BY ledger_index", (run,)
+            )
+            return [(str(state), json.loads(bytes(data))["type"]) for state, data in rows]
+
+        keys.append("flood", alerts("flood", 0, MAX_PENDING_PER_RUN + 50), "tg_00000000")
+        keys.append("flood", alerts("flood", MAX_PENDING_PER_RUN + 50, 10), "tg_00000000")
+        queued = outbox("flood")
+        assert [kind for _, kind in queued] == ["monitor.alert"] * MAX_PENDING_PER_RUN + [SUPPRESSED]
+        assert ledger.size == MAX_PENDING_PER_RUN + 60  # every alert is in the ledger all the same
+        # Another run is not held back by the flooding one.
+        keys.append("quiet", alerts("quiet", 0, 1), "tg_00000000")
+        assert outbox("quiet") == [("pending", "monitor.alert")]
+        # Once deliveries drain, the run's next alerts are sent again.
+        ledger.store.transaction(
+            lambda tx: tx.execute(f"UPDATE {OUTBOX} SET state = 'delivered' WHERE run = ?", ("flood",))
+        )
+        keys.append("flood", alerts("flood", 1000, 2), "tg_00000000")
+        assert [kind for state, kind in outbox("flood") if state == "pending"] == ["monitor.alert"] * 2
+    finally:
+        ledger.close()

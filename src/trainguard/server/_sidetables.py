@@ -59,6 +59,7 @@ _SCHEMA = (
     " attempts {int} NOT NULL DEFAULT 0, next_at {real} NOT NULL, lease_until {real},"
     " last_error {text}, created_at {real} NOT NULL, done_at {real}, UNIQUE (webhook_id, ledger_index))",
     f"CREATE INDEX IF NOT EXISTS {OUTBOX}_due ON {OUTBOX} (state, next_at)",
+    f"CREATE INDEX IF NOT EXISTS {OUTBOX}_run ON {OUTBOX} (run, state, webhook_id)",
     f"CREATE TABLE IF NOT EXISTS {COUNTS} (type {{text}} PRIMARY KEY, events {{int}} NOT NULL)",
     f"CREATE TABLE IF NOT EXISTS {LIMITS} (bucket {{text}} NOT NULL, window_start {{int}} NOT NULL,"
     " hits {int} NOT NULL, PRIMARY KEY (bucket, window_start))",
