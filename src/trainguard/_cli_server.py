@@ -15,6 +15,11 @@ from trainguard._cli_webhook import add_serve_flags, add_webhook_commands
 
 _EPILOG = "exit codes: 0 done, 2 usage error (bad flags, unknown token id), 3 the store could not be used"
 _SERVE_EPILOG = (
+    "For a cluster: one PostgreSQL database for every worker and host, e.g. trainguard serve --store "
+    "'postgresql://trainguard@db/evidence' --key /etc/trainguard/ledger.key --host 0.0.0.0 --workers 4 "
+    "--tls-cert cert.pem --tls-key key.pem; tokens with 'trainguard server token create' (a job token per "
+    "run, for 'trainguard run --server'); back up with pg_dump or continuous archiving, and keep the key "
+    "offline too (README: Running it for a cluster). "
     "exit codes: 0 stopped cleanly, 2 usage error (bad flags, no signing key, the server extra missing), "
     "3 the store could not be used"
 )
@@ -68,8 +73,10 @@ def _add_serve(
         parents=parents,
         help="run the HTTP server jobs report to and viewers read the ledger from",
         description="Serve the ledger over HTTP (needs the server extra: pip install 'trainguard[server]'): "
-        "jobs POST events with a job token, viewers read the log as C2SP tlog-tiles; every endpoint but "
-        "/healthz needs a token from 'trainguard server token create'. Workers and hosts may share one "
+        "jobs POST events with a job token ('trainguard run --server'), people read runs, plots, alerts and "
+        "in-page verified proofs on the dashboard at /ui/, auditors read the log as C2SP tlog-tiles, "
+        "Prometheus reads /metrics, alerts go out as signed webhooks; every endpoint but /healthz needs a "
+        "token from 'trainguard server token create'. Workers and hosts may share one "
         "PostgreSQL ledger: they keep no state of their own. Serve TLS itself (--tls-cert, --tls-key) or "
         "behind a reverse proxy that does (--forwarded-allow-ips names the proxy).",
         epilog=_SERVE_EPILOG,
