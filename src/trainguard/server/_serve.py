@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,7 +136,18 @@ _TOKEN_TEXT = re.compile(r"tgs_(tg_[0-9a-f]{8})?[A-Za-z0-9_-]*")
 
 
 def _redact(text: str) -> str:
-    return _TOKEN_TEXT.sub(lambda m: f"tgs_{m[1]}_[redacted]" if m[1] else "tgs_[redacted]", text)
+    redacted = _TOKEN_TEXT.sub(_hide_secret, text)
+    if "%" not in redacted:
+        return redacted
+    # A token percent-encoded in a URL (tgs%5Ftg_..., or every character escaped) hides from the pattern:
+    # look again at the decoded text, and log that one when it held a token.
+    decoded = urllib.parse.unquote(redacted, errors="replace")
+    hidden = _TOKEN_TEXT.sub(_hide_secret, decoded)
+    return hidden if hidden != decoded else redacted
+
+
+def _hide_secret(match: re.Match[str]) -> str:
+    return f"tgs_{match[1]}_[redacted]" if match[1] else "tgs_[redacted]"
 
 
 class _RedactTokens(logging.Filter):
