@@ -7,14 +7,9 @@ run as real processes through `python -m trainguard run`; events are read back t
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +19,8 @@ from urllib.parse import quote
 import pytest
 
 from tests.ledger.conftest import PG_URL, pg_schema, with_query
+from tests.server import serve_process
+from tests.server.serve_process import LEDGER_VARIABLES, Serve, free_port, home_env, make_token
 from trainguard.ledger import SigningKey
 
 pytest.importorskip("fastapi")
@@ -35,85 +32,25 @@ _SERVER_VARIABLES = ("TRAINGUARD_SERVER", "TRAINGUARD_SERVER_TOKEN_FILE", "TRAIN
 
 
 def cli(home: Path, *args: str, timeout: float = PATIENCE_S, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trainguard", *args],
-        capture_output=True,
-        text=True,
-        env=clean_env(home, **env),
-        timeout=timeout,
-        check=False,
-    )
+    return serve_process.cli(home, *args, env=clean_env(home, **env), timeout=timeout)
 
 
 def clean_env(home: Path, **env: str) -> dict[str, str]:
-    out = {**os.environ, "TRAINGUARD_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    for name in ("TRAINGUARD_LEDGER", "TRAINGUARD_LEDGER_KEY", "TRAINGUARD_RUN_ID", *_SERVER_VARIABLES):
-        out.pop(name, None)
-    return {**out, **env}
+    drop = (*LEDGER_VARIABLES, "TRAINGUARD_RUN_ID", *_SERVER_VARIABLES)
+    return home_env(home, drop=drop, extra={"OMP_NUM_THREADS": "1", **env})
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Serve:
-    """`trainguard serve` on `port`, as a process; stopped and started again at will."""
-
-    def __init__(self, home: Path, store: str, port: int) -> None:
-        self.home = home
-        self.store = store
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.key = home / "keys" / "serve.key"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = home / f"serve-{port}.log"
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "trainguard", "serve", "--store", self.store),
-                    *("--key", str(self.key), "--port", str(self.port)),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=clean_env(self.home),
-            )
-        deadline = time.monotonic() + PATIENCE_S
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"trainguard serve exited {self.proc.returncode}: {self.output()}")
-            with contextlib.suppress(OSError):
-                if self.request("GET", "/healthz")[0] == 200:
-                    return
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"trainguard serve did not answer: {self.output()}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def request(self, method: str, path: str, token: str | None = None) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            conn.request(method, path, headers=headers)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
+def serve(home: Path, store: str, port: int) -> Serve:
+    """`trainguard serve` on `port`, not started; stopped and started again at will, with one log."""
+    return Serve.command(
+        home,
+        store,
+        home / "keys" / "serve.key",
+        port=port,
+        env=clean_env(home),
+        append=True,
+        deadline_s=PATIENCE_S,
+    )
 
 
 @dataclass
@@ -134,9 +71,9 @@ class Deployment:
         start: int | None = 0
         while start is not None:
             path = f"/api/v1/runs/{quote(run, safe='')}/events?start={start}&limit=1000"
-            status, body = self.server.request("GET", path, self.viewer)
-            assert status == 200, body
-            doc = json.loads(body)
+            answer = self.server.request("GET", path, token=self.viewer)
+            assert answer.status == 200, answer.body
+            doc = json.loads(answer.body)
             found.extend(item["event"] for item in doc["events"])
             start = doc["next"]
         return found
@@ -156,9 +93,7 @@ class Deployment:
 
 
 def _token(home: Path, store: str, *args: str) -> str:
-    done = cli(home, "server", "token", "create", "--store", store, *args)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
+    return make_token(home, store, *args, env=clean_env(home))
 
 
 def token_file(folder: Path, name: str, token: str, mode: int = 0o600) -> Path:
@@ -190,7 +125,7 @@ def deployment(tmp_path: Path, store: str | None, *, start: bool = True) -> Iter
         "viewer": token_file(tokens, "viewer", viewer),
         "unknown": token_file(tokens, "unknown", unknown),
     }
-    server = Serve(server_home, store, free_port())
+    server = serve(server_home, store, free_port())
     if start:
         server.start()
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.relay.conftest import free_port
+from tests.server.serve_process import free_port
 from trainguard.ledger import Event, new_event
 from trainguard.relay._jobsocket import EventRefused, EventSender
 from trainguard.relay._outbox import Outbox

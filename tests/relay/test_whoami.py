@@ -13,16 +13,16 @@ from trainguard.relay._whoami import ServerRefused, ServerUnreachable, whoami
 
 def test_whoami_tells_a_job_token_s_run_and_expiry_and_refuses_the_rest(tmp_path: Path) -> None:
     with deployment(tmp_path, None) as d:
-        status, body = d.server.request("GET", "/api/v1/whoami", d.job_token)
-        assert status == 200
-        doc = json.loads(body)
+        answer = d.server.request("GET", "/api/v1/whoami", token=d.job_token)
+        assert answer.status == 200
+        doc = json.loads(answer.body)
         assert doc["token_id"] == d.job_token[4:15] and doc["scope"] == "job" and doc["run"] == RUN
         assert doc["expires_at"].endswith("Z")
-        assert d.job_token[16:] not in body.decode()
+        assert d.job_token[16:] not in answer.body.decode()
         grant = whoami(d.server.url, d.job_token)
         assert (grant.scope, grant.run) == ("job", RUN)
         assert whoami(d.server.url, d.viewer).scope == "viewer"
-        assert d.server.request("GET", "/api/v1/whoami")[0] == 401
+        assert d.server.request("GET", "/api/v1/whoami").status == 401
         for name in ("revoked", "unknown"):
             with pytest.raises(ServerRefused):
                 whoami(d.server.url, d.other_tokens[name].read_text().strip())

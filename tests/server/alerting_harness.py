@@ -1,5 +1,5 @@
-"""A real webhook receiver (an HTTP server on a thread) and `trainguard serve` as a process with its
-alerting flags, for tests/server/test_webhooks.py, test_metrics.py and test_ratelimit.py."""
+"""A real webhook receiver (an HTTP server on a thread) and a ledger with tokens to run `trainguard serve`
+over with its alerting flags, for tests/server/test_webhooks.py, test_metrics.py and test_ratelimit.py."""
 
 from __future__ import annotations
 
@@ -7,30 +7,19 @@ import contextlib
 import http.client
 import http.server
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
+from tests.server.serve_process import DEADLINE_S, Serve, free_port, make_token
 from trainguard.ledger import SigningKey, new_event
 
 ORIGIN = "test.example/alerting"
-DEADLINE_S = 90.0
 # Fast retries, so a test sees several attempts in a few seconds.
 FAST_HOOKS = ("--webhook-attempts", "3", "--webhook-backoff", "0.2", "--webhook-timeout", "3")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], bool], deadline_s: float = DEADLINE_S) -> None:
@@ -40,26 +29,6 @@ def wait_for(what: str, check: Callable[[], bool], deadline_s: float = DEADLINE_
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TRAINGUARD_HOME": str(home)}
-    for name in ("TRAINGUARD_LEDGER", "TRAINGUARD_LEDGER_KEY"):
-        env.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-m", "trainguard", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-
-
-def token(home: Path, store: str, *args: str) -> str:
-    done = cli(home, "server", "token", "create", "--store", store, *args)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
 
 
 @dataclass
@@ -136,82 +105,6 @@ class Receiver:
             return len(self.received)
 
 
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-class Serve:
-    """`trainguard serve` as a process with extra flags; its output goes to a file."""
-
-    def __init__(self, home: Path, store: str, key: Path, *flags: str, workers: int = 1) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = home / f"serve-{self.port}.log"
-        env = {**os.environ, "TRAINGUARD_HOME": str(home)}
-        for name in ("TRAINGUARD_LEDGER", "TRAINGUARD_LEDGER_KEY"):
-            env.pop(name, None)
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "trainguard", "serve", "--store", store, "--key", str(key)),
-                    *("--port", str(self.port), "--workers", str(workers), *flags),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        deadline = time.monotonic() + DEADLINE_S
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"trainguard serve exited {self.proc.returncode}: {self.output()}")
-            with contextlib.suppress(OSError):
-                if self.request("GET", "/healthz").status == 200:
-                    break
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"trainguard serve did not answer: {self.output()}")
-            time.sleep(0.1)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
-    def request(
-        self, method: str, path: str, body: bytes | None = None, token: str | None = None, **headers: str
-    ) -> Answer:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            sent = {k.replace("_", "-"): v for k, v in headers.items()}
-            if token is not None:
-                sent["Authorization"] = f"Bearer {token}"
-            if body is not None:
-                sent.setdefault("Content-Type", "application/json")
-            conn.request(method, path, body=body, headers=sent)
-            response = conn.getresponse()
-            return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
-        finally:
-            conn.close()
-
-    def post_events(self, run: str, items: list[tuple[str, bytes]], token: str) -> Answer:
-        parts = [b'{"key":' + json.dumps(key).encode() + b',"event":' + data + b"}" for key, data in items]
-        body = b'{"events":[' + b",".join(parts) + b"]}"
-        return self.request("POST", f"/api/v1/runs/{quote(run, safe='')}/events", body, token)
-
-
 def event(run: str, event_type: str, **payload: Any) -> bytes:
     return new_event(event_type, payload, run_id=run).canonical()
 
@@ -231,7 +124,7 @@ class Site:
     def serve(self, *flags: str, workers: int = 1) -> contextlib.AbstractContextManager[Serve]:
         @contextlib.contextmanager
         def running() -> Iterator[Serve]:
-            server = Serve(self.home, self.store, self.key, *flags, workers=workers)
+            server = Serve.command(self.home, self.store, self.key, *flags, workers=workers).start()
             try:
                 yield server
             finally:
@@ -244,7 +137,7 @@ def make_site(home: Path, store: str, run: str = "alert-run") -> Site:
     key = home / "keys" / "serve.key"
     key.parent.mkdir(parents=True, exist_ok=True)
     SigningKey.generate(ORIGIN).save(key)
-    admin = token(home, store, "--scope", "admin")
-    viewer = token(home, store, "--scope", "viewer")
-    job = token(home, store, "--scope", "job", "--run", run, "--expires", "1h")
+    admin = make_token(home, store, "--scope", "admin")
+    viewer = make_token(home, store, "--scope", "viewer")
+    job = make_token(home, store, "--scope", "job", "--run", run, "--expires", "1h")
     return Site(home, store, key, admin, viewer, job, run)

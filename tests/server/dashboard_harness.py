@@ -13,12 +13,11 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 
 from tests.server.dashboard_run import batch
-from tests.server.test_serve import Serve, _cli, _token
+from tests.server.serve_process import Serve, cli, events_path, make_token
 from trainguard.ledger import SigningKey
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -50,7 +49,7 @@ class Dashboard:
     def report(self, run: str, text: str = "", prefix: str = "sim") -> None:
         answer = self.server.request(
             "POST",
-            f"/api/v1/runs/{quote(run, safe='')}/events",
+            events_path(run),
             batch(run, self.key, text, prefix),
             self.admin,
         )
@@ -68,13 +67,13 @@ def dashboard(home: Path, store: str) -> Iterator[Dashboard]:
     key_path.parent.mkdir(parents=True, exist_ok=True)
     key = SigningKey.generate(ORIGIN)
     key.save(key_path)
-    admin = _token(home, store, "--scope", "admin", "--label", "ops")
-    viewer = _token(home, store, "--scope", "viewer", "--label", HOSTILE)
-    job = _token(home, store, "--scope", "job", "--run", RUN, "--expires", "1h")
-    revoked = _token(home, store, "--scope", "viewer")
-    done = _cli(home, "server", "token", "revoke", "--store", store, revoked[len("tgs_") : len("tgs_") + 11])
+    admin = make_token(home, store, "--scope", "admin", "--label", "ops")
+    viewer = make_token(home, store, "--scope", "viewer", "--label", HOSTILE)
+    job = make_token(home, store, "--scope", "job", "--run", RUN, "--expires", "1h")
+    revoked = make_token(home, store, "--scope", "viewer")
+    done = cli(home, "server", "token", "revoke", "--store", store, revoked[len("tgs_") : len("tgs_") + 11])
     assert done.returncode == 0, done.stderr
-    server = Serve(home, store, key_path)
+    server = Serve.command(home, store, key_path, workers=1).start()
     board = Dashboard(home, store, key, server, viewer, admin, job, revoked)
     try:
         board.report(RUN)

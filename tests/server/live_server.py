@@ -1,28 +1,22 @@
 """A ledger with tokens of every kind, and `trainguard serve` over it as a real process, for the fuzz and
 security tests (tests/server/test_api_fuzz.py, tests/server/test_security.py).
 
-`LiveServer.start(...)` runs the real command (uvicorn workers, the command's own logging). For the limits
+`LiveServer(...)` runs the real command (uvicorn workers, the command's own logging). For the limits
 no flag reaches (a body timeout of a second, to see a 408 without waiting a minute), `limited=True` runs
 uvicorn on `limited_app`, which builds the same app with `ServeLimits` read from the environment.
 """
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
+from tests.server.serve_process import LEDGER_VARIABLES, Serve, free_port, home_env, serve_argv
 from trainguard.ledger import SigningKey, new_event
 from trainguard.server import Scope, TokenStore
 
@@ -34,7 +28,6 @@ if TYPE_CHECKING:
 ORIGIN = "test.example/security"
 JOB_RUN = "job-run"
 OTHER_RUN = "other-run"
-DEADLINE_S = 90.0
 REPO = Path(__file__).resolve().parents[2]
 ENV_BODY_TIMEOUT = "TRAINGUARD_TEST_BODY_TIMEOUT_S"
 ENV_MAX_BODY = "TRAINGUARD_TEST_MAX_BODY_BYTES"
@@ -118,10 +111,6 @@ def close_app(app: FastAPI) -> None:
     app.state.server.close()
 
 
-def events_path(run: str) -> str:
-    return f"/api/v1/runs/{quote(run, safe='')}/events"
-
-
 def batch(run: str, prefix: str, n: int = 1, **payload: Any) -> bytes:
     items = [
         {
@@ -133,25 +122,8 @@ def batch(run: str, prefix: str, n: int = 1, **payload: Any) -> bytes:
     return json.dumps({"events": items}).encode()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        assert self.headers.get("content-type") == "application/json", self
-        return json.loads(self.body)
-
-
-class LiveServer:
-    """A server process on loopback. Its stdout and stderr go to files the tests read whole."""
+class LiveServer(Serve):
+    """A server process on loopback, started. Its stdout and stderr go to files the tests read whole."""
 
     def __init__(
         self,
@@ -162,110 +134,28 @@ class LiveServer:
         flags: tuple[str, ...] = ("--rate-failures", "1000000000", "--rate-reader", "1000000000"),
     ) -> None:
         self.ledger = ledger
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.stderr_path = ledger.home / f"serve-{self.port}.err"
-        self.stdout_path = ledger.home / f"serve-{self.port}.out"
-        env = {**os.environ, "TRAINGUARD_HOME": str(ledger.home), **(extra_env or {})}
+        port = free_port()
         if limited:
-            env["TRAINGUARD_LEDGER"] = ledger.store
-            env["TRAINGUARD_LEDGER_KEY"] = str(ledger.key)
+            env = home_env(
+                ledger.home,
+                drop=(),
+                extra={
+                    **(extra_env or {}),
+                    "TRAINGUARD_LEDGER": ledger.store,
+                    "TRAINGUARD_LEDGER_KEY": str(ledger.key),
+                },
+            )
             argv = [
                 *(sys.executable, "-m", "uvicorn", "--factory", "tests.server.live_server:limited_app"),
-                *(
-                    "--app-dir",
-                    str(REPO),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--no-server-header",
-                ),
+                *("--app-dir", str(REPO), "--host", "127.0.0.1", "--port", str(port), "--no-server-header"),
             ]
         else:
-            env.pop("TRAINGUARD_LEDGER", None)
-            env.pop("TRAINGUARD_LEDGER_KEY", None)
-            argv = [
-                *(sys.executable, "-m", "trainguard", "serve", "--store", ledger.store),
-                *("--key", str(ledger.key), "--port", str(self.port), *flags),
-            ]
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=REPO)
-        deadline = time.monotonic() + DEADLINE_S
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: {self.output()}")
-            with contextlib.suppress(OSError):
-                if self.request("GET", "/healthz").status == 200:
-                    return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"server did not answer: {self.output()}")
-            time.sleep(0.1)
-
-    def output(self) -> str:
-        """Everything the process wrote, stdout and stderr."""
-        return self.stdout_path.read_text(errors="replace") + self.stderr_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        token: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Answer:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            sent = dict(headers or {})
-            if token is not None:
-                sent["Authorization"] = f"Bearer {token}"
-            if body is not None:
-                sent.setdefault("Content-Type", "application/json")
-            conn.request(method, path, body=body, headers=sent)
-            response = conn.getresponse()
-            data = response.read()
-            return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
-        finally:
-            conn.close()
-
-    @contextlib.contextmanager
-    def socket(self) -> Iterator[socket.socket]:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
-            yield sock
-
-
-def read_answer(sock: socket.socket) -> Answer:
-    """One HTTP/1.1 answer read off a raw socket (the server closes or sends Content-Length)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return Answer(status, headers, body)
+            env = home_env(ledger.home, extra=extra_env)
+            for name in LEDGER_VARIABLES:
+                env.pop(name, None)
+            argv = serve_argv(ledger.store, ledger.key, port, *flags)
+        super().__init__(argv, env, port=port, logs=ledger.home, separate_output=True, cwd=REPO)
+        self.start()
 
 
 def limited_app() -> FastAPI:

@@ -39,10 +39,10 @@ from tests.server.live_server import (  # noqa: E402
     Ledger,
     LiveServer,
     batch,
-    events_path,
     make_app,
     make_ledger,
 )
+from tests.server.serve_process import events_path  # noqa: E402
 from trainguard.ledger._tiles import encode_index  # noqa: E402
 
 EXAMPLES = int(os.environ.get("TRAINGUARD_FUZZ_EXAMPLES", "15"))

@@ -19,7 +19,7 @@ from urllib.parse import quote, urlencode
 import pytest
 
 from tests.server.dashboard_harness import HOSTILE, HOSTILE_RUN, RUN, Dashboard, dashboard
-from tests.server.test_serve import Answer
+from tests.server.serve_process import Answer
 from trainguard.errors import StoreError
 from trainguard.ledger import Ledger, SigningKey, new_event
 from trainguard.ledger._merkle import leaf_hash, verify_inclusion

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.alerting_harness import Receiver, Serve, Site, cli, event, make_site, wait_for
+from tests.server.alerting_harness import Receiver, Site, event, make_site, wait_for
+from tests.server.serve_process import Serve, cli
 from trainguard.ledger import Ledger
 
 pytest.importorskip("fastapi")

@@ -39,24 +39,20 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from tests.server.live_server import (
-    DEADLINE_S,
     ENV_BODY_TIMEOUT,
     ENV_MAX_BODY,
     JOB_RUN,
     OTHER_RUN,
     REPO,
-    Answer,
     Ledger,
     LiveServer,
     batch,
     close_app,
-    events_path,
-    free_port,
     make_app,
     make_ledger,
-    read_answer,
     token_id,
 )
+from tests.server.serve_process import DEADLINE_S, Answer, events_path, free_port, read_answer
 from trainguard.ledger import Ledger as LedgerStore
 from trainguard.ledger import new_event
 

@@ -7,9 +7,7 @@ test waits for conditions with a generous deadline; none asserts on how long any
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,11 +18,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 
 from tests.ledger.conftest import PG_URL, pg_schema, with_query
+from tests.server.serve_process import Answer, Serve, cli, events_batch, events_path, make_token
 from trainguard.ledger import Ledger, SigningKey, new_event
 from trainguard.relay._delivery import Delivery, DeliveryLimits
 from trainguard.relay._spool import Spool
@@ -42,121 +40,6 @@ SECURITY = {
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
 }
-
-
-def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TRAINGUARD_HOME": str(home)}
-    env.pop("TRAINGUARD_LEDGER", None)
-    env.pop("TRAINGUARD_LEDGER_KEY", None)
-    return subprocess.run(
-        [sys.executable, "-m", "trainguard", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-
-
-def _token(home: Path, store: str, *args: str) -> str:
-    done = _cli(home, "server", "token", "create", "--store", store, *args)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        assert self.headers["content-type"] == "application/json", self.headers
-        return json.loads(self.body)
-
-
-class Serve:
-    """`trainguard serve` as a process; its output (access log included) goes to a file."""
-
-    def __init__(self, home: Path, store: str, key: Path, workers: int = 1) -> None:
-        self.home = home
-        self.store = store
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = home / f"serve-{self.port}.log"
-        env = {**os.environ, "TRAINGUARD_HOME": str(home)}
-        env.pop("TRAINGUARD_LEDGER", None)
-        env.pop("TRAINGUARD_LEDGER_KEY", None)
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "trainguard", "serve", "--store", store, "--key", str(key)),
-                    *("--port", str(self.port), "--workers", str(workers)),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        deadline = time.monotonic() + DEADLINE_S
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"trainguard serve exited {self.proc.returncode}: {self.output()}")
-            try:
-                if self.request("GET", "/healthz").status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"trainguard serve did not answer: {self.output()}")
-            time.sleep(0.1)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
-    def request(
-        self, method: str, path: str, body: bytes | None = None, token: str | None = None, **headers: str
-    ) -> Answer:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            sent = {k.replace("_", "-"): v for k, v in headers.items()}
-            if token is not None:
-                sent["Authorization"] = f"Bearer {token}"
-            if body is not None:
-                sent.setdefault("Content-Type", "application/json")
-            conn.request(method, path, body=body, headers=sent)
-            response = conn.getresponse()
-            data = response.read()
-            return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
-        finally:
-            conn.close()
-
-    def post(self, run: str, items: list[tuple[str, bytes]], token: str) -> Answer:
-        return self.request("POST", _events_path(run), _batch(items), token)
-
-
-def _events_path(run: str) -> str:
-    return f"/api/v1/runs/{quote(run, safe='')}/events"
-
-
-def _batch(items: list[tuple[str, bytes]]) -> bytes:
-    parts = [b'{"key":' + json.dumps(key).encode() + b',"event":' + data + b"}" for key, data in items]
-    return b'{"events":[' + b",".join(parts) + b"]}"
 
 
 def _items(run: str, prefix: str, n: int, **payload: Any) -> list[tuple[str, bytes]]:
@@ -192,12 +75,12 @@ def _cluster(home: Path, store: str, workers: int) -> Iterator[Cluster]:
     key = home / "keys" / "serve.key"
     key.parent.mkdir(parents=True, exist_ok=True)
     SigningKey.generate(ORIGIN).save(key)
-    admin = _token(home, store, "--scope", "admin")
-    viewer = _token(home, store, "--scope", "viewer")
-    job = _token(home, store, "--scope", "job", "--run", RUN, "--expires", "1h")
-    other_job = _token(home, store, "--scope", "job", "--run", OTHER, "--expires", "1h")
-    revoked = _token(home, store, "--scope", "viewer")
-    done = _cli(home, "server", "token", "revoke", "--store", store, revoked[len("tgs_") : len("tgs_") + 11])
+    admin = make_token(home, store, "--scope", "admin")
+    viewer = make_token(home, store, "--scope", "viewer")
+    job = make_token(home, store, "--scope", "job", "--run", RUN, "--expires", "1h")
+    other_job = make_token(home, store, "--scope", "job", "--run", OTHER, "--expires", "1h")
+    revoked = make_token(home, store, "--scope", "viewer")
+    done = cli(home, "server", "token", "revoke", "--store", store, revoked[len("tgs_") : len("tgs_") + 11])
     assert done.returncode == 0, done.stderr
     # Made an hour ago, expired half an hour ago: the store takes `now`, the command line does not.
     past = datetime.now(UTC) - timedelta(hours=1)
@@ -205,7 +88,7 @@ def _cluster(home: Path, store: str, workers: int) -> Iterator[Cluster]:
         expired = tokens.create(
             Scope.ADMIN, expires_at=past + timedelta(minutes=30), created_by="test", now=past
         ).token
-    server = Serve(home, store, key, workers)
+    server = Serve.command(home, store, key, workers=workers).start()
     try:
         yield Cluster(home, store, server, admin, viewer, job, other_job, revoked, expired)
     finally:
@@ -258,10 +141,10 @@ def test_delivery_appends_200_events_exactly_once(cluster: Cluster) -> None:
 def test_a_retried_batch_is_answered_as_duplicates(cluster: Cluster) -> None:
     run = "retry"
     items = _items(run, "spool-a", 6)
-    first = cluster.server.post(run, items[:4], cluster.admin)
+    first = cluster.server.post_events(run, items[:4], cluster.admin)
     assert first.status == 200 and first.json() == {"accepted": [k for k, _ in items[:4]], "duplicates": []}
     # The answer was lost; the job sends the batch again, with two new events.
-    again = cluster.server.post(run, items, cluster.admin)
+    again = cluster.server.post_events(run, items, cluster.admin)
     assert again.json() == {
         "accepted": [k for k, _ in items[4:]],
         "duplicates": [k for k, _ in items[:4]],
@@ -274,10 +157,10 @@ def test_a_key_sent_again_with_other_content_is_a_conflict_and_nothing_of_the_ba
 ) -> None:
     run = "conflict"
     items = _items(run, "spool-c", 3)
-    assert cluster.server.post(run, items[:2], cluster.admin).status == 200
+    assert cluster.server.post_events(run, items[:2], cluster.admin).status == 200
     # The spool was edited after the first send: key 1 now carries other content, key 2 is new.
     edited = [items[0], _items(run, "spool-c", 2, edited=True)[1], items[2]]
-    answer = cluster.server.post(run, edited, cluster.admin)
+    answer = cluster.server.post_events(run, edited, cluster.admin)
     assert answer.status == 409 and answer.json()["error"] == "conflict", answer.body
     assert "spool-c/1" in answer.json()["message"] and "spool-c/0" not in answer.json()["message"]
     assert _run_entries(cluster.store, run) == [data for _, data in items[:2]]  # key 2 not appended either
@@ -287,8 +170,8 @@ def test_each_entry_records_the_token_that_sent_it(cluster: Cluster) -> None:
     run = RUN
     by_job = _items(run, "who-job", 2)
     by_admin = _items(run, "who-admin", 1)
-    assert cluster.server.post(run, by_job, cluster.job).status == 200
-    assert cluster.server.post(run, by_admin, cluster.admin).status == 200
+    assert cluster.server.post_events(run, by_job, cluster.job).status == 200
+    assert cluster.server.post_events(run, by_admin, cluster.admin).status == 200
     with Ledger.open(cluster.store, create=False) as ledger:
         rows = ledger.store.read(
             "SELECT key, token_id FROM server_event_keys WHERE run = ? AND key LIKE 'who-%' ORDER BY key",
@@ -307,8 +190,8 @@ def test_each_entry_records_the_token_that_sent_it(cluster: Cluster) -> None:
 def test_keys_are_per_run_so_one_job_cannot_shadow_another(cluster: Cluster) -> None:
     own = _items(OTHER, "shared-key", 1)
     theirs = _items(RUN, "shared-key", 1)
-    assert cluster.server.post(OTHER, own, cluster.other_job).json()["accepted"] == ["shared-key/0"]
-    assert cluster.server.post(RUN, theirs, cluster.job).json()["accepted"] == ["shared-key/0"]
+    assert cluster.server.post_events(OTHER, own, cluster.other_job).json()["accepted"] == ["shared-key/0"]
+    assert cluster.server.post_events(RUN, theirs, cluster.job).json()["accepted"] == ["shared-key/0"]
 
 
 def _race(server: Serve, run: str, items: list[tuple[str, bytes]], token: str, posts: int) -> list[Any]:
@@ -317,7 +200,7 @@ def _race(server: Serve, run: str, items: list[tuple[str, bytes]], token: str, p
 
     def post(i: int) -> None:
         barrier.wait()
-        answers[i] = server.post(run, items, token).json()
+        answers[i] = server.post_events(run, items, token).json()
 
     threads = [threading.Thread(target=post, args=(i,)) for i in range(posts)]
     for thread in threads:
@@ -361,9 +244,9 @@ def test_every_kind_of_bad_token_gets_one_401(cluster: Cluster) -> None:
         for method, path, body in (
             ("GET", "/checkpoint", None),
             ("GET", "/openapi.json", None),
-            ("POST", _events_path(RUN), _batch(_items(RUN, "unauth", 1))),
+            ("POST", events_path(RUN), events_batch(_items(RUN, "unauth", 1))),
         ):
-            answer = server.request(method, path, body, **headers)
+            answer = server.request(method, path, body, headers=headers)
             assert answer.status == 401, (headers, path, answer)
             assert answer.headers["www-authenticate"].startswith("Bearer")
             _assert_security_headers(answer)
@@ -376,14 +259,14 @@ def test_scopes_are_enforced_with_403(cluster: Cluster) -> None:
     server = cluster.server
     before = {run: len(_run_entries(cluster.store, run)) for run in (RUN, OTHER)}
     # A job token writing another run: by the URL, and by the events' run id.
-    assert server.post(OTHER, _items(OTHER, "x", 1), cluster.job).status == 403
-    assert server.post(RUN, _items(OTHER, "y", 1), cluster.job).status == 403
+    assert server.post_events(OTHER, _items(OTHER, "x", 1), cluster.job).status == 403
+    assert server.post_events(RUN, _items(OTHER, "y", 1), cluster.job).status == 403
     # A viewer writes nothing; a job token reads nothing.
-    assert server.post(RUN, _items(RUN, "z", 1), cluster.viewer).status == 403
+    assert server.post_events(RUN, _items(RUN, "z", 1), cluster.viewer).status == 403
     assert server.request("GET", "/checkpoint", token=cluster.job).status == 403
-    assert server.request("GET", _events_path(RUN), token=cluster.job).status == 403
+    assert server.request("GET", events_path(RUN), token=cluster.job).status == 403
     # An admin may write any run, but a batch must belong to the run its URL names.
-    mismatched = server.post(OTHER, _items(RUN, "w", 1), cluster.admin)
+    mismatched = server.post_events(OTHER, _items(RUN, "w", 1), cluster.admin)
     assert mismatched.status == 400 and mismatched.json()["error"] == "bad_request"
     assert {run: len(_run_entries(cluster.store, run)) for run in (RUN, OTHER)} == before
 
@@ -403,10 +286,10 @@ def test_malformed_batches_are_400(cluster: Cluster) -> None:
         b"[" * 100_000,
     ]
     for body in bad:
-        answer = server.request("POST", _events_path(RUN), body, cluster.job)
+        answer = server.request("POST", events_path(RUN), body, cluster.job)
         assert answer.status == 400, (body[:60], answer)
         assert answer.json()["error"] == "bad_request"
-    assert server.request("GET", _events_path(RUN) + "?limit=0", token=cluster.viewer).status == 400
+    assert server.request("GET", events_path(RUN) + "?limit=0", token=cluster.viewer).status == 400
 
 
 def test_an_oversized_body_is_refused_before_it_is_read(cluster: Cluster) -> None:
@@ -414,7 +297,7 @@ def test_an_oversized_body_is_refused_before_it_is_read(cluster: Cluster) -> Non
     with socket.create_connection(("127.0.0.1", cluster.server.port), timeout=30) as sock:
         sock.sendall(
             (
-                f"POST {_events_path(RUN)} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {cluster.job}"
+                f"POST {events_path(RUN)} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {cluster.job}"
                 f"\r\nContent-Type: application/json\r\nContent-Length: {1 << 30}\r\n\r\n"
                 '{"events": ['
             ).encode()
@@ -427,10 +310,10 @@ def test_an_oversized_body_is_refused_before_it_is_read(cluster: Cluster) -> Non
 def test_an_oversized_event_or_batch_is_413(cluster: Cluster) -> None:
     server = cluster.server
     big = _items(RUN, "big", 1, blob="x" * 70_000)
-    answer = server.post(RUN, big, cluster.job)
+    answer = server.post_events(RUN, big, cluster.job)
     assert answer.status == 413 and answer.json()["error"] == "too_large"
     many = [(f"many/{i}", data) for i, (_, data) in enumerate(_items(RUN, "many", 1) * 1001)]
-    assert server.post(RUN, many, cluster.job).status == 413
+    assert server.post_events(RUN, many, cluster.job).status == 413
 
 
 # Read path
@@ -440,8 +323,8 @@ def test_html_in_an_event_comes_back_as_json(cluster: Cluster) -> None:
     run = "xss"
     script = "<script>alert(document.cookie)</script>"
     items = [("xss/0", new_event("<img src=x onerror=alert(1)>", {"note": script}, run_id=run).canonical())]
-    assert cluster.server.post(run, items, cluster.admin).json()["accepted"] == ["xss/0"]
-    answer = cluster.server.request("GET", _events_path(run), token=cluster.viewer)
+    assert cluster.server.post_events(run, items, cluster.admin).json()["accepted"] == ["xss/0"]
+    answer = cluster.server.request("GET", events_path(run), token=cluster.viewer)
     assert answer.status == 200
     _assert_security_headers(answer)
     doc = answer.json()  # application/json, exactly
@@ -456,13 +339,11 @@ def test_html_in_an_event_comes_back_as_json(cluster: Cluster) -> None:
 def test_run_events_are_paged_in_bounded_windows(cluster: Cluster) -> None:
     run = "paged"
     items = _items(run, "page", 30)
-    cluster.server.post(run, items, cluster.admin)
+    cluster.server.post_events(run, items, cluster.admin)
     seen: list[int] = []
     start: int | None = 0
     while start is not None:
-        doc = cluster.server.request(
-            "GET", f"{_events_path(run)}?start={start}&limit=7", token=cluster.viewer
-        )
+        doc = cluster.server.request("GET", f"{events_path(run)}?start={start}&limit=7", token=cluster.viewer)
         page = doc.json()
         assert len(page["events"]) <= 7
         seen.extend(item["event"]["payload"]["i"] for item in page["events"])
@@ -473,9 +354,9 @@ def test_run_events_are_paged_in_bounded_windows(cluster: Cluster) -> None:
 def test_tiles_are_byte_identical_to_ledger_tiles(cluster: Cluster, tmp_path: Path) -> None:
     # Enough entries for full tiles at level 0 and a partial one at level 1.
     for batch in range(3):
-        cluster.server.post("tiles", _items("tiles", f"tiles-{batch}", 200), cluster.admin)
+        cluster.server.post_events("tiles", _items("tiles", f"tiles-{batch}", 200), cluster.admin)
     out = tmp_path / "tiles"
-    done = _cli(cluster.home, "ledger", "tiles", "--store", cluster.store, str(out))
+    done = cli(cluster.home, "ledger", "tiles", "--store", cluster.store, str(out))
     assert done.returncode == 0, done.stderr
     files = sorted(p for p in out.rglob("*") if p.is_file())
     relatives = [p.relative_to(out).as_posix() for p in files]
@@ -508,7 +389,7 @@ def test_no_token_ever_reaches_the_log(cluster: Cluster) -> None:
     server = cluster.server
     for token in _tokens(cluster):
         server.request("GET", "/checkpoint", token=token)
-        server.post(RUN, _items(RUN, "log", 1), token)
+        server.post_events(RUN, _items(RUN, "log", 1), token)
     output = server.output()
     assert '"POST /api/v1/runs/' in output  # the access log is on...
     for token in _tokens(cluster):

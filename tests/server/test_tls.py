@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import datetime
 import http.client
-import os
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.ledger.conftest import ORIGIN
+from tests.server.serve_process import Serve, free_port, home_env
 from trainguard.ledger import SigningKey
 from trainguard.server import TokenStore
 
@@ -53,48 +51,30 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _serve(home: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _serve(home: Path, port: int, *flags: str) -> Serve:
+    """`trainguard serve` over a SQLite ledger in `home` on `port`, launched and not waited for."""
     key = home / "ledger.key"
     if not key.exists():
         SigningKey.generate(ORIGIN).save(key)
         TokenStore.open(str(home / "ledger.db"), create=True).close()
-    env = {**os.environ, "TRAINGUARD_HOME": str(home)}
-    env.pop("TRAINGUARD_LEDGER", None)
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "trainguard",
-            "serve",
-            "--store",
-            str(home / "ledger.db"),
-            "--key",
-            str(key),
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
+    server = Serve.command(
+        home, str(home / "ledger.db"), key, *flags, port=port, env=home_env(home, drop=("TRAINGUARD_LEDGER",))
     )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    server.launch()
+    return server
 
 
 def test_the_server_speaks_https_with_its_own_certificate(tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
-    port = _free_port()
-    proc = _serve(tmp_path, "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key))
+    port = free_port()
+    server = _serve(tmp_path, port, "--tls-cert", str(cert), "--tls-key", str(key))
+    proc = server.proc
+    assert proc is not None
     context = ssl.create_default_context(cafile=str(cert))
     try:
         deadline = time.monotonic() + DEADLINE_S
         while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None, server.output()
             try:
                 conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
                 conn.request("GET", "/healthz")
@@ -116,8 +96,8 @@ def test_the_server_speaks_https_with_its_own_certificate(tmp_path: Path) -> Non
             plain.close()
         assert status != 200
     finally:
-        proc.terminate()
-        output = proc.communicate(timeout=30)[0].decode(errors="replace")
+        server.stop()
+    output = server.output()
     assert f"on https://127.0.0.1:{port}" in output, output
 
 
@@ -133,12 +113,9 @@ def test_tls_flags_that_cannot_work_are_a_usage_error_before_any_worker_starts(
     tmp_path: Path, flags: list[str], message: str
 ) -> None:
     _self_signed(tmp_path)
-    proc = _serve(
-        tmp_path,
-        "--port",
-        str(_free_port()),
-        *[str(tmp_path / f) if f.endswith(".pem") else f for f in flags],
-    )
-    output = proc.communicate(timeout=DEADLINE_S)[0].decode(errors="replace")
-    assert proc.returncode == 2, output
+    server = _serve(tmp_path, free_port(), *[str(tmp_path / f) if f.endswith(".pem") else f for f in flags])
+    assert server.proc is not None
+    server.proc.wait(DEADLINE_S)
+    output = server.output()
+    assert server.proc.returncode == 2, output
     assert message in output and "Traceback" not in output, output

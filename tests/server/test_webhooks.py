@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.alerting_harness import FAST_HOOKS, Receiver, Site, cli, event, make_site, wait_for
+from tests.server.alerting_harness import FAST_HOOKS, Receiver, Site, event, make_site, wait_for
+from tests.server.serve_process import cli
 from trainguard.ledger import Ledger, SigningKey
 from trainguard.ledger._store import Transaction
 from trainguard.server import TokenStore
@@ -294,9 +295,11 @@ def test_two_claimers_never_hold_one_row_together(tmp_path: Path, location: str)
             ledger.store, "https://alerts.example/hook", SECRET, EventFilter("*"), label="", created_by="t"
         )
         keys = EventKeys(ledger.store, key, hooks=[on_append])
+        # Six runs of 50 alerts: each stays under the limit of deliveries waiting per run.
         for batch in range(6):
+            run = f"r{batch}"
             keys.append(
-                "r", [(f"{batch}/{i}", event("r", "monitor.alert", i=i)) for i in range(50)], "tg_00000000"
+                run, [(f"{batch}/{i}", event(run, "monitor.alert", i=i)) for i in range(50)], "tg_00000000"
             )
     finally:
         ledger.close()
