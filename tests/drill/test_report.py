@@ -22,39 +22,23 @@ from typing import Any
 
 import pytest
 
+from tests.browser import chromium
 from trainguard.drill._attacks import ATTACK_STEP, build
 from trainguard.drill._drill import DrillResult
 from trainguard.drill._play import Outcome
 from trainguard.drill._report import render, write_html
 from trainguard.drill._runs import RunRecord
 
-CHROMIUM = Path("/usr/bin/chromium")
 # One attack of each kind of play that leaves a training run (patched code, a signal) and one offline.
 SHORT = ["flip-one-rank", "sigterm-rank", "ledger-row-edited"]
 PLOT_KINDS = ("loss", "step-time", "off-cpu", "fingerprint")
 HOSTILE = '<script>alert(1)</script><img src="http://192.0.2.1/x.png" onerror="alert(2)">'
 
 
-def _missing(what: str) -> None:
-    reason = f"{what}: the browser tests need Debian's chromium at {CHROMIUM} and `pip install playwright`"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing("playwright is not installed")
-    if not CHROMIUM.exists():
-        _missing(f"{CHROMIUM} is missing")
-    with sync_playwright() as playwright:
-        # We run as root in CI, where chromium's sandbox cannot start.
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 @dataclasses.dataclass

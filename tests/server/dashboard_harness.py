@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.server.dashboard_run import batch
 from tests.server.serve_process import Serve, cli, events_path, make_token
 from trainguard.ledger import SigningKey
 
-CHROMIUM = Path("/usr/bin/chromium")
 ORIGIN = "test.example/dashboard"
 RUN = "exp-7/lr 3e-4"
 HOSTILE = (
@@ -88,30 +84,6 @@ def dashboard(home: Path, store: str) -> Iterator[Dashboard]:
 
 
 # The browser
-
-
-def _missing(what: str) -> None:
-    reason = f"{what}: the browser tests need Debian's chromium at {CHROMIUM} and `pip install playwright`"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
-@contextlib.contextmanager
-def chromium() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing("playwright is not installed")
-    if not CHROMIUM.exists():
-        _missing(f"{CHROMIUM} is missing")
-    with sync_playwright() as playwright:
-        # Tests run as root in CI, where chromium's sandbox cannot start.
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 @dataclasses.dataclass

@@ -21,13 +21,13 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
+from tests.browser import chromium
 from tests.ledger.conftest import Attacker, schema_url
 from tests.server.dashboard_harness import (
     HOSTILE,
     HOSTILE_RUN,
     RUN,
     Dashboard,
-    chromium,
     dashboard,
     verdicts,
     visit,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import ssl
 import time
@@ -11,44 +10,13 @@ from pathlib import Path
 import pytest
 
 from tests.ledger.conftest import ORIGIN
-from tests.server.serve_process import Serve, free_port, home_env
+from tests.server.serve_process import Serve, free_port, home_env, self_signed_certificate
 from trainguard.ledger import SigningKey
 from trainguard.server import TokenStore
 
 pytest.importorskip("fastapi")
 
 DEADLINE_S = 60.0
-
-
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
 
 
 def _serve(home: Path, port: int, *flags: str) -> Serve:
@@ -65,7 +33,7 @@ def _serve(home: Path, port: int, *flags: str) -> Serve:
 
 
 def test_the_server_speaks_https_with_its_own_certificate(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     port = free_port()
     server = _serve(tmp_path, port, "--tls-cert", str(cert), "--tls-key", str(key))
     proc = server.proc
@@ -112,7 +80,7 @@ def test_the_server_speaks_https_with_its_own_certificate(tmp_path: Path) -> Non
 def test_tls_flags_that_cannot_work_are_a_usage_error_before_any_worker_starts(
     tmp_path: Path, flags: list[str], message: str
 ) -> None:
-    _self_signed(tmp_path)
+    self_signed_certificate(tmp_path)
     server = _serve(tmp_path, free_port(), *[str(tmp_path / f) if f.endswith(".pem") else f for f in flags])
     assert server.proc is not None
     server.proc.wait(DEADLINE_S)
