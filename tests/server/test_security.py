@@ -19,7 +19,6 @@ a proxy on another host of a trusted network is a legitimate setup.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import re
 import select
@@ -52,7 +51,14 @@ from tests.server.live_server import (
     make_ledger,
     token_id,
 )
-from tests.server.serve_process import DEADLINE_S, Answer, events_path, free_port, read_answer
+from tests.server.serve_process import (
+    DEADLINE_S,
+    Answer,
+    events_path,
+    free_port,
+    read_answer,
+    self_signed_certificate,
+)
 from trainguard.ledger import Ledger as LedgerStore
 from trainguard.ledger import new_event
 
@@ -726,35 +732,6 @@ def _stderr_of(argv: list[str], home: Path) -> str:
     return done.stderr
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trainguard.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 # 192.0.2.1 is TEST-NET-1 (RFC 5737): no host has it, so the server warns, fails to bind and exits, and
 # nothing ever listens on a real network.
 NOT_LOOPBACK = "192.0.2.1"
@@ -770,7 +747,7 @@ def test_plain_http_on_a_network_address_warns(tmp_path: Path) -> None:
 
 def test_tls_or_loopback_does_not_warn(tmp_path: Path, cluster: Cluster) -> None:
     ledger = make_ledger(tmp_path / "tls")
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     stderr = _stderr_of(
         _serve_argv(ledger, NOT_LOOPBACK, "--tls-cert", str(cert), "--tls-key", str(key)), ledger.home
     )
@@ -852,9 +829,9 @@ def test_guessing_tokens_in_the_login_form_locks_the_guesser_out(rate_limited: C
     ],
 )
 def test_which_hosts_count_as_loopback(host: str, loopback: bool) -> None:
-    from trainguard.server._serve import _is_loopback
+    from trainguard.relay._destination import is_loopback_host
 
-    assert _is_loopback(host) is loopback
+    assert is_loopback_host(host) is loopback
 
 
 # Malformed HTTP never reaches the app: uvicorn answers it. It must answer (not hang, not crash), say

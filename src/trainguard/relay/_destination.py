@@ -28,6 +28,7 @@ __all__ = [
     "SERVER_VARIABLES",
     "ServerSettings",
     "check_server_url",
+    "is_loopback_host",
     "server_settings",
 ]
 
@@ -82,7 +83,7 @@ def check_server_url(url: str, *, allow_http: bool = False) -> None:
         raise UsageError(
             "the server URL must carry no user, query or fragment", hint="the token goes in its own file"
         )
-    if parts.scheme == "http" and not allow_http and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not allow_http and not is_loopback_host(parts.hostname):
         raise UsageError(
             f"refusing plain http to {parts.hostname}: the job token would cross the network in clear",
             hint=f"use https:// (TLS at a reverse proxy), or set {ENV_ALLOW_HTTP}=1 to accept the risk",
@@ -130,10 +131,12 @@ def _flag(text: str) -> bool:
     raise UsageError(f"{ENV_ALLOW_HTTP} must be 1 or 0, not {text!r}")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (a name, an address, or an IPv6 address in brackets) is this machine alone; a name
+    other than localhost may resolve anywhere, so it is not."""
     if host.lower() in _LOOPBACK_NAMES:
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False

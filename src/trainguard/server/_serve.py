@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import re
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainguard.errors import ExitCode, MissingExtraError, UsageError
+from trainguard.relay._destination import is_loopback_host
 from trainguard.server._asgi import ENV_KEY, ENV_RATE_LIMITS, ENV_STORE, ENV_WEBHOOKS
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ[ENV_KEY] = str(args.key.resolve())
     os.environ[ENV_RATE_LIMITS] = rate_limits.to_env()
     os.environ[ENV_WEBHOOKS] = webhook_limits.to_env()
-    if tls is None and not _is_loopback(args.host):
+    if tls is None and not is_loopback_host(args.host):
         sys.stderr.write(_PLAIN_HTTP_WARNING.format(host=args.host))
     scheme = "https" if tls else "http"
     sys.stderr.write(
@@ -81,16 +81,6 @@ _PLAIN_HTTP_WARNING = (
     "every event cross the network unencrypted, for anyone on the path to read and replay. Give --tls-cert "
     "and --tls-key, or listen on 127.0.0.1 behind a reverse proxy that terminates TLS.\n"
 )
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether `host` listens only on this machine; a name other than localhost may resolve anywhere."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _limits(args: argparse.Namespace) -> tuple[RateLimits, WebhookLimits]:

@@ -15,7 +15,6 @@ signature would cross the network in clear. `allow_http` overrides that, deliber
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 import time
 import urllib.parse
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from trainguard.errors import UsageError
 from trainguard.ledger._store import Store, Transaction
+from trainguard.relay._destination import is_loopback_host
 from trainguard.server._alerts import EventFilter
 from trainguard.server._sidetables import WEBHOOKS, create_tables
 
@@ -112,21 +112,12 @@ def check_url(url: str, *, allow_http: bool = False) -> str:
         raise UsageError("a webhook URL has no #fragment")
     if port == 0:
         raise UsageError("a webhook URL's port is 1 to 65535")
-    if parts.scheme == "http" and not allow_http and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not allow_http and not is_loopback_host(parts.hostname):
         raise UsageError(
             f"refusing http:// to {parts.hostname}: alerts and their signatures would travel in clear",
             hint="use https://, or pass --allow-http if the network between is trusted",
         )
     return url
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def redact_url(url: str) -> str:
