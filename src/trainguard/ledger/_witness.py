@@ -285,10 +285,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
+            self._unread_body = True  # the client may still be sending chunks
             raise _Reject(411, "chunked requests are not accepted; send Content-Length")
         length_text = self.headers.get("Content-Length")
         if length_text is None or not length_text.isdigit():
             self.close_connection = True
+            self._unread_body = True
             raise _Reject(411, "Content-Length is required")
         length = int(length_text)
         if length > MAX_REQUEST_BYTES:
