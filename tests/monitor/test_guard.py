@@ -4,8 +4,11 @@ actions, the settings, and what it leaves in the ledger."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import trainguard  # noqa: E402
-from trainguard.errors import IntegrityError, UsageError  # noqa: E402
+from trainguard.errors import IntegrityError, TrainguardError, UsageError  # noqa: E402
 from trainguard.ledger._ledger import Ledger  # noqa: E402
 from trainguard.monitor import Guard  # noqa: E402
 
@@ -58,6 +61,53 @@ def test_each_step_summary_is_labelled_with_the_step_its_reports_are_of(
         summaries = [event.payload for _, event in ledger.entries() if event.type == "monitor.steps"]
     steps = [row[summaries[0]["columns"].index("step")] for summary in summaries for row in summary["rows"]]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 11
+
+
+def _summary_steps(ledger_path: Path) -> tuple[list[int], list[str]]:
+    with Ledger.open(ledger_path) as ledger:
+        events = [event for _, event in ledger.entries()]
+    summaries = [event.payload for event in events if event.type == "monitor.steps"]
+    steps = [row[summary["columns"].index("step")] for summary in summaries for row in summary["rows"]]
+    return steps, [event.type for event in events]
+
+
+def test_a_job_killed_mid_run_keeps_the_summaries_of_all_but_its_last_seconds(home: Path) -> None:
+    # Far from a batch of `summary_every` steps, the rows still reach the ledger once `summary_seconds`
+    # have passed: a SIGKILLed rank (the incident's random kills) leaves its per-step verdicts behind.
+    code = """
+import time, torch, trainguard
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+trainguard.watch(model, optimizer, summary_every=1000, summary_seconds=0.5)
+for step in range(1, 5):
+    if step == 4:
+        time.sleep(0.6)
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+time.sleep(300)  # killed here, never closing the guard
+"""
+    job = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        steps: list[int] = []
+        while 4 not in steps:
+            assert job.poll() is None, f"the job ended with {job.returncode} before it was killed"
+            assert time.monotonic() < deadline, f"no summary of step 4 in the ledger; rows of {steps}"
+            time.sleep(0.2)
+            try:
+                if (home / "ledger.db").exists():
+                    steps = _summary_steps(home / "ledger.db")[0]
+            except TrainguardError:
+                pass  # not made yet, or being made by the job
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=30)
+    steps, types = _summary_steps(home / "ledger.db")
+    assert steps == [1, 2, 3, 4]
+    assert "monitor.end" not in types
 
 
 def _write_weights(model: nn.Module) -> None:
@@ -182,6 +232,7 @@ def test_an_optimizer_it_cannot_recompute_gets_a_notice(model: nn.Module) -> Non
         ({"actions": {"update": "panic"}}, "unknown action 'panic'"),
         ({"actions": {"update": "rollback"}}, "no rollback function"),
         ({"state_every": 0}, "state_every must be at least 1"),
+        ({"summary_seconds": 0}, "summary_seconds must be positive"),
         ({"state_evry": 2}, "unknown setting 'state_evry'"),
     ],
 )

@@ -48,8 +48,10 @@ class GuardConfig:
     stall_floor_ms: float = 50.0
     # A loss or gradient norm this many times its recent median is a spike.
     spike_ratio: float = 10.0
-    # Per-step summaries go to the ledger in batches of this many steps.
+    # Per-step summaries go to the ledger in batches of this many steps, or of this many seconds,
+    # whichever comes first: a rank killed mid-run loses at most the last batch's verdicts.
     summary_every: int = 100
+    summary_seconds: float = 10.0
     collective_timeout: datetime.timedelta = datetime.timedelta(minutes=5)
     ledger: bool = True
     # Read the device-side evidence (fingerprints, samples, norms) one step late, so that no step
@@ -79,6 +81,8 @@ class GuardConfig:
         ):
             if getattr(self, name) < 1:
                 raise UsageError(f"watch(): {name} must be at least 1, not {getattr(self, name)}")
+        if not self.summary_seconds > 0:
+            raise UsageError(f"watch(): summary_seconds must be positive, not {self.summary_seconds}")
         if self.stall_floor_ms <= 0 or self.spike_ratio <= 1:
             raise UsageError("watch(): stall_floor_ms must be positive and spike_ratio above 1")
         uses_rollback = any(self.actions.get(check) is Action.ROLLBACK for check in self.checks)

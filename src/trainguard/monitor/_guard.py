@@ -148,6 +148,7 @@ class Guard:
         self._judge_data = True
         self._in_step = False
         self._summaries: list[list[Any]] = []
+        self._summaries_since = time.monotonic()
         self._sink = open_sink(self.run_id) if config.ledger and self.rank == 0 else None
         self._closed = False
         self._active = True
@@ -675,7 +676,8 @@ class Guard:
             ]
         )
         self._hyper_changes = []
-        if len(self._summaries) >= self.config.summary_every:
+        waited = time.monotonic() - self._summaries_since
+        if len(self._summaries) >= self.config.summary_every or waited >= self.config.summary_seconds:
             self._flush_summaries()
 
     def _flush_summaries(self) -> None:
@@ -692,6 +694,7 @@ class Guard:
             ]
             self._record("monitor.steps", {"columns": columns, "rows": self._summaries})
             self._summaries = []
+        self._summaries_since = time.monotonic()
 
     def _start_payload(self) -> dict[str, Any]:
         return {
