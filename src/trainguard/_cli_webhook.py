@@ -29,6 +29,10 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _seconds_or_off(text: str) -> float:
+    return 0.0 if text.strip() in {"0", "0.0", "off"} else _seconds(text)
+
+
 def add_webhook_commands(
     areas: argparse._SubParsersAction[argparse.ArgumentParser], parents: list[argparse.ArgumentParser]
 ) -> None:
@@ -171,4 +175,14 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
         default=10.0,
         metavar="S",
         help="seconds a receiver has to answer, after 5 s to connect (10)",
+    )
+    runs = serve.add_argument_group("runs")
+    runs.add_argument(
+        "--silent-after",
+        type=_seconds_or_off,
+        default=300.0,
+        metavar="S",
+        help="a run whose job has not been heard from for S seconds and has not ended gets a "
+        "server.run_silent alarm (a killed supervisor or reporting rank); jobs say they are alive every "
+        "60 s, so keep it above 120; 0 or off: never (300)",
     )

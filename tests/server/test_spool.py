@@ -5,7 +5,9 @@ Every test waits for conditions with a generous deadline; none asserts on how lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import signal
 import socket
 import sqlite3
@@ -397,3 +399,21 @@ def test_closing_cuts_a_long_backoff_short_once_so_a_server_back_by_then_gets_ev
     report = delivery.close(timeout=8.0)
     assert (report.delivered, report.remaining) == (10, 0), report
     assert server.steps() == list(range(10))
+
+
+def test_an_idle_job_says_it_is_alive_and_a_server_without_the_endpoint_costs_it_nothing(
+    spool: Spool, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The test server answers 404 to .../alive, as a server from before signs of life would.
+    server.start()
+    limits = dataclasses.replace(FAST, alive_every_s=0.1)
+    with caplog.at_level(logging.WARNING, logger="trainguard.delivery"):
+        delivery = Delivery(spool, server.url, TOKEN, limits=limits)
+        _wait(lambda: server.posts() >= 3, "three signs of life")
+        keys = [spool.put(_event(i)) for i in range(5)]
+        delivery.wake()
+        report = delivery.close(timeout=DEADLINE_S)
+    assert (report.remaining, report.delivered, report.rejections, report.failed_tries) == (0, 5, 0, 0)
+    assert sorted(server.received()) == sorted(keys)
+    said = [r.getMessage() for r in caplog.records if "sign of life" in r.getMessage()]
+    assert len(said) == 1 and "HTTP 404" in said[0], said

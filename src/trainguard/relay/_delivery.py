@@ -14,6 +14,14 @@ Authorization: Bearer tgs_...
 
 2xx {"accepted": [keys], "duplicates": [keys]}
 
+When it has had nothing to send for `alive_every_s` (60 s), it says the job is alive instead:
+
+POST {URL}/api/v1/runs/{run}/alive          (no body; 204)
+
+The server judges a run that has not ended and that it has not heard from for a while silent, an alarm: a
+job whose supervisor or reporting rank was killed stops talking, and the silence is the only evidence. A
+failed sign of life is logged, not retried: the next one comes `alive_every_s` later.
+
 A key the server names in either list is delivered (a duplicate is one it already held, from a try whose
 answer was lost) and only then removed from the spool; a key it does not name stays and is sent again,
 so a lost answer, a timeout or a crash on either side costs a resend, never an event. Keys the server names
@@ -43,11 +51,13 @@ from trainguard.errors import TrainguardError, UsageError
 from trainguard.relay._spool import Spool, SpooledEvent
 from trainguard.relay._tokenformat import is_token
 
-__all__ = ["Delivery", "DeliveryLimits", "DeliveryReport"]
+__all__ = ["ALIVE_EVERY_S", "Delivery", "DeliveryLimits", "DeliveryReport"]
 
 _LOG = logging.getLogger("trainguard.delivery")
 _RETRYABLE = frozenset({408, 429})
 _READ_CHUNK = 64 << 10
+ALIVE_EVERY_S = 60.0
+"""Seconds without a request after which a job with nothing to send says it is alive."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +75,10 @@ class DeliveryLimits:
     max_response_bytes: int = 1 << 20
     poll_s: float = 1.0
     rejections_before_stop: int = 3
+    alive_every_s: float = ALIVE_EVERY_S
 
     def __post_init__(self) -> None:
-        for name in ("timeout_s", "backoff_base_s", "backoff_cap_s", "poll_s"):
+        for name in ("timeout_s", "backoff_base_s", "backoff_cap_s", "poll_s", "alive_every_s"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"delivery {name} must be positive, not {getattr(self, name)!r}")
         for name in ("batch_events", "batch_bytes", "max_response_bytes", "rejections_before_stop"):
@@ -126,6 +137,7 @@ class Delivery:
         self._stopped: str | None = None
         self._last_error: str | None = None
         self._logged: set[str] = set()
+        self._last_contact = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="trainguard-delivery", daemon=True)
         self._thread.start()
 
@@ -180,6 +192,8 @@ class Delivery:
                     if self._closing:
                         return
                     attempt = 0
+                    if time.monotonic() - self._last_contact >= self.limits.alive_every_s:
+                        self._say_alive()
                     self._sleep(self.limits.poll_s)
                     continue
                 answer = self._send(batch)
@@ -206,7 +220,24 @@ class Delivery:
             attempt += 1
             self._back_off(self._backoff(attempt, answer.retry_after), asked=answer.retry_after is not None)
 
+    def _say_alive(self) -> None:
+        self._last_contact = time.monotonic()
+        try:
+            status, _, data = self._post(self._target.alive_path, b"")
+        except (OSError, http.client.HTTPException) as exc:
+            problem = f"network: {_describe(exc)}"
+        else:
+            if 200 <= status <= 299:
+                return
+            problem = f"HTTP {status}: {_snippet(data)}"
+        # Once per kind of failure: a server down for hours must not write a line a minute into the job's log.
+        kind = "alive " + problem.split(":", 1)[0]
+        if kind not in self._logged:
+            self._logged.add(kind)
+            _LOG.warning("trainguard: the sign of life to %s failed: %s", self._target.origin, problem)
+
     def _acknowledge(self, batch: list[SpooledEvent], answer: _Answer) -> None:
+        self._last_contact = time.monotonic()
         seqs = [item.seq for item in batch if item.key in answer.acknowledged]
         self.spool.remove(seqs)
         self._delivered += len(seqs)
@@ -258,7 +289,7 @@ class Delivery:
     def _send(self, batch: list[SpooledEvent]) -> _Answer:
         body = _request_body(batch)
         try:
-            status, headers, data = self._post(body)
+            status, headers, data = self._post(self._target.path, body)
         except (OSError, http.client.HTTPException) as exc:
             return _Answer(error=f"network: {_describe(exc)}")
         if status in _RETRYABLE or 500 <= status <= 599:
@@ -269,7 +300,7 @@ class Delivery:
             return _Answer(error=f"answer: above {self.limits.max_response_bytes} bytes")
         return _parse_answer(data, {item.key for item in batch})
 
-    def _post(self, body: bytes) -> tuple[int, http.client.HTTPMessage, bytes | None]:
+    def _post(self, path: str, body: bytes) -> tuple[int, http.client.HTTPMessage, bytes | None]:
         """(status, headers, body or None when it exceeds the limit). A fresh connection per request: a
         batch is large next to a handshake, and no state survives a server that died mid-answer."""
         target = self._target
@@ -284,7 +315,7 @@ class Delivery:
         try:
             conn.request(
                 "POST",
-                target.path,
+                path,
                 body=body,
                 headers={
                     "Authorization": self._auth,
@@ -321,6 +352,7 @@ class _Target:
     host: str
     port: int | None
     path: str
+    alive_path: str
     origin: str
 
 
@@ -337,8 +369,9 @@ def _target(url: str, run_id: str) -> _Target:
             "the server URL must carry no user, query or fragment", hint="the token goes in its own option"
         )
     run = urllib.parse.quote(run_id, safe="")
-    path = f"{parts.path.rstrip('/')}/api/v1/runs/{run}/events"
-    return _Target(parts.scheme == "https", parts.hostname, port, path, f"{parts.scheme}://{parts.netloc}")
+    runs = f"{parts.path.rstrip('/')}/api/v1/runs/{run}"
+    origin = f"{parts.scheme}://{parts.netloc}"
+    return _Target(parts.scheme == "https", parts.hostname, port, f"{runs}/events", f"{runs}/alive", origin)
 
 
 def _request_body(batch: list[SpooledEvent]) -> bytes:

@@ -40,6 +40,7 @@ ALERT_TYPES = {
     "run.leftovers": "processes of the run were still alive after it ended",
     "run.refused": "the supervisor refused to start a run (pre-flight checks failed)",
     "spool.gap": "the job's spool dropped events: evidence is missing",
+    "server.run_silent": "the run's job stopped reporting without ending (judged by the server)",
 }
 # Verifications: an alert unless the payload says "ok": true.
 VERIFY_TYPES = {

@@ -84,6 +84,7 @@ from trainguard.server._metrics import CountRequests
 from trainguard.server._operations import Operations
 from trainguard.server._ratelimit import RateLimited, RateLimits
 from trainguard.server._sidetables import create_tables
+from trainguard.server._silence import RESERVED_KEY_PREFIX, RESERVED_TYPE_PREFIX
 from trainguard.server._tokens import TokenStore
 from trainguard.server._webhook_sender import WebhookLimits
 
@@ -184,11 +185,13 @@ def open_server(
     *,
     rate_limits: RateLimits | None = None,
     webhook_limits: WebhookLimits | None = None,
+    silent_after_s: float | None = None,
 ) -> _Server:
     """Open the ledger with its signing key, its tokens and the event key table (made when missing).
 
     `key_path` None is the default ledger key ($TRAINGUARD_HOME/keys/ledger.key), generated for the default
-    ledger when neither exists. KeyFileError when the server could not sign appends.
+    ledger when neither exists. KeyFileError when the server could not sign appends. With `silent_after_s`,
+    runs not heard from for that long without ending get a `server.run_silent` alarm (once started).
     """
     path = key_path if key_path is not None else default_key_path()
     key = SigningKey.load(path, alg=ALG_ED25519) if key_path is not None or path.exists() else None
@@ -215,6 +218,8 @@ def open_server(
         except BaseException:
             tokens.close()
             raise
+        if silent_after_s is not None:
+            ops.watch_silence(keys, silent_after_s)
     except BaseException:
         ledger.close()
         raise
@@ -228,15 +233,21 @@ def create_app(
     limits: ServeLimits | None = None,
     rate_limits: RateLimits | None = None,
     webhook_limits: WebhookLimits | None = None,
+    silent_after_s: float | None = None,
 ) -> FastAPI:
     """The ASGI app serving the ledger at `store_location` (None: the default ledger)."""
     server = open_server(
-        store_location, key_path, limits, rate_limits=rate_limits, webhook_limits=webhook_limits
+        store_location,
+        key_path,
+        limits,
+        rate_limits=rate_limits,
+        webhook_limits=webhook_limits,
+        silent_after_s=silent_after_s,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        server.ops.start()  # this worker's webhook delivery loop
+        server.ops.start()  # this worker's webhook delivery loop and silence watch
         try:
             yield
         finally:
@@ -279,6 +290,15 @@ def create_app(
         methods=["GET"],
         summary="The run's events in one window of the log",
         responses=_responses(200, 400, 401, 403, 404, 503),
+    )
+    app.add_api_route(
+        "/api/v1/runs/{run:path}/alive",
+        _post_alive,
+        methods=["POST"],
+        status_code=204,
+        summary="The run's job is alive: it has no events to send (a run silent too long is an alarm)",
+        response_class=Response,
+        responses=_responses(204, 400, 401, 403, 404, 408, 413, 503),
     )
     app.add_api_route(
         "/checkpoint",
@@ -390,6 +410,7 @@ _REQUEST_BODY: dict[str, Any] = {
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
         200: "done",
+        204: "done; nothing to answer",
         400: "malformed request",
         401: "no valid bearer token (missing, malformed, unknown, expired or revoked: one answer for all)",
         403: "the token's scope does not cover this",
@@ -469,6 +490,17 @@ async def _post_events(request: Request, run: str, who: _Who) -> Response:
     return JSONResponse({"accepted": accepted, "duplicates": duplicates})
 
 
+async def _post_alive(request: Request, run: str, who: _Who) -> Response:
+    _check_run(run)
+    authorize(who, Action.APPEND, run)
+    server = _server(request)
+    # Read like any body, within the same size and time limits, so a client cannot hold a worker with one.
+    if await _read_body(request, server.limits):
+        raise _Problem(400, "bad_request", "a sign of life carries no body")
+    await run_in_threadpool(server.ops.heard_from, run)
+    return Response(status_code=204)
+
+
 async def _get_events(
     request: Request,
     run: str,
@@ -520,13 +552,15 @@ async def _get_tile(request: Request, path: str, who: _Reader) -> Response:
 def _ingest(server: _Server, who: Identity, run: str, body: bytes) -> tuple[list[str], list[str]]:
     items = _parse_batch(body, run, who, server.limits)
     try:
-        return server.keys.append(run, items, who.token_id)
+        stored = server.keys.append(run, items, who.token_id)
     except KeyConflict as exc:
         # The keys are the client's own; naming them helps it find the edited or reused entries.
         shown = ", ".join(exc.keys[:5]) + (" ..." if len(exc.keys) > 5 else "")
         raise _Problem(
             409, "conflict", f"{len(exc.keys)} key(s) already stored with other content: {shown}"
         ) from None
+    server.ops.heard_from(run)
+    return stored
 
 
 def _parse_batch(body: bytes, run: str, who: Identity, limits: ServeLimits) -> list[tuple[str, bytes]]:
@@ -552,6 +586,10 @@ def _parse_batch(body: bytes, run: str, who: Identity, limits: ServeLimits) -> l
             raise _Problem(400, "bad_request", f"events[{i}].key must be 1 to 200 of A-Z a-z 0-9 . _ : / -")
         if key in seen:
             raise _Problem(400, "bad_request", f"events[{i}].key is used twice in the batch")
+        if key.startswith(RESERVED_KEY_PREFIX):
+            raise _Problem(
+                400, "bad_request", f"events[{i}].key: keys starting {RESERVED_KEY_PREFIX!r} are the server's"
+            )
         seen.add(key)
         items.append((key, _event_bytes(item["event"], i, run, who, limits)))
     return items
@@ -573,6 +611,11 @@ def _event_bytes(doc: object, i: int, run: str, who: Identity, limits: ServeLimi
     except EntryError as exc:
         message = exc.message.removeprefix("entry is not a valid event: ")
         raise _Problem(400, "bad_request", f"events[{i}].event: {message}") from None
+    if event.type.startswith(RESERVED_TYPE_PREFIX):
+        # The server's own notices (a run judged silent) must not be forged, or pre-empted, by a job.
+        raise _Problem(
+            400, "bad_request", f"events[{i}]: types starting {RESERVED_TYPE_PREFIX!r} are the server's"
+        )
     authorize(who, Action.APPEND, event.run_id)  # a job token's events belong to its run
     if event.run_id != run:
         raise _Problem(400, "bad_request", f"events[{i}] belongs to another run than the URL names")

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from trainguard.server._sidetables import COUNTS, METRICS, OUTBOX, WEBHOOKS, SideDb
+from trainguard.server._sidetables import CONTACT, COUNTS, METRICS, OUTBOX, WEBHOOKS, SideDb
 
 __all__ = ["CONTENT_TYPE", "CountRequests", "WorkerMetrics", "render_metrics", "worker_name"]
 
@@ -44,6 +44,10 @@ _FAMILIES = {
     "trainguard_events_appended": (
         "counter",
         "Events appended through the server, by type (other: unknown).",
+    ),
+    "trainguard_runs_silent": (
+        "gauge",
+        "Runs whose job stopped reporting without ending, and not heard from since (serve --silent-after).",
     ),
     "trainguard_webhooks": ("gauge", "Webhooks configured."),
     "trainguard_webhook_deliveries": ("gauge", "Webhook outbox rows by state."),
@@ -111,6 +115,8 @@ def render_metrics(db: SideDb, metrics: WorkerMetrics) -> str:
         ("trainguard_events_appended_total", (("type", str(event_type)),), float(count))
         for event_type, count in db.rows(f"SELECT type, events FROM {COUNTS} ORDER BY type")
     )
+    silent = db.rows(f"SELECT count(*) FROM {CONTACT} WHERE state = 'silent'")[0][0]
+    samples.append(("trainguard_runs_silent", (), float(silent)))
     samples.append(("trainguard_webhooks", (), float(db.rows(f"SELECT count(*) FROM {WEBHOOKS}")[0][0])))
     found = {str(s): int(n) for s, n in db.rows(f"SELECT state, count(*) FROM {OUTBOX} GROUP BY state")}
     samples.extend(

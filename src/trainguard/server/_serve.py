@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainguard.errors import ExitCode, MissingExtraError, UsageError
+from trainguard.relay._delivery import ALIVE_EVERY_S
 from trainguard.relay._destination import is_loopback_host
-from trainguard.server._asgi import ENV_KEY, ENV_RATE_LIMITS, ENV_STORE, ENV_WEBHOOKS
+from trainguard.server._asgi import ENV_KEY, ENV_RATE_LIMITS, ENV_SILENT_AFTER, ENV_STORE, ENV_WEBHOOKS
 
 if TYPE_CHECKING:
     from trainguard.server._ratelimit import RateLimits
@@ -50,6 +51,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ[ENV_KEY] = str(args.key.resolve())
     os.environ[ENV_RATE_LIMITS] = rate_limits.to_env()
     os.environ[ENV_WEBHOOKS] = webhook_limits.to_env()
+    os.environ[ENV_SILENT_AFTER] = repr(float(args.silent_after))
+    if 0 < args.silent_after < 2 * ALIVE_EVERY_S:
+        sys.stderr.write(
+            f"trainguard: WARNING: --silent-after {args.silent_after:g} is less than twice the "
+            f"{ALIVE_EVERY_S:g} s between a quiet job's signs of life: idle jobs will be judged silent\n"
+        )
     if tls is None and not is_loopback_host(args.host):
         sys.stderr.write(_PLAIN_HTTP_WARNING.format(host=args.host))
     scheme = "https" if tls else "http"

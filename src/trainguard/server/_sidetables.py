@@ -5,6 +5,7 @@
     server_event_counts     events appended through the server, per type label (bounded: see _alerts)
     server_rate_limits      requests per (bucket, window): a bucket is a token id or a client address
     server_worker_metrics   each worker's request counters, for /metrics answered by any worker
+    server_run_contact      when each run's job was last heard from, and whether it was judged silent
 
 All of it lives in the ledger's own database (SQLite file or PostgreSQL schema), so every worker and host
 sees the same rows; a worker keeps nothing a second one would lack. Times are the database's clock, in
@@ -24,6 +25,7 @@ from trainguard.ledger._store import Store, Transaction, is_postgres_location
 from trainguard.server._db import TokenDb, connect
 
 __all__ = [
+    "CONTACT",
     "COUNTS",
     "LIMITS",
     "METRICS",
@@ -40,6 +42,7 @@ OUTBOX = "server_webhook_outbox"
 COUNTS = "server_event_counts"
 LIMITS = "server_rate_limits"
 METRICS = "server_worker_metrics"
+CONTACT = "server_run_contact"
 
 _NOW = {
     "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
@@ -66,6 +69,9 @@ _SCHEMA = (
     f"CREATE TABLE IF NOT EXISTS {METRICS} (worker {{text}} NOT NULL, name {{text}} NOT NULL,"
     " labels {text} NOT NULL, value {real} NOT NULL, updated {real} NOT NULL,"
     " PRIMARY KEY (worker, name, labels))",
+    f"CREATE TABLE IF NOT EXISTS {CONTACT} (run {{text}} PRIMARY KEY, last_contact {{real}} NOT NULL,"
+    " state {text} NOT NULL CHECK (state IN ('heard', 'silent', 'done')))",
+    f"CREATE INDEX IF NOT EXISTS {CONTACT}_due ON {CONTACT} (state, last_contact)",
 )
 
 

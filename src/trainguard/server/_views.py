@@ -54,6 +54,7 @@ _ALARMS = {
     "run.rank_lost": "a rank fell silent or died",
     "spool.gap": "the job's spool dropped events: evidence is missing",
     "run.spool_replaced": "the job's spool file was removed or replaced: evidence may be missing",
+    "server.run_silent": "the run's job stopped reporting without ending (judged by the server)",
     UNREADABLE: "an entry of the run did not parse when the type table was filled",
 }
 # A run whose events include one of these has ended.
