@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from trainguard.ledger._store import Store, Transaction
 from trainguard.server._eventkeys import KEYS_TABLE, AppendedEvent
 
-__all__ = ["TYPES_TABLE", "UNREADABLE", "create_type_table", "index_types"]
+__all__ = [
+    "END_TYPES",
+    "START_TYPES",
+    "TYPES_TABLE",
+    "UNREADABLE",
+    "any_of_query",
+    "create_type_table",
+    "index_types",
+]
 
 TYPES_TABLE = "server_event_types"
 _CREATE = {
@@ -35,6 +43,15 @@ _FILL_CHUNK = 2000
 _INSERT = f"INSERT INTO {TYPES_TABLE} (run, type, ledger_index) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
 UNREADABLE = "(unreadable)"
 """The type recorded for an entry that did not parse when the table was filled."""
+START_TYPES = ("run.start", "monitor.start")
+END_TYPES = ("run.end", "monitor.end")
+"""A run whose events include one of these has ended."""
+
+
+def any_of_query(run: str, types: Sequence[str]) -> tuple[str, list[object]]:
+    """SQL and parameters answering one row when `run` holds an event of one of `types`, else none."""
+    marks = ",".join("?" * len(types))
+    return f"SELECT 1 FROM {TYPES_TABLE} WHERE run = ? AND type IN ({marks}) LIMIT 1", [run, *types]
 
 
 def create_type_table(store: Store) -> None:

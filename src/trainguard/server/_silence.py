@@ -30,7 +30,7 @@ import time
 from trainguard.errors import TrainguardError
 from trainguard.ledger._events import new_event
 from trainguard.server._eventkeys import EventKeys, KeyConflict
-from trainguard.server._eventtypes import TYPES_TABLE
+from trainguard.server._eventtypes import END_TYPES, START_TYPES, any_of_query
 from trainguard.server._sidetables import CONTACT, SideDb
 
 __all__ = [
@@ -45,8 +45,6 @@ _LOG = logging.getLogger("trainguard.server")
 SILENT_TYPE = "server.run_silent"
 RESERVED_KEY_PREFIX = "server:"
 RESERVED_TYPE_PREFIX = "server."
-_END_TYPES = ("run.end", "monitor.end")
-_START_TYPES = ("run.start", "monitor.start")
 _SWEEP_ROWS = 200
 _TOKEN_ID = "server"
 """The token id recorded for the server's own entries: no token sent them."""
@@ -121,7 +119,7 @@ class SilenceWatch:
         found: list[str] = []
         for run, last_contact, silent_for in rows:
             run, last_contact = str(run), float(last_contact)
-            if self._has_any(run, _END_TYPES) or not self._has_any(run, _START_TYPES):
+            if self._has_any(run, END_TYPES) or not self._has_any(run, START_TYPES):
                 state = "done"  # nothing to judge until the run is heard from again
             else:
                 self._append_notice(run, last_contact, float(silent_for))
@@ -135,11 +133,7 @@ class SilenceWatch:
         return found
 
     def _has_any(self, run: str, types: tuple[str, ...]) -> bool:
-        marks = ",".join("?" * len(types))
-        rows = self._db.rows(
-            f"SELECT 1 FROM {TYPES_TABLE} WHERE run = ? AND type IN ({marks}) LIMIT 1", [run, *types]
-        )
-        return bool(rows)
+        return bool(self._db.rows(*any_of_query(run, types)))
 
     def _append_notice(self, run: str, last_contact: float, silent_for: float) -> None:
         heard = datetime.datetime.fromtimestamp(last_contact, datetime.UTC)

@@ -26,7 +26,7 @@ from trainguard.ledger._ledger import Ledger
 from trainguard.ledger._note import Checkpoint
 from trainguard.relay._fit import TOO_LARGE_SUFFIX
 from trainguard.server._eventkeys import KEYS_TABLE
-from trainguard.server._eventtypes import TYPES_TABLE, UNREADABLE
+from trainguard.server._eventtypes import END_TYPES, START_TYPES, TYPES_TABLE, UNREADABLE, any_of_query
 
 __all__ = [
     "ALARM_TYPES",
@@ -57,12 +57,9 @@ _ALARMS = {
     "server.run_silent": "the run's job stopped reporting without ending (judged by the server)",
     UNREADABLE: "an entry of the run did not parse when the type table was filled",
 }
-# A run whose events include one of these has ended.
-END_TYPES = ("run.end", "monitor.end")
 CHECKPOINT_TYPES = ("provenance.sign", "provenance.verify")
 SUMMARY_TYPE = "monitor.steps"
 ATTEST_TYPE = "run.attest"
-START_TYPES = ("run.start", "monitor.start")
 _NOTES = ("monitor.signal", "run.signal", "run.rank_exit", "run.exit", "run.kill")
 # An event too large for the server reaches it as "<type>.too_large" with only its size and digest: the
 # evidence itself is lost, so that of any type the pages read is on the timeline, and an alarm's is one.
@@ -208,11 +205,7 @@ class _Reader:
         return Shown(shown, total, capped=total == max(cap, limit) and cap > limit)
 
     def any_of(self, run: str, types: Sequence[str]) -> bool:
-        marks = ",".join("?" * len(types))
-        rows = self.store.read(
-            f"SELECT 1 FROM {TYPES_TABLE} WHERE run = ? AND type IN ({marks}) LIMIT 1", [run, *types]
-        )
-        return bool(rows)
+        return bool(self.store.read(*any_of_query(run, types)))
 
     def latest(self, run: str, limit: int) -> list[EntryRow]:
         rows = self.store.read(
