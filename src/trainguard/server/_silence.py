@@ -24,13 +24,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import threading
 import time
 
-from trainguard.errors import TrainguardError
 from trainguard.ledger._events import new_event
 from trainguard.server._eventkeys import EventKeys, KeyConflict
 from trainguard.server._eventtypes import END_TYPES, START_TYPES, any_of_query
+from trainguard.server._periodic import Periodic
 from trainguard.server._sidetables import CONTACT, SideDb
 
 __all__ = [
@@ -69,9 +68,8 @@ class SilenceWatch:
         self._keys = keys
         self.silent_after_s = silent_after_s
         self._started = time.monotonic()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._last_problem: str | None = None
+        self._looked_at = self._marked = 0
+        self._loop = Periodic("trainguard-silence", "silence watch", self._turn, self.period_s, _LOG)
 
     @property
     def period_s(self) -> float:
@@ -84,27 +82,16 @@ class SilenceWatch:
         return min(5.0, self.silent_after_s / 10)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="trainguard-silence", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._loop.stop(timeout)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            self._sweep_logged()
-
-    def _sweep_logged(self) -> None:
-        try:
-            self.sweep()
-            self._last_problem = None
-        except Exception as exc:  # a database outage must not end the watch: log once, retry
-            problem = exc.diagnostics() if isinstance(exc, TrainguardError) else f"{type(exc).__name__}"
-            if problem != self._last_problem:
-                _LOG.error("silence watch: %s", problem)
-                self._last_problem = problem
+    def _turn(self) -> bool:
+        self.sweep()
+        # A full look may have left runs: look again at once, unless a row could not be marked (it would
+        # come back in the next look, and the loop would spin).
+        return self._looked_at == _SWEEP_ROWS == self._marked
 
     def sweep(self) -> list[str]:
         """Judge the runs not heard from for `silent_after_s`; the runs found silent by this look."""
@@ -116,6 +103,7 @@ class SilenceWatch:
             f" WHERE state = 'heard' AND last_contact < {db.now} - ? ORDER BY last_contact LIMIT ?",
             [self.silent_after_s, _SWEEP_ROWS],
         )
+        self._looked_at, self._marked = len(rows), 0
         found: list[str] = []
         for run, last_contact, silent_for in rows:
             run, last_contact = str(run), float(last_contact)
@@ -126,7 +114,7 @@ class SilenceWatch:
                 state = "silent"
                 found.append(run)
             # Only if no contact came in meanwhile: a stamp since then wins.
-            db.write(
+            self._marked += db.write(
                 f"UPDATE {CONTACT} SET state = ? WHERE run = ? AND last_contact = ? AND state = 'heard'",
                 [state, run, last_contact],
             )

@@ -25,8 +25,9 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 
-from trainguard.errors import TrainguardError, UsageError
+from trainguard.errors import UsageError
 from trainguard.server._metrics import WorkerMetrics
+from trainguard.server._periodic import Periodic
 from trainguard.server._sidetables import WEBHOOKS, SideDb
 from trainguard.server._signature import DELIVERY_HEADER, SIGNATURE_HEADER, sign
 from trainguard.server._webhook_outbox import Claimed, Outbox
@@ -106,41 +107,25 @@ class WebhookSender:
         self.limits = limits
         self._metrics = metrics
         self._upkeep = tuple(upkeep)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._last_problem: str | None = None
+        self._next_upkeep = self._next_flush = time.monotonic()
+        self._loop = Periodic("trainguard-webhooks", "webhook delivery loop", self._turn, limits.poll_s, _LOG)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="trainguard-webhooks", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._loop.stop(timeout)
 
-    def _run(self) -> None:
-        next_upkeep = next_flush = time.monotonic()
-        while not self._stop.is_set():
-            busy = 0
-            try:
-                if time.monotonic() >= next_flush:
-                    next_flush = time.monotonic() + _FLUSH_METRICS_S
-                    self._metrics.flush(self._db)
-                if time.monotonic() >= next_upkeep:
-                    next_upkeep = time.monotonic() + _UPKEEP_S
-                    self._outbox.prune(self.limits.keep_delivered_s)
-                    for work in self._upkeep:
-                        work()
-                busy = self.send_due()
-                self._last_problem = None
-            except Exception as exc:  # a database outage must not end the loop: log once, retry
-                problem = exc.diagnostics() if isinstance(exc, TrainguardError) else f"{type(exc).__name__}"
-                if problem != self._last_problem:
-                    _LOG.error("webhook delivery loop: %s", problem)
-                    self._last_problem = problem
-            if not busy:
-                self._stop.wait(self.limits.poll_s)
+    def _turn(self) -> bool:
+        if time.monotonic() >= self._next_flush:
+            self._next_flush = time.monotonic() + _FLUSH_METRICS_S
+            self._metrics.flush(self._db)
+        if time.monotonic() >= self._next_upkeep:
+            self._next_upkeep = time.monotonic() + _UPKEEP_S
+            self._outbox.prune(self.limits.keep_delivered_s)
+            for work in self._upkeep:
+                work()
+        return self.send_due() > 0
 
     def send_due(self) -> int:
         """Claim the due rows (one batch) and send each; how many were claimed."""
@@ -149,7 +134,7 @@ class WebhookSender:
             return 0
         targets = self._targets({row.webhook_id for row in claimed})
         for row in claimed:
-            if self._stop.is_set():
+            if self._loop.stopping:
                 # Given back at once rather than left to its lease, for another worker to send.
                 self._outbox.retry(row, "the worker stopped before sending", 0.0)
                 continue
