@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.server.serve_process import DEADLINE_S, Serve, free_port, make_token
+from tests.server.serve_process import DEADLINE_S, Serve, cli, free_port, make_token
 from trainguard.ledger import SigningKey, new_event
 
 ORIGIN = "test.example/alerting"
@@ -131,6 +131,25 @@ class Site:
                 server.stop()
 
         return running()
+
+    def add_webhook(self, url: str, *flags: str, secret: bytes = b"s" * 32) -> str:
+        """`trainguard server webhook add URL FLAGS` with `secret` in a file; the new webhook's id line."""
+        secret_file = self.home / "hook.secret"
+        secret_file.write_bytes(secret + b"\n")
+        done = cli(
+            self.home,
+            "server",
+            "webhook",
+            "add",
+            url,
+            "--store",
+            self.store,
+            "--secret-file",
+            str(secret_file),
+            *flags,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
 
 
 def make_site(home: Path, store: str, run: str = "alert-run") -> Site:

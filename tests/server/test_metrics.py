@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.server.alerting_harness import Receiver, Site, event, make_site, wait_for
-from tests.server.serve_process import Serve, cli
+from tests.server.serve_process import Serve
 from trainguard.ledger import Ledger
 
 pytest.importorskip("fastapi")
@@ -46,20 +46,7 @@ def site(tmp_path: Path, location: str) -> Site:
 
 def test_metrics_need_a_reader_and_count_what_was_appended(site: Site) -> None:
     receiver = Receiver(default=500)  # nothing listens: its delivery fails
-    secret_file = site.home / "secret"
-    secret_file.write_text("s" * 32)
-    hook = cli(
-        site.home,
-        "server",
-        "webhook",
-        "add",
-        receiver.url,
-        "--store",
-        site.store,
-        "--secret-file",
-        str(secret_file),
-    )
-    assert hook.returncode == 0, hook.stderr
+    site.add_webhook(receiver.url)
     with site.serve("--webhook-attempts", "1") as server:
         assert server.request("GET", "/metrics").status == 401
         assert server.request("GET", "/metrics", token=site.job).status == 403

@@ -103,20 +103,7 @@ def _alive(server: Serve, run: str, token: str) -> int:
 def test_a_killed_job_is_judged_silent_once_and_a_live_idle_or_ended_one_is_not(
     site: Site, receiver: Receiver
 ) -> None:
-    secret = site.home / "secret"
-    secret.write_text("s" * 32)
-    added = cli(
-        site.home,
-        "server",
-        "webhook",
-        "add",
-        receiver.url,
-        "--store",
-        site.store,
-        "--secret-file",
-        str(secret),
-    )
-    assert added.returncode == 0, added.stderr
+    site.add_webhook(receiver.url)
     idle_token = make_token(site.home, site.store, "--scope", "job", "--run", "idle-run", "--expires", "1h")
     ended_token = make_token(site.home, site.store, "--scope", "job", "--run", "ended-run", "--expires", "1h")
     sign_token = make_token(site.home, site.store, "--scope", "job", "--run", "signed-run", "--expires", "1h")

@@ -50,22 +50,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 def _add(site: Site, url: str, *flags: str) -> str:
-    secret_file = site.home / "hook.secret"
-    secret_file.write_bytes(SECRET + b"\n")
-    done = cli(
-        site.home,
-        "server",
-        "webhook",
-        "add",
-        url,
-        "--store",
-        site.store,
-        "--secret-file",
-        str(secret_file),
-        *flags,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
+    return site.add_webhook(url, *flags, secret=SECRET)
 
 
 def _deliveries(site: Site) -> dict[str, object]:
